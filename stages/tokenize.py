@@ -68,8 +68,17 @@ def train_bpe(texts: list[str], vocab_size: int, cfg: BpeConfig) -> Any:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     pad, bos, eos = cfg.special_tokens[:3]
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, bos_token=bos, eos_token=eos,
-                                   additional_special_tokens=cfg.special_tokens[3:])
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, bos_token=bos, eos_token=eos,
+                                      additional_special_tokens=cfg.special_tokens[3:])
+    wrapped.chat_template = CHATML  # so that SFT renders chat data the same way for every base
+    return wrapped
+
+
+# ChatML, as SmolLM2 uses it: the template the trained tokenizer gets.
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def encode(tokenizer: Any, texts: list[str], batch_size: int) -> list[np.ndarray]:

@@ -23,7 +23,8 @@ def paths(tmp_path: Path) -> Paths:
     """Every stage folder inside tmp_path."""
     return Paths(raw=tmp_path / "data/raw", clean=tmp_path / "data/clean", quarantine=tmp_path / "data/quarantine",
                  dedup=tmp_path / "data/dedup", base=tmp_path / "models/base", tokenized=tmp_path / "data/tokenized",
-                 reports=tmp_path / "reports")
+                 pretrain=tmp_path / "models/pretrain", sft=tmp_path / "models/sft",
+                 reward=tmp_path / "models/reward", ppo=tmp_path / "models/ppo", reports=tmp_path / "reports")
 
 
 def make_project(dest: Path, profile: str = "tiny") -> Path:
@@ -46,6 +47,8 @@ def project_env(project: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
+    env["PREFECT_HOME"] = str(project / ".prefect")
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     env.pop("LLM_FORGE_PARENT_RUN_ID", None)
     return env
 
@@ -61,7 +64,42 @@ def run_in(project: Path, *args: str, check: bool = True) -> subprocess.Complete
 
 @pytest.fixture(scope="session")
 def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny profile run once through `dvc repro`, shared by the integration tests."""
+    """The tiny profile run once end to end through the Prefect flow (which runs each stage
+    with `dvc repro`), shared by the integration tests."""
     project = make_project(tmp_path_factory.mktemp("tiny") / "project")
-    run_in(project, "-m", "dvc", "repro")
+    run_in(project, "-m", "flows.pipeline")
     return project
+
+
+@pytest.fixture(scope="session")
+def tiny_inputs(tmp_path_factory: pytest.TempPathFactory) -> Paths:
+    """What the training stages read, made once by the real data stages on the tiny profile
+    (in-process, no MLflow): data/dedup, models/base (random init) and data/tokenized.
+    Tests copy what they change (see `tiny_workdir`)."""
+    import importlib
+
+    from stages.common.config import load_section, read_yaml
+
+    root = tmp_path_factory.mktemp("tiny_inputs")
+    apply(ROOT / "profiles/tiny.yaml", ROOT / "params.yaml", root / "params.yaml")
+    params = read_yaml(root / "params.yaml")
+    paths = Paths(**{k: root / v for k, v in params["paths"].items()})
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # sources name paths relative to the project (assets/, pkg://)
+    try:
+        for stage in ("collect", "clean", "dedup", "base", "tokenize"):
+            module = importlib.import_module(f"stages.{stage}")
+            cfg_cls = next(v for k, v in vars(module).items() if k.lower() == f"{stage}config")
+            module.run(load_section(cfg_cls, stage, params), paths)
+    finally:
+        os.chdir(cwd)
+    return paths
+
+
+@pytest.fixture
+def tiny_workdir(tiny_inputs: Paths, tmp_path: Path) -> Paths:
+    """A private copy of the tiny inputs' folders, so a test may write next to them."""
+    for name in ("dedup", "base", "tokenized"):
+        shutil.copytree(getattr(tiny_inputs, name), tmp_path / getattr(tiny_inputs, name).relative_to(tiny_inputs.reports.parent))
+    return Paths(**{k: tmp_path / Path(v).relative_to(tiny_inputs.reports.parent)
+                    for k, v in tiny_inputs.model_dump().items()})

@@ -46,6 +46,14 @@ class Paths(StageConfig):
     """The base model as a plain Hugging Face folder."""
     tokenized: Path
     """Tokenizer plus packed train/val blocks as a `datasets.DatasetDict`."""
+    pretrain: Path
+    """The base model after continued pretraining."""
+    sft: Path
+    """The instruction-tuned model (adapters merged)."""
+    reward: Path
+    """The reward model (a sequence classifier with one output)."""
+    ppo: Path
+    """The policy after PPO (or RLOO / GRPO)."""
     reports: Path
     """One folder per stage: `metrics.json`, samples, reports."""
 

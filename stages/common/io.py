@@ -97,13 +97,15 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         os.replace(tmp, final)
 
 
-def write_records(folder: Path, kind: str, records: list[dict[str, Any]]) -> Path:
-    """Write `records` of `kind` as `folder/<kind>.parquet`: the kind's schema, plus any extra
-    string column the records carry (clean adds `lang` to the corpus)."""
+def write_records(folder: Path, kind: str, records: list[dict[str, Any]], extra: tuple[str, ...] = ()) -> Path:
+    """Write `records` of `kind` as `folder/<kind>.parquet`: the kind's schema plus the extra
+    string columns the records carry or `extra` names (clean adds `lang` to the corpus; naming
+    it keeps the column when there is no record)."""
     schema = SCHEMAS[kind]
-    for name in records[0] if records else ():
-        if name not in schema.names:
-            schema = schema.append(pa.field(name, pa.string()))
+    for name in dict.fromkeys([*extra, *(records[0] if records else ())]):
+        if name in schema.names:
+            continue
+        schema = schema.append(pa.field(name, pa.string()))
     table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in records], schema=schema)
     path = Path(folder) / f"{kind}.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import shutil
 import sys
 import time
@@ -34,9 +35,12 @@ C = TypeVar("C", bound=BaseModel)
 log = logging.getLogger("llm_forge")
 
 
-def run_stage(name: str, cfg_cls: type[C], run: Callable[[C, Paths], dict[str, Any]],
-              argv: list[str] | None = None) -> int:
-    module = sys.modules.get(f"stages.{name}")
+def run_stage(name: str, cfg_cls: type[C], run: Callable[..., dict[str, Any]],
+              argv: list[str] | None = None, *, training: bool = False) -> int:
+    """Run stage `name` from the params file; a training stage (`training=True`) also gets the
+    shared `train` section as `run(cfg, paths, train=...)` and may relaunch itself under
+    `accelerate launch`, where only the main process writes reports and logs to MLflow."""
+    module = sys.modules.get(f"stages.{name}") or sys.modules.get("__main__")
     doc = (module.__doc__ or "").strip().splitlines()[0] if module and module.__doc__ else None
     ap = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=doc)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
@@ -44,18 +48,32 @@ def run_stage(name: str, cfg_cls: type[C], run: Callable[[C, Paths], dict[str, A
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    extra: dict[str, Any] = {}
     try:
         params = read_yaml(args.params)
         cfg = load_section(cfg_cls, name, params, str(args.params))
         paths = load_section(Paths, "paths", params, str(args.params))
+        if training:
+            from stages.common.training import TrainConfig, relaunch_if_distributed
+
+            extra["train"] = load_section(TrainConfig, "train", params, str(args.params))
     except StageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if training:
+        code = relaunch_if_distributed(name, extra["train"], sys.argv[1:] if argv is None else argv)
+        if code is not None:
+            return code
+        if os.environ.get("RANK", "0") != "0":  # a worker of a distributed run: train, report nothing
+            run(cfg, paths, **extra)
+            return 0
 
     report = paths.report_dir(name)
-    if report.exists():
+    if report.exists() and not training:
         shutil.rmtree(report)
-    report.mkdir(parents=True)
+    # A training stage keeps its report folder: a resumed run continues its curves.csv.
+    (report / "metrics.json").unlink(missing_ok=True)
+    report.mkdir(parents=True, exist_ok=True)
     # The resolved config beside the results, so every report says what produced it.
     (report / "params.yaml").write_text(yaml.safe_dump({name: cfg.model_dump(mode="json")}, sort_keys=False))
 
@@ -64,7 +82,7 @@ def run_stage(name: str, cfg_cls: type[C], run: Callable[[C, Paths], dict[str, A
         if not args.no_mlflow:
             stack.enter_context(tracking.stage_run(name, cfg.model_dump(mode="json")))
         try:
-            metrics = run(cfg, paths)
+            metrics = run(cfg, paths, **extra)
         except StageError as err:
             if not args.no_mlflow:  # what the stage reported before it failed (validation results)
                 tracking.log_report(name, report)

@@ -31,7 +31,7 @@ def test_every_section_loads_into_its_config(tmp_path: Path, profile: str | None
     for stage in STAGES:
         load_section(config_class(stage), stage, params)
     # every section is read by a stage: no orphan values
-    assert set(params) == {"paths", *STAGES}
+    assert set(params) == {"paths", "train", *STAGES}
 
 
 def test_unknown_key_is_named() -> None:

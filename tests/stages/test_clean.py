@@ -1,0 +1,362 @@
+"""clean: every rule on inline examples, PII redaction, markup removal, and the stage end to end
+on a small raw folder (nothing lost: every record is kept or quarantined with its reason)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from stages import clean
+from stages.clean import CleanConfig, Cleaner, Doc
+from stages.common.config import Paths
+from stages.common.io import read_records, write_records
+
+ENGLISH = (
+    "The town council met on Monday evening to discuss the new library. Members agreed that the old "
+    "building was too small for the growing number of visitors, and that a larger site near the river "
+    "would be better for families with young children. The mayor said the plan would be paid for with "
+    "a mix of local taxes and a grant from the regional government. Work is expected to begin in the "
+    "spring and to take about two years. Residents will be able to comment on the design at a public "
+    "meeting next month."
+)
+CHINESE = (
+    "今年春天，这个小镇的图书馆开始了扩建工程。镇长表示，新馆将有更多的阅览座位和儿童阅读区，"
+    "并且会为老年读者提供大字书籍。工程预计在明年秋天完成，届时居民可以在这里参加讲座和展览。"
+    "许多家长对这个消息感到高兴，他们希望孩子们能有一个安静的地方学习。"
+)
+FRENCH = (
+    "Le conseil municipal s'est réuni lundi soir pour discuter de la nouvelle bibliothèque. Les membres "
+    "ont convenu que l'ancien bâtiment était trop petit pour le nombre croissant de visiteurs, et qu'un "
+    "site plus grand près de la rivière serait meilleur pour les familles avec de jeunes enfants. Le maire "
+    "a déclaré que le projet serait financé par les impôts locaux et une subvention de la région."
+)
+WIKI = (
+    "Lighthouse\n\n{{Infobox building|name=Lighthouse|height=30 m}}\n"
+    "A '''lighthouse''' is a [[tower]] that emits light to guide [[Ship|ships]] at sea.<ref>{{cite book|title=Lights}}</ref> "
+    "Lighthouses mark dangerous coastlines, hazardous shoals and reefs, and safe entries to harbors.<ref name=\"a\"/> "
+    "<!-- editors: keep this short -->\n"
+    "[[File:Lighthouse.jpg|thumb|A lighthouse at dusk]]\n\n"
+    "== History ==\n"
+    "Before the [[Industrial Revolution]], lighthouses were fires lit on hilltops. Later, towers were built "
+    "so that the light could be seen from further away by the crews of passing ships, and lenses made the "
+    "beam brighter and easier to tell apart from other lights on the shore. Today most of them are automated "
+    "and are looked after by a small number of engineers who visit them a few times each year.\n\n"
+    "{| class=\"wikitable\"\n! Year !! Count\n|-\n| 1900 || 12\n|}\n\n"
+    "== References ==\n{{reflist}}\n* Smith, J. ''Lights of the coast''.\n\n"
+    "[[Category:Towers]]\n[[de:Leuchtturm]]\n"
+)
+
+
+@pytest.fixture(scope="module")
+def langid() -> clean.LanguageId:
+    return clean.LanguageId()
+
+
+def doc(text: str, lang: str = "en") -> Doc:
+    return Doc(text, lang, 1.0)
+
+
+# --- repair ------------------------------------------------------------------------------------
+
+
+def test_repair_removes_controls_and_keeps_tabs_and_newlines() -> None:
+    assert clean.repair("a\x00b\x07c\td\r\ne\x1bf\x7f") == "abc\td\nef"
+
+
+def test_repair_replaces_lone_surrogates_and_joins_pairs() -> None:
+    assert clean.repair("bad \ud800 half") == "bad \ufffd half"
+    assert clean.repair("pair \ud83d\ude00") == "pair \U0001F600"
+
+
+def test_repair_fixes_mojibake_but_keeps_chinese_punctuation() -> None:
+    assert clean.repair("cafÃ© au lait") == "café au lait"
+    assert clean.repair("１９９８年，“一国两制”。") == "１９９８年，“一国两制”。"
+
+
+def test_repair_normal_forms() -> None:
+    assert clean.repair("e\u0301") == "\u00e9"  # NFC composes
+    assert clean.repair("①２", form="NFKC") == "12"
+    assert clean.repair("①２", form="NFC") == "①２"
+
+
+# --- markup -----------------------------------------------------------------------------------
+
+
+def test_wikitext_stripped() -> None:
+    out = clean.tidy(clean.strip_wikitext(WIKI, CleanConfig().wiki_drop_sections))
+    assert out.startswith("Lighthouse\n\nA lighthouse is a tower that emits light to guide ships at sea.")
+    for junk in ("{{", "}}", "[[", "]]", "<ref", "cite book", "Infobox", "thumb", "editors", "wikitable",
+                 "1900", "Category", "Towers", "Leuchtturm", "References", "Smith", "'''"):
+        assert junk not in out, junk
+    assert "History\nBefore the Industrial Revolution, lighthouses were fires" in out
+
+
+def test_wiki_link_label_and_target() -> None:
+    assert clean.strip_wikitext("see [[Paris|the capital]] and [[Lyon]].") == "see the capital and Lyon."
+
+
+def test_html_to_text_drops_scripts_and_navigation() -> None:
+    page = ("<html><head><title>T</title><script>var x = 1;</script></head><body><nav>Home | About</nav>"
+            "<article><h1>Big news</h1><p>The council approved the new budget on Monday after a long debate "
+            "about schools, roads and the library.</p><p>Residents will see lower fees next year.</p></article>"
+            "<footer>Copyright</footer></body></html>")
+    out = clean.html_to_text(page)
+    assert "The council approved the new budget" in out and "Residents will see lower fees" in out
+    assert "var x" not in out and "<p>" not in out
+    assert clean.html_to_text("<p>Hello <b>world</b> &amp; friends</p><script>bad()</script>") == "Hello world & friends"
+
+
+def test_markup_detection() -> None:
+    assert clean.detect_markup(WIKI) == "mediawiki"
+    assert clean.detect_markup("<html><body><div><p>a</p><p>b</p></div></body></html>") == "html"
+    assert clean.detect_markup(ENGLISH) == "text"
+    assert clean.detect_markup(CHINESE) == "text"
+
+
+# --- PII --------------------------------------------------------------------------------------
+
+PII = {
+    "email": "write to jane.doe@example.co.uk today",
+    "phone": "call +44 20 7946 0958 or (555) 123-4567",
+    "ipv4": "the server at 192.168.10.254 answered",
+    "ipv6": "host 2001:0db8:85a3:0000:0000:8a2e:0370:7334 is up",
+    "aws_key": "key AKIAIOSFODNN7EXAMPLE leaked",
+    "github_token": "token ghp_" + "a1B2c3D4e5" * 4 + " here",
+    "slack_token": "use xoxb-123456789012-abcdefABCDEF now",
+    "api_key": "OPENAI sk-" + "Ab3dEf6hIj" * 3 + " set",
+    "bearer_token": "Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.abc123def456",
+    "private_key": "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA\nabc\n-----END RSA PRIVATE KEY-----",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PII))
+def test_pii_redacted(kind: str) -> None:
+    text, counts = Cleaner(CleanConfig()).text(PII[kind])
+    assert f"<{kind.upper()}>" in text
+    assert counts[kind] >= 1
+    assert set(counts) == {kind}
+
+
+def test_no_pii_false_positive_on_numbers_and_dates() -> None:
+    text = ("On 12 March 2003 the firm earned 1,234,567 dollars (up 4.5%). Version 3.2.1 shipped in "
+            "1998 2001 2003; call ext. 42, room 101. 中国运动员共获得１１２３个世界冠军。")
+    assert Cleaner(CleanConfig()).text(text) == (text, {})
+
+
+# --- corpus rules -----------------------------------------------------------------------------
+
+
+def test_word_count_counts_cjk_characters() -> None:
+    assert clean.word_count(doc(ENGLISH), 50, 100_000) is None
+    assert clean.word_count(doc("Too short to be a document."), 50, 100_000)[0] == "too_few_words"
+    assert clean.word_count(doc(ENGLISH), 10, 20)[0] == "too_many_words"
+    zh = doc(CHINESE, "zh")
+    assert zh.cjk and len(zh.words) > 100  # no spaces, yet over a hundred words
+    assert clean.word_count(zh, 50, 100_000) is None
+    assert clean.word_count(doc("图书馆扩建。", "zh"), 50, 100_000)[0] == "too_few_words"
+
+
+def test_mean_word_length() -> None:
+    assert clean.mean_word_length(doc(ENGLISH), 3, 10) is None
+    assert clean.mean_word_length(doc("a b c d e f g h " * 10), 3, 10)[0] == "mean_word_length"
+    assert clean.mean_word_length(doc("x" * 30 + " " + "y" * 30), 3, 10)[0] == "mean_word_length"
+    assert clean.mean_word_length(doc(CHINESE, "zh"), 3, 10) is None  # not measured in CJK
+
+
+def test_symbol_ratio() -> None:
+    assert clean.symbol_ratio(doc(ENGLISH), 0.1) is None
+    reason, detail = clean.symbol_ratio(doc("#tag #more #hash words here... and more…"), 0.1)
+    assert reason == "symbol_ratio" and detail.startswith("symbol ratio") and "> 0.10" in detail
+
+
+def test_alpha_words_and_digits() -> None:
+    assert clean.alpha_words(doc(ENGLISH), 0.8) is None
+    assert clean.alpha_words(doc(CHINESE, "zh"), 0.8) is None
+    assert clean.alpha_words(doc("12 34 56 78 -- ++ apples"), 0.8)[0] == "few_alpha_words"
+    assert clean.digit_fraction(doc(ENGLISH), 0.25) is None
+    assert clean.digit_fraction(doc("Scores: 1234 5678 9012 3456 7890 and then 1111"), 0.25)[0] == "digit_ratio"
+
+
+def test_line_rules() -> None:
+    bullets = "\n".join(f"• item number {i}" for i in range(10))
+    assert clean.bullet_lines(doc(bullets), 0.9)[0] == "bullet_lines"
+    assert clean.bullet_lines(doc(ENGLISH), 0.9) is None
+    teasers = "\n".join(f"Read the story about topic {i}..." for i in range(5))
+    assert clean.ellipsis_lines(doc(teasers), 0.3)[0] == "ellipsis_lines"
+    assert clean.ellipsis_lines(doc("他走了……\n大家都哭了……\n第二天又来了。", "zh"), 0.3) is None
+    menu = "\n".join(["Home", "About us", "Contact", "Shop", "Login", "Careers", "Press", "Blog", "Help"])
+    assert clean.punct_lines(doc(menu), 0.12)[0] == "few_punct_lines"
+    assert clean.punct_lines(doc(ENGLISH), 0.12) is None
+    # Chinese: full stop, and a photo credit after the full stop, both end a sentence.
+    zh = "标题\n" + CHINESE + "\n新年讲话发表了。（新华社记者摄）"
+    assert clean.punct_lines(doc(zh, "zh"), 0.5) is None
+
+
+def test_stop_words_by_language() -> None:
+    words = CleanConfig().stop_words
+    assert clean.stop_words(doc(ENGLISH), words, 2) is None
+    assert clean.stop_words(doc("Buy cheap watches online now best prices guaranteed"), words, 2)[0] == "no_stop_words"
+    assert clean.stop_words(doc(CHINESE, "zh"), words, 2) is None
+    assert clean.stop_words(doc("Bonjour", "fr"), words, 2) is None  # no list for French: no rule
+
+
+def test_repetition_rules() -> None:
+    lines = "\n".join(["Click here to subscribe."] * 5 + ["A real sentence about something."] * 2)
+    assert clean.dup_lines(doc(lines), 0.3, 0.2)[0] == "dup_lines"
+    assert clean.dup_lines(doc(ENGLISH), 0.3, 0.2) is None
+    long_dup = "\n".join(["This one long line is repeated to fill the page with the same words."] * 2
+                         + [f"Short line {i}." for i in range(8)])
+    assert clean.dup_lines(doc(long_dup), 0.3, 0.2)[0] == "dup_line_chars"
+    paras = "\n\n".join(["Same paragraph again and again."] * 4 + [ENGLISH])
+    assert clean.dup_paragraphs(doc(paras), 0.3, 0.2)[0] == "dup_paragraphs"
+    spam = "buy now " * 40 + ENGLISH
+    assert clean.top_ngrams(doc(spam), {2: 0.2})[0] == "top_ngram"
+    assert clean.top_ngrams(doc(ENGLISH), {2: 0.2, 3: 0.18, 4: 0.16}) is None
+    repeated = (ENGLISH + " ") * 2
+    assert clean.dup_ngrams(doc(repeated), {5: 0.15})[0] == "dup_ngrams"
+    assert clean.dup_ngrams(doc(ENGLISH), {5: 0.15, 10: 0.1}) is None
+    zh = doc(CHINESE, "zh")
+    cfg = CleanConfig()
+    assert clean.top_ngrams(zh, cfg.max_top_ngram_fraction, cfg.cjk_ngram_scale) is None
+    assert clean.dup_ngrams(zh, cfg.max_dup_ngram_fraction, cfg.cjk_ngram_scale) is None
+    assert clean.dup_ngrams(doc(CHINESE * 2, "zh"), cfg.max_dup_ngram_fraction, cfg.cjk_ngram_scale)[0] == "dup_ngrams"
+
+
+def test_language_rule() -> None:
+    assert clean.language(Doc("x", "en", 0.99), ["en", "zh"], 0.5) is None
+    assert clean.language(Doc("x", "fr", 0.99), ["en", "zh"], 0.5)[0] == "wrong_language"
+    assert clean.language(Doc("x", "en", 0.3), ["en", "zh"], 0.5)[0] == "uncertain_language"
+    assert clean.language(Doc("x", "fr", 0.99), [], 0.5) is None
+
+
+def test_disabled_rule_is_left_out() -> None:
+    names = {r.func.__name__ for r in clean.corpus_rules(CleanConfig(max_digit_fraction=None))}
+    assert "digit_fraction" not in names and "word_count" in names
+
+
+def test_good_documents_pass_every_rule(langid: clean.LanguageId) -> None:
+    cleaner = Cleaner(CleanConfig(), langid)
+    for text, lang in ((ENGLISH, "en"), (CHINESE, "zh")):
+        out = cleaner.corpus({"id": "x", "source": "news", "text": text})
+        assert isinstance(out, dict), out
+        assert out["lang"] == lang and out["text"] == text
+
+
+# --- the stage --------------------------------------------------------------------------------
+
+
+def raw_records() -> dict[str, list[dict]]:
+    corpus = [
+        {"id": "en", "source": "abc_news", "text": ENGLISH + " Contact jane.doe@example.com for details."},
+        {"id": "zh", "source": "peoples_daily", "text": CHINESE},
+        {"id": "wiki", "source": "wikipedia", "text": WIKI},
+        {"id": "dirty", "source": "abc_news", "text": ENGLISH.replace("library", "lib\x00rary\x07")},
+        {"id": "huge", "source": "abc_news", "text": "word " * 1_000_000},  # 5 MB
+        {"id": "short", "source": "abc_news", "text": "Just a headline."},
+        {"id": "fr", "source": "abc_news", "text": FRENCH},
+        {"id": "templates", "source": "wikipedia", "text": "{{Infobox}}\n[[Category:Empty]]"},
+    ]
+    good = [{"role": "user", "content": "Summarise: the council met."}, {"role": "assistant", "content": "It met."}]
+    instructions = [
+        {"id": "ok", "source": "xsum", "messages": good},
+        {"id": "no_answer", "source": "xsum", "messages": [{"role": "user", "content": "Hello?"}]},
+        {"id": "empty", "source": "xsum", "messages": [{"role": "user", "content": "Hi"},
+                                                        {"role": "assistant", "content": " \x00 "}]},
+        {"id": "key", "source": "hhh", "messages": [{"role": "user", "content": "my key is AKIAIOSFODNN7EXAMPLE"},
+                                                    {"role": "assistant", "content": "Please rotate it."}]},
+    ]
+    preferences = [
+        {"id": "ok", "source": "hhh", "prompt": "Q?", "chosen": "A good answer.", "rejected": "A bad one."},
+        {"id": "same", "source": "hhh", "prompt": "Q?", "chosen": "Same answer.", "rejected": "Same answer. "},
+        {"id": "blank", "source": "hhh", "prompt": "Q?", "chosen": "", "rejected": "Something."},
+    ]
+    return {"corpus": corpus, "instructions": instructions, "preferences": preferences}
+
+
+EXPECTED_DROPS = {
+    "corpus": {"huge": "too_long", "short": "too_few_words", "fr": "wrong_language", "templates": "empty"},
+    "instructions": {"no_answer": "no_answer", "empty": "empty_answer"},
+    "preferences": {"same": "identical_pair", "blank": "empty_answer"},
+}
+
+
+@pytest.fixture(scope="module")
+def stage_run(tmp_path_factory: pytest.TempPathFactory, langid: clean.LanguageId) -> tuple[Paths, dict]:
+    root = tmp_path_factory.mktemp("clean")
+    paths = Paths(**{name: root / name for name in Paths.model_fields})
+    for kind, records in raw_records().items():
+        write_records(paths.raw, kind, records)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(clean, "LanguageId", lambda: langid)  # load the model once for the module
+    try:
+        metrics = clean.run(CleanConfig(), paths)
+    finally:
+        mp.undo()
+    return paths, metrics
+
+
+def test_stage_keeps_good_and_quarantines_the_rest(stage_run: tuple[Paths, dict]) -> None:
+    paths, metrics = stage_run
+    raw = raw_records()
+    for kind, records in raw.items():
+        kept = {r["id"] for r in read_records(paths.clean, kind)}
+        quarantined = pq.read_table(paths.quarantine / f"{kind}.parquet").to_pylist()
+        reasons = {q["id"]: q["reason"] for q in quarantined}
+        assert reasons == EXPECTED_DROPS[kind]
+        assert kept | set(reasons) == {r["id"] for r in records} and not kept & set(reasons)
+        for q in quarantined:  # the original record, and a readable detail
+            assert json.loads(q["record"])["id"] == q["id"] and q["detail"] and q["source"]
+        tally = metrics["kinds"][kind]
+        assert tally["docs_in"] == len(records) == tally["docs_out"] + sum(tally["dropped"].values())
+    assert metrics["docs_in"] == metrics["docs_out"] + sum(metrics["dropped"].values()) == sum(map(len, raw.values()))
+    assert metrics["dropped"]["too_long"] == 1
+
+
+def test_stage_output_is_clean(stage_run: tuple[Paths, dict]) -> None:
+    paths, metrics = stage_run
+    corpus = {r["id"]: r for r in read_records(paths.clean, "corpus")}
+    assert pq.read_schema(paths.clean / "corpus.parquet").names == ["id", "source", "text", "lang"]
+    assert corpus["en"]["text"].endswith("Contact <EMAIL> for details.") and corpus["en"]["lang"] == "en"
+    assert corpus["zh"]["lang"] == "zh"
+    assert "\x00" not in corpus["dirty"]["text"] and "library" in corpus["dirty"]["text"]
+    assert "{{" not in corpus["wiki"]["text"] and "ships at sea" in corpus["wiki"]["text"]
+    instructions = {r["id"]: r for r in read_records(paths.clean, "instructions")}
+    assert instructions["key"]["messages"][0]["content"] == "my key is <AWS_KEY>"
+    assert metrics["redacted"] == {"aws_key": 1, "email": 1}
+    assert metrics["languages"] == {"en": 3, "zh": 1}
+
+
+def test_stage_reports_samples(stage_run: tuple[Paths, dict]) -> None:
+    paths, _ = stage_run
+    report = paths.report_dir("clean")
+    kept = [json.loads(line) for line in (report / "samples_kept.jsonl").read_text().splitlines()]
+    dropped = [json.loads(line) for line in (report / "samples_dropped.jsonl").read_text().splitlines()]
+    assert {s["kind"] for s in kept} == {"corpus", "instructions", "preferences"}
+    assert all(len(s["text"]) <= 501 for s in kept + dropped)
+    assert {s["reason"] for s in dropped} == {r for d in EXPECTED_DROPS.values() for r in d.values()}
+
+
+def test_empty_input_writes_every_kind(paths: Paths, langid: clean.LanguageId, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(clean, "LanguageId", lambda: langid)
+    metrics = clean.run(CleanConfig(), paths)
+    assert metrics["docs_in"] == metrics["docs_out"] == 0
+    for kind in ("corpus", "instructions", "preferences"):
+        assert (paths.clean / f"{kind}.parquet").exists() and (paths.quarantine / f"{kind}.parquet").exists()
+    assert "lang" in pq.read_schema(paths.clean / "corpus.parquet").names
+
+
+def test_main_reads_its_params_section(tmp_path: Path, paths: Paths, monkeypatch: pytest.MonkeyPatch,
+                                       langid: clean.LanguageId) -> None:
+    monkeypatch.setattr(clean, "LanguageId", lambda: langid)
+    write_records(paths.raw, "corpus", [{"id": "en", "source": "abc_news", "text": ENGLISH}])
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"paths": paths.model_dump(mode="json"), "clean": {"min_words": 10}}))
+    assert clean.main(["--params", str(params), "--no-mlflow"]) == 0
+    metrics = json.loads((paths.report_dir("clean") / "metrics.json").read_text())
+    assert metrics["docs_out"] == 1
+    params.write_text(yaml.safe_dump({"paths": paths.model_dump(mode="json"), "clean": {"min_wrds": 10}}))
+    assert clean.main(["--params", str(params), "--no-mlflow"]) == 2
