@@ -1,0 +1,84 @@
+"""End to end: the tiny profile through the Prefect flow, DVC and MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_in
+
+DATA_STAGES = ("collect", "clean", "dedup", "validate", "tokenize")
+ALL_STAGES = ("collect", "clean", "dedup", "validate", "base", "tokenize")
+
+
+def metrics(project: Path, stage: str) -> dict:
+    return json.loads((project / "reports" / stage / "metrics.json").read_text())
+
+
+def test_every_stage_ran_and_accounts_for_every_record(tiny_project: Path) -> None:
+    for stage in DATA_STAGES:
+        m = metrics(tiny_project, stage)
+        assert m["docs_in"] == m["docs_out"] + sum(m["dropped"].values()), stage
+    # what one stage let out is what the next took in
+    assert metrics(tiny_project, "collect")["docs_out"] == metrics(tiny_project, "clean")["docs_in"]
+    assert metrics(tiny_project, "clean")["docs_out"] == metrics(tiny_project, "dedup")["docs_in"]
+    assert metrics(tiny_project, "dedup")["kinds"]["corpus"]["docs_out"] == metrics(tiny_project, "tokenize")["docs_in"]
+    # the tiny profile really is tiny, and really ran
+    assert 100 <= metrics(tiny_project, "collect")["kinds"]["corpus"]["docs_out"] <= 400
+    assert metrics(tiny_project, "tokenize")["train"]["blocks"] > 10
+    assert metrics(tiny_project, "base")["source"] == "from_scratch"
+
+
+def test_outputs_open_with_standard_tools(tiny_project: Path) -> None:
+    import datasets
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ds = datasets.load_from_disk(str(tiny_project / "data/tokenized"))
+    assert set(ds) == {"train", "val"} and len(ds["val"]) > 0
+    tok = AutoTokenizer.from_pretrained(tiny_project / "data/tokenized/tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(tiny_project / "models/base")
+    assert len(tok) <= model.config.vocab_size
+    quarantine = pq.read_table(tiny_project / "data/quarantine/corpus.parquet").to_pylist()
+    assert all(q["reason"] for q in quarantine)
+
+
+def test_dvc_repro_right_after_does_nothing(tiny_project: Path) -> None:
+    status = run_in(tiny_project, "-m", "dvc", "status")
+    assert "up to date" in status.stdout, status.stdout
+    again = run_in(tiny_project, "-m", "dvc", "repro")
+    assert "Running stage" not in again.stdout, again.stdout
+
+
+def test_mlflow_has_one_parent_and_a_nested_run_per_stage(tiny_project: Path) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tiny_project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("llm-forge")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.info.run_name == "pipeline"]
+    assert len(parents) == 1
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert set(children) == set(ALL_STAGES)
+    clean = children["clean"]
+    assert clean.data.metrics["docs_in"] > 0 and clean.data.params["max_chars"] == "1000000"
+    assert any(k.startswith("dvc.outs.") for k in clean.data.tags)
+    artifacts = {a.path for a in client.list_artifacts(clean.info.run_id, "clean")}
+    assert {"clean/metrics.json", "clean/samples_dropped.jsonl", "clean/samples_kept.jsonl"} <= artifacts
+    validate = {a.path for a in client.list_artifacts(children["validate"].info.run_id, "validate")}
+    assert "validate/report.json" in validate
+
+
+def test_a_failed_expectation_stops_the_pipeline(tiny_project: Path, tmp_path: Path) -> None:
+    import yaml
+
+    params = yaml.safe_load((tiny_project / "params.yaml").read_text())
+    params["validate"]["languages"] = {"en": [0.99, 1.0]}
+    params["paths"]["reports"] = str(tmp_path / "reports")  # leave the shared project's reports alone
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(params))
+    done = run_in(tiny_project, "-m", "stages.validate", "--params", str(bad), "--no-mlflow", check=False)
+    assert done.returncode == 2
+    assert "expectations failed" in done.stderr and "'column': 'lang'" in done.stderr
