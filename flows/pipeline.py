@@ -16,9 +16,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+# The flow starts a temporary local Prefect server; its first start migrates a fresh database,
+# which takes longer than Prefect's 20 s default on a busy 2-core machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
-from stages.common import tracking
+from prefect import flow, get_run_logger, task  # noqa: E402
+
+from stages.common import tracking  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
