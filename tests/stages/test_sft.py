@@ -1,0 +1,195 @@
+"""sft: the stage on the tiny inputs (random-init tiny Llama, ChatML tokenizer, real instructions).
+
+There is no pretrain stage output here, so `models/pretrain/` is the tiny base model plus the
+tokenizer that `tokenize` trained for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages import sft
+from stages.common.config import Paths, StageError
+from stages.common.io import read_records, write_records
+from stages.common.training import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+# Small, fast settings: the tiny model's context is 256 tokens.
+FAST = {"max_length": 256, "val_fraction": 0.2, "max_val": 8, "batch_size": 4, "logging_steps": 2,
+        "save_steps": 1000, "samples": 2, "sample_max_new_tokens": 8}
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.fixture
+def sft_paths(tiny_workdir: Paths) -> Paths:
+    shutil.copytree(tiny_workdir.base, tiny_workdir.pretrain)
+    shutil.copytree(tiny_workdir.tokenized / "tokenizer", tiny_workdir.pretrain, dirs_exist_ok=True)
+    return tiny_workdir
+
+
+def checkpoints(paths: Paths) -> TrainConfig:
+    return TrainConfig(checkpoints=paths.reports.parent / "checkpoints")
+
+
+def generates(folder: Path) -> str:
+    """Load `folder` as a plain causal LM (no peft, no quantization) and answer one prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert not (folder / "adapter_config.json").exists()
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["dtype"] == "float32"
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    enc = tok.apply_chat_template([{"role": "user", "content": "Hello?"}], add_generation_prompt=True,
+                                  return_dict=True, return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] == enc["input_ids"].shape[1] + 5
+    return tok.decode(out[0])
+
+
+def test_full_run_learns_and_writes_a_plain_model(sft_paths: Paths) -> None:
+    cfg = sft.SftConfig(method="full", learning_rate=1e-3, max_steps=20, **FAST)
+    m = sft.run(cfg, sft_paths, checkpoints(sft_paths))
+
+    assert m["eval_loss_after"] < m["eval_loss_before"]  # the held-out answers got likelier
+    assert m["resumed_from_step"] == 0 and m["steps"] == 20
+    assert m["docs_in"] == m["docs_out"] + sum(m["dropped"].values())
+    assert m["trainable_params"] == m["total_params"]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "llm_forge.yaml", "metrics.json"):
+        assert (sft_paths.sft / name).is_file(), name
+    assert yaml.safe_load((sft_paths.sft / "llm_forge.yaml").read_text())["sft"]["method"] == "full"
+    generates(sft_paths.sft)
+    rows = [json.loads(line) for line in (sft_paths.reports / "sft/samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and {"id", "prompt", "reference", "before", "after"} <= set(rows[0])
+    curves = (sft_paths.reports / "sft/curves.csv").read_text().splitlines()
+    assert curves[0].startswith("step,") and len(curves) > 5
+    assert not (sft_paths.reports.parent / "checkpoints/sft").exists()  # removed after success
+
+
+def test_lora_adapters_are_merged_into_a_plain_model(sft_paths: Paths) -> None:
+    from safetensors.torch import load_file
+
+    cfg = sft.SftConfig(method="lora", learning_rate=5e-3, max_steps=6, **FAST)
+    m = sft.run(cfg, sft_paths, checkpoints(sft_paths))
+    assert m["trainable_params"] < m["total_params"]
+    generates(sft_paths.sft)
+    base = load_file(sft_paths.pretrain / "model.safetensors")
+    tuned = load_file(sft_paths.sft / "model.safetensors")
+    assert set(tuned) == set(base)  # the same plain layout as the base: no lora_A / lora_B
+    assert any(not (tuned[k].float() - base[k].float()).abs().max() < 1e-7 for k in base)  # merged, not dropped
+
+
+def test_qlora_trains_on_cpu_and_ships_full_precision(sft_paths: Paths) -> None:
+    cfg = sft.SftConfig(method="qlora", learning_rate=5e-3, max_steps=3, **FAST)
+    m = sft.run(cfg, sft_paths, checkpoints(sft_paths))
+    assert m["steps"] == 3 and m["method"] == "qlora"
+    generates(sft_paths.sft)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+def test_qlora_on_gpu_in_bf16(sft_paths: Paths) -> None:
+    cfg = sft.SftConfig(method="qlora", learning_rate=5e-3, max_steps=6, **FAST)
+    m = sft.run(cfg, sft_paths, TrainConfig(checkpoints=sft_paths.reports.parent / "checkpoints", precision="bf16"))
+    assert m["precision"] == "bf16" and m["eval_loss_after"] < m["eval_loss_before"]
+    generates(sft_paths.sft)
+
+
+def test_loss_is_on_the_answer_only(sft_paths: Paths) -> None:
+    """What the trainer feeds the model: every prompt token (system, user, the assistant header)
+    is -100 in the labels, every answer token (and its end-of-turn) is learned."""
+    tok = sft.load_tokenizer(sft_paths.pretrain)
+    model = sft.load_model(sft_paths.pretrain, "full", "fp32")
+    example, _ = sft.to_prompt_completion({"id": "x", "messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue, I think."}, {"role": "user", "content": "Another?"},
+        {"role": "assistant", "content": "Green."}]})
+    cfg = sft.SftConfig(method="full", **FAST)
+    trainer = sft.build_trainer(cfg, model, tok, [example], [], sft_paths.reports.parent / "ck", "fp32")
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+
+    prompt_ids = tok.apply_chat_template(example["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"]
+    n = len(prompt_ids)
+    assert ids[:n] == list(prompt_ids)
+    assert all(label == -100 for label in labels[:n])  # the whole prompt, the earlier answer included
+    assert labels[n:] == ids[n:] and len(ids) > n
+    learned = tok.decode(labels[n:])
+    assert learned.startswith("Green.") and "<|im_end|>" in learned and "Blue" not in learned
+
+
+def test_bad_records_are_counted_and_the_split_is_stable(sft_paths: Paths) -> None:
+    tok = sft.load_tokenizer(sft_paths.pretrain)
+    ok = [{"id": f"ok/{i}", "source": "t", "messages": [{"role": "user", "content": f"Question {i}?"},
+                                                        {"role": "assistant", "content": f"Answer {i}."}]}
+          for i in range(40)]
+    bad = [
+        {"id": "b/1", "source": "t", "messages": [{"role": "user", "content": "no answer"}]},
+        {"id": "b/2", "source": "t", "messages": [{"role": "user", "content": "hi"},
+                                                  {"role": "assistant", "content": "  "}]},
+        {"id": "b/3", "source": "t", "messages": [{"role": "assistant", "content": "an answer to nothing"}]},
+        {"id": "b/4", "source": "t", "messages": [{"role": "user", "content": "word " * 400},
+                                                  {"role": "assistant", "content": "ok"}]},
+    ]
+    cfg = sft.SftConfig(**FAST)
+    train, val, dropped = sft.prepare(ok + bad, tok, cfg)
+    assert dropped == {"no_answer": 1, "empty_answer": 1, "no_prompt": 1, "too_long": 1}
+    assert len(train) + len(val) == 40 and val
+    again, val_again, _ = sft.prepare(list(reversed(ok)), tok, cfg)
+    assert {e["id"] for e in val_again} == {e["id"] for e in val}  # by id hash, not by position
+
+
+def test_no_usable_record_is_an_error_naming_the_file(sft_paths: Paths) -> None:
+    write_records(sft_paths.dedup, "instructions",
+                  [{"id": "a", "source": "t", "messages": [{"role": "user", "content": "unanswered"}]}])
+    with pytest.raises(StageError, match=r"instructions\.parquet"):
+        sft.run(sft.SftConfig(**FAST), sft_paths, checkpoints(sft_paths))
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(sft_paths: Paths, tmp_path: Path) -> None:
+    """Run the stage as a process, SIGKILL it once a checkpoint is on disk, run it again."""
+    assert read_records(sft_paths.dedup, "instructions")
+    ck = tmp_path / "checkpoints"
+    params = {"paths": {k: str(v) for k, v in sft_paths.model_dump().items()},
+              "sft": {"method": "full", "learning_rate": 1e-3, "max_steps": 12, **FAST, "save_steps": 2,
+                      "logging_steps": 1, "samples": 0},
+              "train": {"checkpoints": str(ck)}}
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    cmd = [sys.executable, "-m", "stages.sft", "--params", str(params_file), "--no-mlflow"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list(ck.glob("sft/checkpoint-*/trainer_state.json")):
+        assert proc.poll() is None, f"the stage ended before a checkpoint: {proc.stderr.read().decode()[-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not sft_paths.sft.exists()  # nothing half-written where DVC looks
+
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = json.loads((sft_paths.reports / "sft/metrics.json").read_text())
+    assert m["resumed_from_step"] > 0 and m["steps"] == 12
+    assert m["resumed_from_step"] % 2 == 0
+    assert (sft_paths.sft / "model.safetensors").is_file()
+    steps = [int(line.split(",")[0]) for line in (sft_paths.reports / "sft/curves.csv").read_text().splitlines()[1:]]
+    assert steps == sorted(steps) and steps[0] < m["resumed_from_step"] < steps[-1]  # one curve across both runs
