@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; "
           f"{len(texts)} documents, {chars / 1e6:.1f}M characters; median of {args.repeats}")
-    print(f"| method | tokens | seconds | tokens/s |\n|---|---:|---:|---:|")
+    print("| method | tokens | seconds | tokens/s |\n|---|---:|---:|---:|")
     for name, (tokens, secs) in results.items():
         print(f"| {name} | {tokens:,} | {secs:.2f} | {tokens / secs:,.0f} |")
     (d_tok, d_s), (s_tok, s_s) = results.values()

@@ -42,7 +42,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from stages.common.config import Paths, StageConfig
-from stages.common.io import KINDS, SCHEMAS, Tally, atomic_dir, read_records, write_jsonl, write_records
+from stages.common.io import KINDS, Tally, atomic_dir, read_records, write_jsonl, write_records
 from stages.common.pii import redact
 from stages.common.runner import run_stage
 

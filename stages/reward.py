@@ -20,7 +20,6 @@ A pair whose chosen and rejected answers are identical or empty, or whose longer
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 from collections import Counter
@@ -30,17 +29,19 @@ from typing import Any, Literal
 from pydantic import Field
 
 from stages.common.config import Paths, StageConfig, StageError
-from stages.common.io import read_records, resolve_path
+from stages.common.io import is_val, read_records, resolve_path
 from stages.common.runner import run_stage
 from stages.common.training import (
     Checkpoints,
     Curves,
     TrainConfig,
+    device,
     dir_signature,
     fingerprint,
     resolve_precision,
     save_model,
     seed_everything,
+    train_model,
     trainer_callback,
 )
 
@@ -105,12 +106,6 @@ class RewardConfig(StageConfig):
 # --- data -------------------------------------------------------------------------------------
 
 
-def is_val(record_id: str, salt: str, fraction: float) -> bool:
-    """Held out or not, by a salted hash of the id: stable when records are added or removed."""
-    h = hashlib.blake2b(f"{salt}\x00{record_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "big") / 2**64 < fraction
-
-
 def encode(tokenizer: Any, prompt: str, answer: str) -> list[int]:
     """Token ids of prompt + answer as the reward model reads them, in TRL's two formats: the chat
     template when the tokenizer has one (a causal LM scores its last token), else the plain text
@@ -156,15 +151,6 @@ def backbone_path(cfg: RewardConfig, paths: Paths) -> Path:
         return resolve_path(cfg.backbone)
     except FileNotFoundError as err:
         raise StageError(f"reward.backbone: {err}") from None
-
-
-def device() -> str:
-    """This process's accelerator (one per process under `accelerate launch`), else the CPU."""
-    import os
-
-    import torch
-
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
 
 
 def load_backbone(folder: Path) -> tuple[Any, Any]:
@@ -267,21 +253,6 @@ def build_trainer(cfg: RewardConfig, model: Any, tokenizer: Any, train_pairs: li
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-
-
-def train_model(trainer: Any, resume_path: Path | None) -> float | None:
-    """`trainer.train()`, resumed from `resume_path` when there is one; returns the mean training
-    loss. A checkpoint taken at the last step is restored without training: transformers would
-    run one step past `max_steps` on it."""
-    from transformers import TrainerState
-
-    if resume_path is not None:
-        state = TrainerState.load_from_json(str(Path(resume_path) / "trainer_state.json"))
-        if state.max_steps and state.global_step >= state.max_steps:
-            trainer._load_from_checkpoint(str(resume_path))
-            trainer.state = state
-            return None
-    return trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None).training_loss
 
 
 def trained_model(trainer: Any, cfg: RewardConfig, backbone: Path, scratch: Path) -> Any:

@@ -18,7 +18,6 @@ Checkpoints go to `<train.checkpoints>/sft/`; a killed run resumes from the last
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 from collections import Counter
@@ -28,17 +27,19 @@ from typing import Any, Literal
 from pydantic import Field
 
 from stages.common.config import Paths, StageConfig, StageError
-from stages.common.io import read_records, write_jsonl
+from stages.common.io import id_hash, is_val, read_records, write_jsonl
 from stages.common.runner import run_stage
 from stages.common.training import (
     Checkpoints,
     Curves,
     TrainConfig,
+    device,
     dir_signature,
     fingerprint,
     resolve_precision,
     save_model,
     seed_everything,
+    train_model,
     trainer_callback,
 )
 
@@ -105,17 +106,6 @@ class SftConfig(StageConfig):
 # --- data -------------------------------------------------------------------------------------
 
 
-def id_hash(record_id: str, salt: str) -> float:
-    """A salted hash of an id in [0, 1): stable when other records are added or removed."""
-    h = hashlib.blake2b(f"{salt}\x00{record_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "big") / 2**64
-
-
-def is_val(record_id: str, salt: str, fraction: float) -> bool:
-    """Held out or not, by a salted hash of the id."""
-    return id_hash(record_id, salt) < fraction
-
-
 def to_prompt_completion(record: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
     """A conversational prompt-completion example, or (None, reason) for a record that has none:
     the prompt is every message before the last assistant turn, the completion that turn."""
@@ -169,15 +159,6 @@ def load_tokenizer(folder: Path) -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def device() -> str:
-    """This process's accelerator (one per process under `accelerate launch`), else the CPU."""
-    import os
-
-    import torch
-
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
 
 
 def load_model(folder: Path, method: str, precision: str) -> Any:
@@ -295,21 +276,6 @@ def build_trainer(cfg: SftConfig, model: Any, tokenizer: Any, train_examples: li
         processing_class=tokenizer,
         peft_config=lora_config(cfg) if cfg.method in ("lora", "qlora") else None,
     )
-
-
-def train_model(trainer: Any, resume_path: Path | None) -> float | None:
-    """`trainer.train()`, resumed from `resume_path` when there is one; returns the mean training
-    loss. A checkpoint taken at the last step is restored without training: transformers would
-    run one step past `max_steps` on it."""
-    from transformers import TrainerState
-
-    if resume_path is not None:
-        state = TrainerState.load_from_json(str(Path(resume_path) / "trainer_state.json"))
-        if state.max_steps and state.global_step >= state.max_steps:
-            trainer._load_from_checkpoint(str(resume_path))
-            trainer.state = state
-            return None
-    return trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None).training_loss
 
 
 def count_params(model: Any) -> tuple[int, int]:

@@ -12,7 +12,6 @@ them and cut into `block_size` blocks. Writes `data/tokenized/` as a `datasets.D
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 import time
@@ -23,7 +22,7 @@ import numpy as np
 from pydantic import Field
 
 from stages.common.config import Paths, StageConfig, StageError
-from stages.common.io import Tally, atomic_dir, read_records, write_json
+from stages.common.io import Tally, atomic_dir, is_val, read_records, write_json
 from stages.common.runner import run_stage
 
 log = logging.getLogger("llm_forge.tokenize")
@@ -48,11 +47,6 @@ class TokenizeConfig(StageConfig):
     batch_size: int = Field(1000, ge=1)
     """Documents per call of the batch encoder."""
     bpe: BpeConfig = BpeConfig()
-
-
-def is_val(doc_id: str, salt: str, fraction: float) -> bool:
-    h = hashlib.blake2b(f"{salt}\x00{doc_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "big") / 2**64 < fraction
 
 
 def train_bpe(texts: list[str], vocab_size: int, cfg: BpeConfig) -> Any:

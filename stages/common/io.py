@@ -55,6 +55,17 @@ def content_id(*parts: str) -> str:
     return h.hexdigest()[:16]
 
 
+def id_hash(record_id: str, salt: str) -> float:
+    """A salted hash of an id in [0, 1): stable when other records are added or removed."""
+    h = hashlib.blake2b(f"{salt}\x00{record_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64
+
+
+def is_val(record_id: str, salt: str, fraction: float) -> bool:
+    """Held out or not, by a salted hash of the id (every stage splits this way)."""
+    return id_hash(record_id, salt) < fraction
+
+
 def record_text(kind: str, record: Mapping[str, Any]) -> str:
     """All of a record's text in one string, for hashing, dedup and checks."""
     if kind == "instructions":

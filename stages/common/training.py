@@ -65,6 +65,30 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
+def device() -> str:
+    """This process's accelerator (one per process under `accelerate launch`), else the CPU."""
+    import os
+
+    import torch
+
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+
+
+def train_model(trainer: Any, resume_path: Path | None) -> float | None:
+    """`trainer.train()`, resumed from `resume_path` when there is one; returns the mean training
+    loss. A checkpoint taken at the last step is restored without training: transformers would
+    run one step past `max_steps` on it."""
+    from transformers import TrainerState
+
+    if resume_path is not None:
+        state = TrainerState.load_from_json(str(Path(resume_path) / "trainer_state.json"))
+        if state.max_steps and state.global_step >= state.max_steps:
+            trainer._load_from_checkpoint(str(resume_path))
+            trainer.state = state
+            return None
+    return trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None).training_loss
+
+
 def relaunch_if_distributed(stage: str, train: TrainConfig, argv: list[str]) -> int | None:
     """Rerun `python -m stages.<stage>` under `accelerate launch` when more than one process is
     configured and we are not already one of them; returns its exit code, else None."""
