@@ -3,7 +3,8 @@
 Reads `data/dedup/` (corpus, instructions, preferences) and runs one suite per kind: schema,
 non-null fields, unique ids, text length bounds, no PII or secret left unredacted (the same
 patterns `clean` redacts), and the corpus's language mix within the configured bounds. Writes
-`reports/validate/report.json` (the full Great Expectations result) and `summary.md`; the stage
+`reports/validate/report.json` (the full Great Expectations result), `summary.md` and `verdict.json`
+(what tokenize depends on); the stage
 fails, naming each failed expectation, when any expectation fails, so DVC and the flow stop.
 
     python -m stages.validate [--params params.yaml]
@@ -124,6 +125,9 @@ def run(cfg: ValidateConfig, paths: Paths) -> dict[str, Any]:
         raise StageError(f"{len(failures)} of {evaluated} expectations failed (report: {out / 'report.json'}): "
                          + "; ".join(failures))
     total = sum(counts.values())
+    # What tokenize depends on: it says only that this data passed, so a rerun of validate that
+    # passes again (metrics.json holds timings) does not make every later stage stale.
+    write_json(out / "verdict.json", {"success": True, "rows": counts, "expectations": evaluated})
     return {"docs_in": total, "docs_out": total, "dropped": {}, "rows": counts,
             "expectations": evaluated, "failed": 0, "success": True}
 
