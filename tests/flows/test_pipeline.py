@@ -9,7 +9,8 @@ from pathlib import Path
 from tests.conftest import run_in
 
 DATA_STAGES = ("collect", "clean", "dedup", "validate", "tokenize")
-ALL_STAGES = ("collect", "clean", "dedup", "validate", "base", "tokenize", "pretrain", "sft", "reward", "ppo")
+ALL_STAGES = ("collect", "clean", "dedup", "validate", "base", "tokenize", "pretrain", "sft", "reward", "ppo",
+              "quantize", "evaluate", "register")
 
 
 def metrics(project: Path, stage: str) -> dict:
@@ -94,3 +95,35 @@ def test_training_stages_ran_fresh_and_left_loadable_models(tiny_project: Path) 
         AutoModelForCausalLM.from_pretrained(tiny_project / folder)
     AutoModelForSequenceClassification.from_pretrained(tiny_project / "models/reward")
     assert (tiny_project / "reports/ppo/samples.jsonl").read_text().strip()
+
+
+def test_evaluation_table_covers_every_model_and_compares_with_dvc(tiny_project: Path) -> None:
+    table = metrics(tiny_project, "evaluate")
+    quantized = {f"quantized/{m}" for m in metrics(tiny_project, "quantize")["methods"]}
+    assert quantized and set(table["models"]) == {"base", "pretrain", "sft", "ppo", *quantized}
+    for row, scores in table["models"].items():
+        assert set(scores) == {"perplexity", "hhh_alignment", "truthful_qa_mc", "bigbench_arithmetic",
+                               "humaneval_sandbox"}, row
+    assert table["skipped"] == {}
+    # two commits' tables compare with `dvc metrics diff`: here the run against an empty workspace
+    shown = run_in(tiny_project, "-m", "dvc", "metrics", "show", "--json")
+    assert "models.ppo.hhh_alignment" in shown.stdout or '"hhh_alignment"' in shown.stdout
+    assert (tiny_project / "reports/evaluate/chart.png").stat().st_size > 1000
+
+
+def test_final_and_quantized_models_are_registered_and_load_by_alias(tiny_project: Path) -> None:
+    import mlflow
+
+    uri = f"sqlite:///{tiny_project / 'mlflow.db'}"
+    registered = metrics(tiny_project, "register")["registered"]
+    methods = metrics(tiny_project, "quantize")["methods"]
+    assert set(registered) == {"llm-forge", *(f"llm-forge-{m}" for m in methods)}
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = client.get_model_version_by_alias("llm-forge", "candidate")
+    tags = version.tags
+    assert tags["llm_forge.lineage_verified"] == "true"  # the folder is the one dvc.lock records
+    assert tags["dvc.ppo.outs.models/ppo"] == tags["llm_forge.model_md5"]
+    assert "dvc.collect.outs.data/raw" in tags and "eval.hhh_alignment" in tags
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/llm-forge@candidate")
+    assert model.predict(["Human: hello\nAssistant:"], params={"max_new_tokens": 4})[0].strip()

@@ -1,0 +1,77 @@
+"""The registered model: an MLflow pyfunc that loads a Hugging Face causal LM folder and
+continues prompts greedily.
+
+`stages/register.py` logs this file as an MLflow "model from code" with the model folder as the
+artifact `model`; MLflow copies the file into the logged model and runs it wherever the model is
+loaded (`mlflow.pyfunc.load_model("models:/llm-forge@candidate")`), where llm-forge is not
+installed. So it imports only mlflow, transformers and torch, and those inside `load_context`.
+
+The folder may be plain or quantized: `from_pretrained` reads the `quantization_config` that a
+bitsandbytes or torchao folder carries in its `config.json` (the loading machine needs that
+library too; `register` lists it in the model's requirements).
+
+Input: a list of prompts, one prompt, or a DataFrame with a `prompt` column. Output: the greedy
+continuation of each prompt (new tokens only, special tokens dropped), one string per prompt.
+Param `max_new_tokens` (default: the `max_new_tokens` of the model config MLflow was given, else 32).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+import pandas as pd  # mlflow's own dependency: pyfunc hands predict a DataFrame
+
+MODEL_ARTIFACT = "model"
+DEFAULT_MAX_NEW_TOKENS = 32
+
+
+def prompts_of(model_input: Any) -> list[str]:
+    """The prompts in whatever form pyfunc hands over: str, list, dict, or DataFrame."""
+    if isinstance(model_input, str):
+        return [model_input]
+    if hasattr(model_input, "columns"):  # a pandas DataFrame (pyfunc's usual form)
+        column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
+        return [str(p) for p in model_input[column].tolist()]
+    if isinstance(model_input, dict):
+        value = model_input.get("prompt", model_input.get("prompts"))
+        return prompts_of(value) if value is not None else []
+    return [str(p) for p in model_input]
+
+
+class Generator(mlflow.pyfunc.PythonModel):
+    """Greedy text continuation with the causal LM in the `model` artifact."""
+
+    def load_context(self, context: Any) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = context.artifacts[MODEL_ARTIFACT]
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        # On a GPU machine the weights go to the GPU (bitsandbytes needs it there to run fast).
+        placement = {"device_map": "auto"} if torch.cuda.is_available() else {}
+        self.model = AutoModelForCausalLM.from_pretrained(folder, **placement).eval()
+        config = getattr(context, "model_config", None) or {}
+        self.max_new_tokens = int(config.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+
+    # `pd.DataFrame` is the one hint MLflow builds no schema from: `register` gives the signature
+    # (one string column, param max_new_tokens); called directly, predict takes lists and strings too.
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
+        import torch
+
+        max_new_tokens = int((params or {}).get("max_new_tokens") or self.max_new_tokens)
+        device = next(self.model.parameters()).device
+        out: list[str] = []
+        # One prompt at a time: no padding, so an answer never depends on its batch-mates.
+        for prompt in prompts_of(model_input):
+            ids = self.tokenizer(prompt, return_tensors="pt").to(device)
+            with torch.no_grad():
+                seq = self.model.generate(**ids, do_sample=False, max_new_tokens=max_new_tokens,
+                                          pad_token_id=self.tokenizer.pad_token_id)
+            out.append(self.tokenizer.decode(seq[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+        return out
+
+
+mlflow.models.set_model(Generator())

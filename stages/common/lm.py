@@ -1,0 +1,119 @@
+"""Loading and measuring a finished causal LM: shared by `quantize` and `evaluate`.
+
+Both stages open model folders the pipeline wrote (plain or quantized: `from_pretrained` reads
+the `quantization_config` a quantized folder carries), and both report the same held-out
+perplexity on `data/tokenized`'s val split and the same greedy-generation speed, so that the
+numbers in the quantization table and in the evaluation table are one measurement, not two.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from stages.common.config import StageError
+
+
+def folder_size_mb(path: Path) -> float:
+    """Bytes on disk of every file under `path`, in MB (10^6)."""
+    return round(sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6, 2)
+
+
+def load_tokenizer(model_dir: Path, fallback: Path | None = None) -> Any:
+    """The tokenizer saved beside the model, else `fallback` (a from-scratch base has none:
+    `tokenize` trained the one every later model uses, in `data/tokenized/tokenizer`)."""
+    from transformers import AutoTokenizer
+
+    for where in (model_dir, fallback):
+        if where is not None and (Path(where) / "tokenizer_config.json").is_file():
+            tok = AutoTokenizer.from_pretrained(str(where))
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            return tok
+    raise StageError(f"{model_dir} has no tokenizer (and no fallback tokenizer at {fallback})")
+
+
+def load_causal_lm(model_dir: Path, **kwargs: Any) -> Any:
+    """`AutoModelForCausalLM.from_pretrained(model_dir)` in eval mode; a folder that does not
+    load is a StageError naming it (the caller records a skip, not a crash)."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise StageError(f"{model_dir} is not a model folder (no config.json)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    except Exception as err:  # any loader failure is "this folder does not load"
+        raise StageError(f"{model_dir} does not load: {type(err).__name__}: {str(err)[:300]}") from err
+    return model.eval()
+
+
+def val_blocks(tokenized: Path, max_blocks: int | None) -> Any:
+    """The first `max_blocks` packed blocks of the val split, as a LongTensor [n, block]."""
+    import datasets
+    import numpy as np
+    import torch
+
+    try:
+        val = datasets.load_from_disk(str(tokenized))["val"]
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        raise StageError(f"{tokenized} has no tokenized val split (run the tokenize stage): {err}") from None
+    if max_blocks is not None:
+        val = val.select(range(min(max_blocks, len(val))))
+    if len(val) == 0:
+        raise StageError(f"{tokenized}: the val split is empty")
+    return torch.from_numpy(np.stack(val.with_format("numpy")["input_ids"]).astype(np.int64))
+
+
+def perplexity(model: Any, blocks: Any, batch_size: int = 4) -> float:
+    """exp(mean next-token loss) over `blocks`, every token weighted alike."""
+    import torch
+
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    if int(blocks.max()) >= vocab:
+        raise StageError(f"the val blocks hold token id {int(blocks.max())} but the model's vocabulary is "
+                         f"{vocab}: it was not trained on this tokenizer")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(blocks), batch_size):
+            ids = blocks[i:i + batch_size].to(device)
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     ids[:, 1:].reshape(-1), reduction="sum")
+            total += float(loss)
+            count += ids[:, 1:].numel()
+    return round(math.exp(min(total / count, 50.0)), 4)
+
+
+def generation_speed(model: Any, tokenizer: Any, prompt: str, new_tokens: int, repeats: int = 1) -> float:
+    """Tokens/s of greedy generation of exactly `new_tokens` tokens after `prompt` (best of
+    `repeats`, after one short warm-up), batch size 1: the latency a chat user sees."""
+    import torch
+
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    kwargs = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens,
+                  pad_token_id=tokenizer.pad_token_id)
+    best = 0.0
+    with torch.no_grad():
+        model.generate(ids, **{**kwargs, "min_new_tokens": 2, "max_new_tokens": 2})
+        for _ in range(max(1, repeats)):
+            start = time.perf_counter()
+            out = model.generate(ids, **kwargs)
+            made = out.shape[1] - ids.shape[1]
+            best = max(best, made / (time.perf_counter() - start))
+    return round(best, 2)
+
+
+def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 16) -> str:
+    """Greedy continuation of `prompt`, decoded without special tokens."""
+    import torch
+
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    with torch.no_grad():
+        out = model.generate(ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
