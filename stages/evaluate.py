@@ -30,7 +30,7 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -62,6 +62,9 @@ class EvaluateConfig(StageConfig):
     """Val blocks of `data/tokenized` for held-out perplexity (null: all; 0 columns if none)."""
     batch_size: int = Field(default=8, ge=1)
     """Requests per forward pass in lm-eval, and blocks per perplexity batch."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "bfloat16"
+    """Dtype every unquantized row runs in, so rows compare like with like (auto: as stored);
+    quantized rows run as their quantization config says."""
     contamination_ngram: int = Field(default=13, ge=4)
     """Words in a run an evaluated item must share with the training data to count as seen."""
 
@@ -178,6 +181,15 @@ def contamination(tasks: dict[str, Any], cfg: EvaluateConfig, seen: set[int]) ->
 # one model
 
 
+def read_config(folder: Path) -> dict[str, Any]:
+    """The folder's config.json, or {} (then loading it fails with the reason)."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+
 def evaluate_model(name: str, folder: Path, cfg: EvaluateConfig, paths: Paths, manager: Any,
                    tasks: dict[str, Any], blocks: Any, report: Path) -> tuple[dict[str, float], dict[str, str], dict[str, str]]:
     """(scores, metric names, skipped reasons) of one row; raises StageError if it does not load."""
@@ -186,7 +198,8 @@ def evaluate_model(name: str, folder: Path, cfg: EvaluateConfig, paths: Paths, m
 
     from stages.common.lm import load_causal_lm, load_tokenizer, perplexity
 
-    model = load_causal_lm(folder)
+    quantized = "quantization_config" in read_config(folder)
+    model = load_causal_lm(folder, **({} if quantized or cfg.dtype == "auto" else {"dtype": cfg.dtype}))
     tokenizer = load_tokenizer(folder, fallback=Path(paths.tokenized) / "tokenizer")
     scores: dict[str, float] = {}
     metric_names: dict[str, str] = {}

@@ -97,6 +97,17 @@ def tiny_inputs(tmp_path_factory: pytest.TempPathFactory) -> Paths:
     return paths
 
 
+def tiny_model(paths: Paths, dest: Path) -> Path:
+    """A causal LM folder at `dest`: the tiny random-init base with the tiny tokenizer beside it,
+    standing in for a trained model (pretrain, sft, ppo) where only its shape matters."""
+    dest.mkdir(parents=True)
+    for src in (paths.base, paths.tokenized / "tokenizer"):
+        for f in src.iterdir():
+            if f.is_file() and f.name != "llm_forge.yaml":
+                shutil.copy2(f, dest / f.name)
+    return dest
+
+
 @pytest.fixture
 def tiny_workdir(tiny_inputs: Paths, tmp_path: Path) -> Paths:
     """A private copy of the tiny inputs' folders, so a test may write next to them."""

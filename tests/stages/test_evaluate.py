@@ -16,6 +16,7 @@ import stages
 from stages.common.config import ConfigError, Paths, load_section
 from stages.common.sandbox import run_program
 from stages.evaluate import EvaluateConfig, markdown, run, score
+from tests.conftest import tiny_model
 
 ROOT = Path(stages.__file__).resolve().parent.parent
 TASK_DIR = ROOT / "configs/lm_eval"
@@ -171,10 +172,7 @@ def model_folders(paths: Paths, broken: str | None = None) -> None:
     """base, pretrain, sft, ppo: the tiny random base with the tiny tokenizer (the scores do
     not matter here, the table does); `broken` gets a config.json that does not parse."""
     for stage in ("pretrain", "sft", "ppo"):
-        folder = getattr(paths, stage)
-        shutil.copytree(paths.base, folder)
-        for f in (paths.tokenized / "tokenizer").iterdir():
-            shutil.copy2(f, folder / f.name)
+        tiny_model(paths, getattr(paths, stage))
     if broken:
         (getattr(paths, broken) / "config.json").write_text("{ not json")
 

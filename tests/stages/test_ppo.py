@@ -23,6 +23,7 @@ from stages.common.config import Paths, StageError
 from stages.common.io import read_records, write_records
 from stages.common.training import TrainConfig
 from stages.ppo import PpoConfig, build_prompts, prompt_messages, rollout_order, run, split_heldout
+from tests.conftest import tiny_model
 
 ROOT = Path(stages.__file__).resolve().parent.parent  # the project, for the subprocess's imports
 # A couple of short updates: tiny models, short responses, prompts that fit the 256-token context.
@@ -35,11 +36,7 @@ def build_rl_inputs(paths: Paths) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    paths.sft.mkdir(parents=True)
-    for src in (paths.base, paths.tokenized / "tokenizer"):
-        for f in src.iterdir():
-            if f.is_file() and f.name != "llm_forge.yaml":
-                shutil.copy2(f, paths.sft / f.name)
+    tiny_model(paths, paths.sft)
     tok = AutoTokenizer.from_pretrained(paths.sft)
     config = AutoConfig.from_pretrained(paths.base, num_labels=1, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)

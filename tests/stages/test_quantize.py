@@ -18,6 +18,7 @@ import yaml
 import stages.quantize as quantize
 from stages.common.config import ConfigError, Paths, StageError, load_section
 from stages.quantize import QuantizeConfig, run
+from tests.conftest import tiny_model
 
 # Short measurements: the tiny model's figures only have to exist and be consistent.
 TINY = dict(eval_blocks=2, batch_size=2, speed_tokens=4, speed_repeats=1)
@@ -26,11 +27,7 @@ CPU_METHODS = ("nf4", "int8", "torchao_int8")
 
 def build_final_model(paths: Paths) -> None:
     """models/ppo: the tiny base with the tiny tokenizer beside it."""
-    paths.ppo.mkdir(parents=True)
-    for src in (paths.base, paths.tokenized / "tokenizer"):
-        for f in src.iterdir():
-            if f.is_file() and f.name != "llm_forge.yaml":
-                shutil.copy2(f, paths.ppo / f.name)
+    tiny_model(paths, paths.ppo)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import yaml
 from stages.common import tracking
 from stages.common.config import ConfigError, Paths, StageError, load_section
 from stages.register import Hasher, RegisterConfig, eval_tags, run, upstream
+from tests.conftest import tiny_model
 
 EVALUATION = {
     "models": {
@@ -50,12 +51,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def build_final_model(paths: Paths) -> None:
-    """models/ppo: the tiny base with the tiny tokenizer (as test_ppo builds the SFT policy)."""
-    paths.ppo.mkdir(parents=True)
-    for src in (paths.base, paths.tokenized / "tokenizer"):
-        for f in src.iterdir():
-            if f.is_file() and f.name != "llm_forge.yaml":
-                shutil.copy2(f, paths.ppo / f.name)
+    """models/ppo: the tiny base with the tiny tokenizer beside it."""
+    tiny_model(paths, paths.ppo)
 
 
 def build_torchao_variant(paths: Paths) -> Path:
