@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -72,25 +71,28 @@ def network_isolation() -> list[str]:
     return []
 
 
-def _limits(memory_mb: int, cpu_seconds: int) -> None:
-    """In the child, before exec: resource limits, and its own process group to kill."""
-    os.setsid()
-    memory = memory_mb * 1024 * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024 * 1024, 16 * 1024 * 1024))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+def limits(memory_mb: int, cpu_seconds: int) -> str:
+    """The preamble's first lines: resource limits, soft and hard, set by the child itself before
+    the program runs (not in a `preexec_fn`, which can deadlock a parent that runs threads, as
+    lm-eval's does)."""
+    memory, fsize = memory_mb * 1024 * 1024, 16 * 1024 * 1024
+    return ("import resource\n"
+            f"resource.setrlimit(resource.RLIMIT_AS, ({memory}, {memory}))\n"
+            f"resource.setrlimit(resource.RLIMIT_CPU, ({cpu_seconds}, {cpu_seconds + 1}))\n"
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({fsize}, {fsize}))\n"
+            "resource.setrlimit(resource.RLIMIT_CORE, (0, 0))\n")
 
 
 def run_program(code: str, timeout: float = 5.0, memory_mb: int = 512) -> Result:
     """Run `code` (a whole program: prompt + completion + tests) and say how it ended."""
     with tempfile.TemporaryDirectory(prefix="llm-forge-sandbox-") as tmp:
         program = Path(tmp) / "program.py"
-        program.write_text(PREAMBLE + "\n" + code, encoding="utf-8")
+        program.write_text(limits(memory_mb, int(timeout) + 1) + PREAMBLE + "\n" + code, encoding="utf-8")
         cmd = [*network_isolation(), sys.executable, "-I", "-B", str(program)]
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
+        # Its own session: on timeout the whole process group goes, whatever the program started.
         proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, preexec_fn=lambda: _limits(memory_mb, int(timeout) + 1))
+                                stderr=subprocess.PIPE, start_new_session=True)
         try:
             _, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
