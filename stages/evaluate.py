@@ -59,7 +59,7 @@ class EvaluateConfig(StageConfig):
     tasks: dict[str, TaskConfig] = {}
     """lm-eval task name -> its limits; the table's benchmark columns, in this order."""
     perplexity_blocks: int | None = Field(default=16, ge=1)
-    """Val blocks of `data/tokenized` for held-out perplexity (null: all; 0 columns if none)."""
+    """Val blocks of `data/tokenized` for held-out perplexity (null: all of them)."""
     batch_size: int = Field(default=8, ge=1)
     """Requests per forward pass in lm-eval, and blocks per perplexity batch."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "bfloat16"
@@ -167,13 +167,15 @@ def contamination(tasks: dict[str, Any], cfg: EvaluateConfig, seen: set[int]) ->
     n-gram with the training data."""
     out = {}
     for name, built in tasks.items():
-        task = built[name]
-        docs = list(task.eval_docs)[:cfg.tasks[name].limit]
-        hits = sum(1 for d in docs if ngrams(item_text(task, d), cfg.contamination_ngram) & seen)
-        out[name] = {"checked": len(docs), "seen": hits}
+        checked = hits = 0
+        for task in built.values():  # one task, or each task of an lm-eval group
+            docs = list(task.eval_docs)[:cfg.tasks[name].limit]
+            checked += len(docs)
+            hits += sum(1 for d in docs if ngrams(item_text(task, d), cfg.contamination_ngram) & seen)
+        out[name] = {"checked": checked, "seen": hits}
         if hits:
             log.warning("evaluate: %s: %d of %d scored items share a %d-word run with the training data",
-                        name, hits, len(docs), cfg.contamination_ngram)
+                        name, hits, checked, cfg.contamination_ngram)
     return out
 
 
@@ -293,8 +295,6 @@ def bar_chart(table: dict[str, dict[str, float]], columns: list[str], out: Path)
 def run(cfg: EvaluateConfig, paths: Paths) -> dict[str, Any]:
     from stages.common.lm import val_blocks
 
-    if not cfg.tasks and cfg.perplexity_blocks is None:
-        raise StageError("evaluate.tasks: no benchmark to run")
     report = paths.report_dir("evaluate")
     rows = model_rows(cfg, paths)
     manager = task_manager(cfg) if cfg.tasks else None
