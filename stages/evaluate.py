@@ -4,7 +4,7 @@ Reads the model folders of `base`, `pretrain`, `sft`, `ppo` and every `models/qu
 (the rows, `evaluate.models`), the val split of `data/tokenized`, and the lm-eval task YAMLs in
 `evaluate.task_dir` (`configs/lm_eval/`: BIG-bench hhh_alignment, truthful_qa multiple choice,
 arithmetic, and HumanEval with a sandboxed test runner, over the sets `make setup` wrote into
-`assets/lm_eval/`; where the hub is reachable any lm-eval task name works too). Each model is
+`assets/lm_eval/`; lm-eval's own tasks can be named too, where the hub serves their data). Each model is
 loaded once and handed to the lm-evaluation-harness (`HFLM`), one task at a time, so that each
 task keeps its own `limit`.
 
