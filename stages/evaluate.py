@@ -183,22 +183,13 @@ def contamination(tasks: dict[str, Any], cfg: EvaluateConfig, seen: set[int]) ->
 # one model
 
 
-def read_config(folder: Path) -> dict[str, Any]:
-    """The folder's config.json, or {} (then loading it fails with the reason)."""
-    try:
-        return json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-
 def evaluate_model(name: str, folder: Path, cfg: EvaluateConfig, paths: Paths, manager: Any,
                    tasks: dict[str, Any], blocks: Any, report: Path) -> tuple[dict[str, float], dict[str, str], dict[str, str]]:
     """(scores, metric names, skipped reasons) of one row; raises StageError if it does not load."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    from stages.common.lm import load_causal_lm, load_tokenizer, perplexity
+    from stages.common.lm import load_causal_lm, load_tokenizer, perplexity, read_config
 
     quantized = "quantization_config" in read_config(folder)
     model = load_causal_lm(folder, **({} if quantized or cfg.dtype == "auto" else {"dtype": cfg.dtype}))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import json
 import logging
 import re
 import shutil
@@ -40,6 +39,7 @@ from stages.common.lm import (
     load_causal_lm,
     load_tokenizer,
     perplexity,
+    read_config,
     val_blocks,
 )
 from stages.common.runner import run_stage
@@ -279,7 +279,7 @@ def run(cfg: QuantizeConfig, paths: Paths) -> dict[str, Any]:
     # The reference: the unquantized model in fp32, whatever dtype its folder stores.
     model = load_causal_lm(src, dtype=torch.float32, **_device_map())  # a StageError naming the folder
     n_params = sum(p.numel() for p in model.parameters())
-    config = json.loads((src / "config.json").read_text())
+    config = read_config(src)
     stored = config.get("dtype") or config.get("torch_dtype") or "float32"
     figures, sample = measure(model, tokenizer, blocks, cfg)
     reference = {"size_mb": folder_size_mb(src), "fp32_mb": round(n_params * 4 / 1e6, 2), "stored_dtype": stored,

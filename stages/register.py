@@ -275,10 +275,9 @@ def requirements(folder: Path) -> list[str]:
     """What the loading machine needs: mlflow, torch, transformers (pinned to what logged the
     model), and the quantization library the folder's config names."""
     names = ["mlflow", "torch", "transformers", "tokenizers", "safetensors", "accelerate"]
-    try:
-        quant = (json.loads((folder / "config.json").read_text()).get("quantization_config") or {}).get("quant_method")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        quant = None
+    from stages.common.lm import read_config
+
+    quant = (read_config(folder).get("quantization_config") or {}).get("quant_method")
     if quant:
         names.append(str(quant))
     pins = []

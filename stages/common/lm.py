@@ -21,6 +21,17 @@ def folder_size_mb(path: Path) -> float:
     return round(sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6, 2)
 
 
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """The folder's config.json, or {} when it has none or it does not parse (loading the folder
+    then fails with the reason)."""
+    import json
+
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def load_tokenizer(model_dir: Path, fallback: Path | None = None) -> Any:
     """The tokenizer saved beside the model, else `fallback` (a from-scratch base has none:
     `tokenize` trained the one every later model uses, in `data/tokenized/tokenizer`)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import stages
-from stages.common.config import ConfigError, Paths, load_section
+from stages.common.config import ConfigError, Paths, load_section, read_yaml
 from stages.common.sandbox import run_program
 from stages.evaluate import EvaluateConfig, markdown, run, score
 from tests.conftest import tiny_model
@@ -109,8 +109,7 @@ def test_every_task_file_loads_its_local_data(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.chdir(ROOT)
     manager = TaskManager(include_path=str(TASK_DIR))
-    params = EvaluateConfig.model_validate(json.loads(json.dumps(
-        __import__("yaml").safe_load((ROOT / "params.yaml").read_text())["evaluate"])))
+    params = load_section(EvaluateConfig, "evaluate", read_yaml(ROOT / "params.yaml"))
     for name in params.tasks:
         task = manager.load([name])["tasks"][name]
         docs = list(task.eval_docs)
