@@ -43,9 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.common.config import Paths
+from stages.common.config import Paths, load_section, read_yaml
 from stages.common.io import read_records, write_records
-from stages.dedup import DedupConfig, _char_classes, dedup_texts, lsh_bands, normalize, run, shingle_texts
+from stages.common.minhash import TOKEN_RE, _char_classes, lsh_bands, shingle_texts
+from stages.dedup import DedupConfig, dedup_texts, normalize, run
 
 # Share of the corpus given to each kind of planted document; the rest are unique documents.
 EXACT_SHARE = 0.10
@@ -113,7 +114,7 @@ def chinese_docs(rng: random.Random) -> list[str]:
 
 def shingle_set(text: str, cfg: DedupConfig) -> set[int]:
     """The stage's shingles of one text (for checking ground truth, not for timing)."""
-    sh, _ = shingle_texts([normalize(text)], cfg)
+    sh, _ = shingle_texts([normalize(text)], cfg.word_ngram, cfg.char_ngram, cfg.cjk_share)
     return set(sh.tolist())
 
 
@@ -128,7 +129,7 @@ def unique_pool(texts: list[str], cfg: DedupConfig, margin: float) -> list[str]:
     `verify_threshold - margin` (found with a lower, higher-recall LSH threshold)."""
     import numpy as np
 
-    sh, counts = shingle_texts([normalize(t) for t in texts], cfg)
+    sh, counts = shingle_texts([normalize(t) for t in texts], cfg.word_ngram, cfg.char_ngram, cfg.cjk_share)
     offsets = np.cumsum(counts) - counts
     texts = [t for t, o, c in zip(texts, offsets.tolist(), counts.tolist())
              if c and (u := np.unique(sh[o: o + c]).size) >= 20 and u >= 0.8 * c]
@@ -274,7 +275,8 @@ def build_corpus(n_docs: int, seed: int, cfg: DedupConfig) -> tuple[list[Doc], d
         if len(decoys) % 3 == 0 and longs:
             src = longs.pop()
             text = excerpt(src.text, rng)
-            if text is None or jaccard(shingle_set(text, cfg), shingle_set(src.text, cfg)) >= cfg.verify_threshold - 0.2:
+            if text is None or jaccard(shingle_set(text, cfg),
+                                       shingle_set(src.text, cfg)) >= cfg.verify_threshold - 0.2:
                 continue
             decoys.append(Doc(new_id(text, "excerpt"), text, "decoy", ""))
         else:
@@ -369,11 +371,9 @@ def datatrove_tokenizer() -> Any:
     """A word tokenizer for datatrove: words, and every CJK character alone.
 
     datatrove's default for English (and Chinese) is spaCy, which this project does not install;
-    this regex tokenizer is at least as fast as spaCy's, and it lets datatrove shingle Chinese
+    this regex tokenizer is the stage's own, and it lets datatrove shingle Chinese
     (a whitespace tokenizer would see a Chinese sentence as one word)."""
     from datatrove.utils.word_tokenizers import WordTokenizer
-
-    from stages.dedup import TOKEN_RE
 
     class RegexTokenizer(WordTokenizer):
         def word_tokenize(self, text: str) -> list[str]:
@@ -391,8 +391,12 @@ def datatrove_tokenizer() -> Any:
 def run_datatrove(corpus: list[Doc], out: Path, mh_config: Any, workers: int) -> tuple[set[str], float, float]:
     """datatrove's four MinHash steps; `workers` tasks for the per-file steps, as many workers."""
     from datatrove.executor import LocalPipelineExecutor
-    from datatrove.pipeline.dedup.minhash import (MinhashDedupBuckets, MinhashDedupCluster,
-                                                  MinhashDedupFilter, MinhashDedupSignature)
+    from datatrove.pipeline.dedup.minhash import (
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers.jsonl import JsonlWriter
 
@@ -479,13 +483,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="runs of each method; the fastest counts")
     ap.add_argument("--no-datatrove", action="store_true", help="only run the stage")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a DedupConfig field (default: the stage's defaults)")
+                    help="override a field of params.yaml's dedup section")
     args = ap.parse_args(argv)
 
     import numpy  # noqa: F401  (imported before any timing, for both sides)
     import rensa  # noqa: F401
 
-    cfg = DedupConfig.model_validate(dict(kv.split("=", 1) for kv in args.set))
+    section = {**read_yaml(Path("params.yaml"))["dedup"], **dict(kv.split("=", 1) for kv in args.set)}
+    cfg = load_section(DedupConfig, "dedup", {"dedup": section})
     out = args.out / "dedup"
     if out.exists():
         shutil.rmtree(out)

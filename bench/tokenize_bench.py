@@ -17,15 +17,15 @@ import statistics
 import time
 from collections import Counter
 
-from stages.collect import CollectConfig, corpus_records
-from stages.common.config import read_yaml
+from stages.collect import READERS, CollectConfig
+from stages.common.config import load_section, read_yaml
 from stages.tokenize import encode, pack
 
 
 def demo_texts(copies: int) -> list[str]:
-    cfg = CollectConfig.model_validate(read_yaml("params.yaml")["collect"])
+    cfg = load_section(CollectConfig, "collect", read_yaml("params.yaml"))
     texts = [r["text"] for i, src in enumerate(cfg.sources)
-             for r in corpus_records(src, f"sources[{i}]", Counter()) if isinstance(r, dict)]
+             for r in READERS["corpus"][src.type](src, f"sources[{i}]", Counter()) if isinstance(r, dict)]
     return texts * copies
 
 

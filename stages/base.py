@@ -31,25 +31,32 @@ GGUF_MAGIC = b"GGUF"
 class ScratchConfig(StageConfig):
     """A Llama-style decoder initialised at random."""
 
-    vocab_size: int = Field(2048, ge=64)
+    vocab_size: int = Field(ge=64)
     """Embedding rows; `tokenize` trains a BPE of at most this size."""
-    hidden_size: int = 64
-    intermediate_size: int = 172
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    max_position_embeddings: int = 512
-    tie_word_embeddings: bool = True
+    hidden_size: int = Field(ge=1)
+    """Width of the residual stream."""
+    intermediate_size: int = Field(ge=1)
+    """Width of each MLP's hidden layer."""
+    num_hidden_layers: int = Field(ge=1)
+    """Decoder layers."""
+    num_attention_heads: int = Field(ge=1)
+    """Query heads per layer (divides hidden_size)."""
+    num_key_value_heads: int = Field(ge=1)
+    """Key/value heads per layer (divides num_attention_heads; fewer: grouped-query attention)."""
+    max_position_embeddings: int = Field(ge=1)
+    """Longest sequence the rotary embeddings are set up for."""
+    tie_word_embeddings: bool
+    """Share the input embedding with the output layer."""
 
 
 class BaseConfig(StageConfig):
-    model: str | None = None
+    model: str | None
     """Hub id, local model folder, or GGUF file (`pkg://package/file.gguf` inside a package)."""
-    from_scratch: ScratchConfig | None = None
+    from_scratch: ScratchConfig | None
     """Architecture of a random-init model, instead of `model`."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: Literal["float32", "bfloat16", "float16"]
     """Precision the weights are saved in (training stages choose their own compute dtype)."""
-    seed: int = 0
+    seed: int
     """Seed of the random init (from_scratch only)."""
 
     @model_validator(mode="after")
@@ -57,6 +64,9 @@ class BaseConfig(StageConfig):
         if (self.model is None) == (self.from_scratch is None):
             raise ValueError("set exactly one of base.model and base.from_scratch")
         return self
+
+
+# --- the steps -------------------------------------------------------------------------------
 
 
 def locate(spec: str) -> tuple[str, str | None, str]:
@@ -123,6 +133,9 @@ def from_scratch(cfg: ScratchConfig, seed: int) -> Any:
     torch.manual_seed(seed)
     config = LlamaConfig(**cfg.model_dump(), bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+# --- the stage -------------------------------------------------------------------------------
 
 
 def run(cfg: BaseConfig, paths: Paths) -> dict[str, Any]:

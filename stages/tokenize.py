@@ -5,7 +5,8 @@ none (a from-scratch model), trains a byte-level BPE of the model's vocabulary s
 train split. Documents go to train or val by a salted hash of their id (stable when documents
 are added or removed), are encoded by the tokenizer's batch encoder, joined with EOS between
 them and cut into `block_size` blocks. Writes `data/tokenized/` as a `datasets.DatasetDict`
-(`train`, `val`; column `input_ids`) plus `tokenizer/`, so any HF tool opens it.
+(`train`, `val`; column `input_ids`) plus `tokenizer/`, so any HF tool opens it, and
+`llm_forge.yaml`, the resolved config.
 
     python -m stages.tokenize [--params params.yaml]
 """
@@ -19,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from pydantic import Field
 
 from stages.common.config import Paths, StageConfig, StageError
-from stages.common.io import Tally, atomic_dir, is_val, read_records, write_json
+from stages.common.io import Tally, atomic_dir, is_val, read_records
 from stages.common.runner import run_stage
 
 log = logging.getLogger("llm_forge.tokenize")
@@ -31,22 +33,26 @@ log = logging.getLogger("llm_forge.tokenize")
 class BpeConfig(StageConfig):
     """The tokenizer trained when the base model has none."""
 
-    min_frequency: int = 2
+    min_frequency: int = Field(ge=1)
     """Merges seen fewer times than this are not learned."""
-    special_tokens: list[str] = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    special_tokens: list[str] = Field(min_length=3)
     """Special tokens, in id order; the first three are pad, bos and eos."""
 
 
 class TokenizeConfig(StageConfig):
-    block_size: int = Field(512, ge=8)
+    block_size: int = Field(ge=8)
     """Tokens per training block."""
-    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    val_fraction: float = Field(ge=0.0, lt=1.0)
     """Share of documents held out for validation (perplexity)."""
-    split_salt: str = "llm-forge"
+    split_salt: str
     """Salt of the id hash that assigns documents to train or val; change it to reshuffle."""
-    batch_size: int = Field(1000, ge=1)
+    batch_size: int = Field(ge=1)
     """Documents per call of the batch encoder."""
-    bpe: BpeConfig = BpeConfig()
+    bpe: BpeConfig
+    """The tokenizer trained when the base model has none (a from-scratch base)."""
+
+
+# --- the steps -------------------------------------------------------------------------------
 
 
 def train_bpe(texts: list[str], vocab_size: int, cfg: BpeConfig) -> Any:
@@ -70,7 +76,8 @@ def train_bpe(texts: list[str], vocab_size: int, cfg: BpeConfig) -> Any:
 
 # ChatML, as SmolLM2 uses it: the template the trained tokenizer gets.
 CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
@@ -95,6 +102,9 @@ def pack(docs: list[np.ndarray], eos_id: int, block_size: int) -> tuple[np.ndarr
     return stream[: n_blocks * block_size].reshape(n_blocks, block_size), len(stream) - n_blocks * block_size
 
 
+# --- the stage -------------------------------------------------------------------------------
+
+
 def run(cfg: TokenizeConfig, paths: Paths) -> dict[str, Any]:
     import datasets
     import pyarrow as pa
@@ -102,14 +112,14 @@ def run(cfg: TokenizeConfig, paths: Paths) -> dict[str, Any]:
 
     docs = read_records(paths.dedup, "corpus")
     if not docs:
-        raise StageError(f"tokenize: {paths.dedup}/corpus.parquet holds no document")
+        raise StageError(f"{paths.dedup}/corpus.parquet holds no document")
     tally = Tally()
     tally.docs_in = len(docs)
     splits = {"train": [], "val": []}
     for doc in docs:
         splits["val" if is_val(doc["id"], cfg.split_salt, cfg.val_fraction) else "train"].append(doc)
     if cfg.val_fraction > 0 and not splits["val"]:
-        raise StageError(f"tokenize: no document fell into the val split ({len(docs)} documents, "
+        raise StageError(f"no document fell into the val split ({len(docs)} documents, "
                          f"val_fraction {cfg.val_fraction}): raise tokenize.val_fraction")
 
     model_config = AutoConfig.from_pretrained(paths.base)
@@ -120,9 +130,9 @@ def run(cfg: TokenizeConfig, paths: Paths) -> dict[str, Any]:
         log.info("base model has no tokenizer: training a %d-token BPE on the train split", vocab)
         tokenizer, trained = train_bpe([d["text"] for d in splits["train"]], vocab, cfg.bpe), True
     if tokenizer.eos_token_id is None:
-        raise StageError(f"tokenize: the tokenizer of {paths.base} has no EOS token to put between documents")
+        raise StageError(f"the tokenizer of {paths.base} has no EOS token to put between documents")
     if len(tokenizer) > vocab:
-        raise StageError(f"tokenize: the tokenizer has {len(tokenizer)} tokens but the model in {paths.base} "
+        raise StageError(f"the tokenizer has {len(tokenizer)} tokens but the model in {paths.base} "
                          f"has {vocab} embedding rows")
 
     encode_s, metrics, blocks = 0.0, {}, {}
@@ -139,7 +149,7 @@ def run(cfg: TokenizeConfig, paths: Paths) -> dict[str, Any]:
         log.info("%s: %d docs -> %d blocks of %d", name, len(kept), len(blocks[name]), cfg.block_size)
     tally.check("tokenize")
     if len(blocks["train"]) == 0 or (cfg.val_fraction > 0 and len(blocks["val"]) == 0):
-        raise StageError(f"tokenize: a split holds fewer tokens than one block of {cfg.block_size} "
+        raise StageError(f"a split holds fewer tokens than one block of {cfg.block_size} "
                          f"(train {metrics['train']['tokens']}, val {metrics['val']['tokens']}): "
                          "lower tokenize.block_size or add data")
 
@@ -151,7 +161,7 @@ def run(cfg: TokenizeConfig, paths: Paths) -> dict[str, Any]:
     with atomic_dir(paths.tokenized) as tmp:
         datasets.DatasetDict({k: as_dataset(v) for k, v in blocks.items()}).save_to_disk(str(tmp))
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        write_json(tmp / "llm_forge.json", {"tokenize": cfg.model_dump(mode="json"), "tokenizer_trained": trained})
+        (tmp / "llm_forge.yaml").write_text(yaml.safe_dump({"tokenize": cfg.model_dump(mode="json")}, sort_keys=False))
 
     total_tokens = metrics["train"]["tokens"] + metrics["val"]["tokens"]
     return {**tally.as_metrics(), **metrics, "tokenizer_trained": trained, "vocab_size": len(tokenizer),

@@ -4,8 +4,9 @@ Reads `data/dedup/` (corpus, instructions, preferences) and runs one suite per k
 non-null fields, unique ids, text length bounds, no PII or secret left unredacted (the same
 patterns `clean` redacts), and the corpus's language mix within the configured bounds. Writes
 `reports/validate/report.json` (the full Great Expectations result), `summary.md` and `verdict.json`
-(what tokenize depends on); the stage
-fails, naming each failed expectation, when any expectation fails, so DVC and the flow stop.
+(what tokenize depends on); the stage fails, naming each failed expectation, when any
+expectation fails, so DVC and the flow stop. The longest corpus document allowed is the limit
+`clean` drops at, `clean.max_chars` (one key for one value: the runner hands validate that section).
 
     python -m stages.validate [--params params.yaml]
 """
@@ -18,6 +19,7 @@ from typing import Any
 
 from pydantic import Field
 
+from stages.clean import CleanConfig
 from stages.common.config import Paths, StageConfig, StageError
 from stages.common.io import KINDS, SCHEMAS, read_records, write_json
 from stages.common.pii import PATTERNS as PII_PATTERNS
@@ -25,21 +27,24 @@ from stages.common.runner import run_stage
 
 log = logging.getLogger("llm_forge.validate")
 
+READS = {"clean": CleanConfig}  # the longest document allowed is the one clean lets through
+
 
 class ValidateConfig(StageConfig):
-    min_docs: int = Field(1, ge=1)
+    min_docs: int = Field(ge=1)
     """Fewest corpus documents the pipeline may go on with."""
-    min_chars: int = 1
-    """Shortest corpus document allowed, in characters."""
-    max_chars: int = 1_000_000
-    """Longest corpus document allowed, in characters (clean drops longer ones)."""
-    languages: dict[str, tuple[float, float]] = {"en": (0.0, 1.0)}
+    min_chars: int = Field(ge=0)
+    """Shortest corpus document allowed, in characters (the longest is `clean.max_chars`)."""
+    languages: dict[str, tuple[float, float]]
     """Allowed corpus languages, each with the [min, max] share of documents it may hold."""
-    pii: bool = True
+    pii: bool
     """Fail when a PII or secret pattern is still found in any text."""
 
 
-def text_columns(kind: str, records: list[dict[str, Any]]) -> "Any":
+# --- the steps -------------------------------------------------------------------------------
+
+
+def text_columns(kind: str, records: list[dict[str, Any]]) -> Any:
     """The kind's records as a DataFrame with one string column per text field."""
     import pandas as pd
 
@@ -53,7 +58,7 @@ def text_columns(kind: str, records: list[dict[str, Any]]) -> "Any":
     return pd.DataFrame(records, columns=columns)
 
 
-def build_suite(kind: str, cfg: ValidateConfig, columns: list[str]) -> list[Any]:
+def build_suite(kind: str, cfg: ValidateConfig, columns: list[str], max_chars: int) -> list[Any]:
     import great_expectations.expectations as gxe
 
     text_fields = [c for c in columns if c not in ("id", "source", "lang")]
@@ -71,7 +76,7 @@ def build_suite(kind: str, cfg: ValidateConfig, columns: list[str]) -> list[Any]
     if kind == "corpus":
         exps.append(gxe.ExpectTableRowCountToBeBetween(min_value=cfg.min_docs))
         exps.append(gxe.ExpectColumnValueLengthsToBeBetween(column="text", min_value=cfg.min_chars,
-                                                            max_value=cfg.max_chars))
+                                                            max_value=max_chars))
         exps.append(gxe.ExpectColumnValuesToBeInSet(column="lang", value_set=sorted(cfg.languages)))
         for lang, (lo, hi) in cfg.languages.items():
             # share >= lo: at least lo of the values are `lang`; share <= hi: at least 1-hi are not.
@@ -92,7 +97,11 @@ def describe(kind: str, r: Any) -> str:
     return f"{kind}: {cfg.type}({args}) -> {detail}{example}"
 
 
-def run(cfg: ValidateConfig, paths: Paths) -> dict[str, Any]:
+# --- the stage -------------------------------------------------------------------------------
+
+
+def run(cfg: ValidateConfig, paths: Paths, clean: CleanConfig) -> dict[str, Any]:
+    """Validate `paths.dedup`; the longest corpus document allowed is `clean.max_chars`."""
     import great_expectations as gx
 
     ctx = gx.get_context(mode="ephemeral")
@@ -106,7 +115,8 @@ def run(cfg: ValidateConfig, paths: Paths) -> dict[str, Any]:
             continue  # a pipeline without SFT or preference data has nothing to check there
         df = text_columns(kind, records)
         batch = source.add_dataframe_asset(kind).add_batch_definition_whole_dataframe("all")
-        suite = ctx.suites.add(gx.ExpectationSuite(name=kind, expectations=build_suite(kind, cfg, list(df.columns))))
+        expectations = build_suite(kind, cfg, list(df.columns), clean.max_chars)
+        suite = ctx.suites.add(gx.ExpectationSuite(name=kind, expectations=expectations))
         definition = ctx.validation_definitions.add(gx.ValidationDefinition(name=kind, data=batch, suite=suite))
         result = definition.run(batch_parameters={"dataframe": df})
         report[kind] = result.to_json_dict()
@@ -133,7 +143,7 @@ def run(cfg: ValidateConfig, paths: Paths) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("validate", ValidateConfig, run, argv)
+    return run_stage("validate", ValidateConfig, run, argv, reads=READS)
 
 
 if __name__ == "__main__":

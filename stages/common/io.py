@@ -16,6 +16,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,16 @@ def read_records(folder: Path, kind: str) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return pq.read_table(path).to_pylist()
+
+
+@dataclass(frozen=True)
+class Drop:
+    """A record a stage did not pass on, and why: every reader, rule and filter returns this one
+    type. `reason` is a stable snake_case key (it becomes a `dropped` metric), `detail` says where
+    or by how much, for the quarantine and the logs."""
+
+    reason: str
+    detail: str = ""
 
 
 class Tally:

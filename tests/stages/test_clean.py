@@ -11,9 +11,15 @@ import pytest
 import yaml
 
 from stages import clean
-from stages.clean import CleanConfig, Cleaner, Doc
+from stages.clean import Cleaner
+from stages.common import markup, quality
 from stages.common.config import Paths
-from stages.common.io import read_records, write_records
+from stages.common.io import Drop, read_records, write_records
+from stages.common.quality import Doc
+from stages.common.text import tidy
+from tests.conftest import tiny_config, tiny_params
+
+CFG = tiny_config("clean")
 
 ENGLISH = (
     "The town council met on Monday evening to discuss the new library. Members agreed that the old "
@@ -36,7 +42,8 @@ FRENCH = (
 )
 WIKI = (
     "Lighthouse\n\n{{Infobox building|name=Lighthouse|height=30 m}}\n"
-    "A '''lighthouse''' is a [[tower]] that emits light to guide [[Ship|ships]] at sea.<ref>{{cite book|title=Lights}}</ref> "
+    "A '''lighthouse''' is a [[tower]] that emits light to guide [[Ship|ships]] at sea."
+    "<ref>{{cite book|title=Lights}}</ref> "
     "Lighthouses mark dangerous coastlines, hazardous shoals and reefs, and safe entries to harbors.<ref name=\"a\"/> "
     "<!-- editors: keep this short -->\n"
     "[[File:Lighthouse.jpg|thumb|A lighthouse at dusk]]\n\n"
@@ -60,34 +67,15 @@ def doc(text: str, lang: str = "en") -> Doc:
     return Doc(text, lang, 1.0)
 
 
-# --- repair ------------------------------------------------------------------------------------
-
-
-def test_repair_removes_controls_and_keeps_tabs_and_newlines() -> None:
-    assert clean.repair("a\x00b\x07c\td\r\ne\x1bf\x7f") == "abc\td\nef"
-
-
-def test_repair_replaces_lone_surrogates_and_joins_pairs() -> None:
-    assert clean.repair("bad \ud800 half") == "bad \ufffd half"
-    assert clean.repair("pair \ud83d\ude00") == "pair \U0001F600"
-
-
-def test_repair_fixes_mojibake_but_keeps_chinese_punctuation() -> None:
-    assert clean.repair("cafÃ© au lait") == "café au lait"
-    assert clean.repair("１９９８年，“一国两制”。") == "１９９８年，“一国两制”。"
-
-
-def test_repair_normal_forms() -> None:
-    assert clean.repair("e\u0301") == "\u00e9"  # NFC composes
-    assert clean.repair("①２", form="NFKC") == "12"
-    assert clean.repair("①２", form="NFC") == "①２"
+def reason(result: Drop | None) -> str | None:
+    return result.reason if result else None
 
 
 # --- markup -----------------------------------------------------------------------------------
 
 
 def test_wikitext_stripped() -> None:
-    out = clean.tidy(clean.strip_wikitext(WIKI, CleanConfig().wiki_drop_sections))
+    out = tidy(markup.strip_wikitext(WIKI, CFG.wiki_drop_sections))
     assert out.startswith("Lighthouse\n\nA lighthouse is a tower that emits light to guide ships at sea.")
     for junk in ("{{", "}}", "[[", "]]", "<ref", "cite book", "Infobox", "thumb", "editors", "wikitable",
                  "1900", "Category", "Towers", "Leuchtturm", "References", "Smith", "'''"):
@@ -96,7 +84,7 @@ def test_wikitext_stripped() -> None:
 
 
 def test_wiki_link_label_and_target() -> None:
-    assert clean.strip_wikitext("see [[Paris|the capital]] and [[Lyon]].") == "see the capital and Lyon."
+    assert markup.strip_wikitext("see [[Paris|the capital]] and [[Lyon]].") == "see the capital and Lyon."
 
 
 def test_html_to_text_drops_scripts_and_navigation() -> None:
@@ -104,17 +92,18 @@ def test_html_to_text_drops_scripts_and_navigation() -> None:
             "<article><h1>Big news</h1><p>The council approved the new budget on Monday after a long debate "
             "about schools, roads and the library.</p><p>Residents will see lower fees next year.</p></article>"
             "<footer>Copyright</footer></body></html>")
-    out = clean.html_to_text(page)
+    out = markup.html_to_text(page)
     assert "The council approved the new budget" in out and "Residents will see lower fees" in out
     assert "var x" not in out and "<p>" not in out
-    assert clean.html_to_text("<p>Hello <b>world</b> &amp; friends</p><script>bad()</script>") == "Hello world & friends"
+    fragment = "<p>Hello <b>world</b> &amp; friends</p><script>bad()</script>"
+    assert markup.html_to_text(fragment) == "Hello world & friends"
 
 
 def test_markup_detection() -> None:
-    assert clean.detect_markup(WIKI) == "mediawiki"
-    assert clean.detect_markup("<html><body><div><p>a</p><p>b</p></div></body></html>") == "html"
-    assert clean.detect_markup(ENGLISH) == "text"
-    assert clean.detect_markup(CHINESE) == "text"
+    assert markup.detect_markup(WIKI) == "mediawiki"
+    assert markup.detect_markup("<html><body><div><p>a</p><p>b</p></div></body></html>") == "html"
+    assert markup.detect_markup(ENGLISH) == "text"
+    assert markup.detect_markup(CHINESE) == "text"
 
 
 # --- PII --------------------------------------------------------------------------------------
@@ -135,7 +124,7 @@ PII = {
 
 @pytest.mark.parametrize("kind", sorted(PII))
 def test_pii_redacted(kind: str) -> None:
-    text, counts = Cleaner(CleanConfig()).text(PII[kind])
+    text, counts = Cleaner(CFG).text(PII[kind])
     assert f"<{kind.upper()}>" in text
     assert counts[kind] >= 1
     assert set(counts) == {kind}
@@ -144,106 +133,107 @@ def test_pii_redacted(kind: str) -> None:
 def test_no_pii_false_positive_on_numbers_and_dates() -> None:
     text = ("On 12 March 2003 the firm earned 1,234,567 dollars (up 4.5%). Version 3.2.1 shipped in "
             "1998 2001 2003; call ext. 42, room 101. 中国运动员共获得１１２３个世界冠军。")
-    assert Cleaner(CleanConfig()).text(text) == (text, {})
+    assert Cleaner(CFG).text(text) == (text, {})
 
 
 # --- corpus rules -----------------------------------------------------------------------------
 
 
 def test_word_count_counts_cjk_characters() -> None:
-    assert clean.word_count(doc(ENGLISH), 50, 100_000) is None
-    assert clean.word_count(doc("Too short to be a document."), 50, 100_000)[0] == "too_few_words"
-    assert clean.word_count(doc(ENGLISH), 10, 20)[0] == "too_many_words"
+    assert quality.word_count(doc(ENGLISH), 50, 100_000) is None
+    assert reason(quality.word_count(doc("Too short to be a document."), 50, 100_000)) == "too_few_words"
+    assert reason(quality.word_count(doc(ENGLISH), 10, 20)) == "too_many_words"
     zh = doc(CHINESE, "zh")
     assert zh.cjk and len(zh.words) > 100  # no spaces, yet over a hundred words
-    assert clean.word_count(zh, 50, 100_000) is None
-    assert clean.word_count(doc("图书馆扩建。", "zh"), 50, 100_000)[0] == "too_few_words"
+    assert quality.word_count(zh, 50, 100_000) is None
+    assert reason(quality.word_count(doc("图书馆扩建。", "zh"), 50, 100_000)) == "too_few_words"
 
 
 def test_mean_word_length() -> None:
-    assert clean.mean_word_length(doc(ENGLISH), 3, 10) is None
-    assert clean.mean_word_length(doc("a b c d e f g h " * 10), 3, 10)[0] == "mean_word_length"
-    assert clean.mean_word_length(doc("x" * 30 + " " + "y" * 30), 3, 10)[0] == "mean_word_length"
-    assert clean.mean_word_length(doc(CHINESE, "zh"), 3, 10) is None  # not measured in CJK
+    assert quality.mean_word_length(doc(ENGLISH), 3, 10) is None
+    assert reason(quality.mean_word_length(doc("a b c d e f g h " * 10), 3, 10)) == "mean_word_length"
+    assert reason(quality.mean_word_length(doc("x" * 30 + " " + "y" * 30), 3, 10)) == "mean_word_length"
+    assert quality.mean_word_length(doc(CHINESE, "zh"), 3, 10) is None  # not measured in CJK
 
 
 def test_symbol_ratio() -> None:
-    assert clean.symbol_ratio(doc(ENGLISH), 0.1) is None
-    reason, detail = clean.symbol_ratio(doc("#tag #more #hash words here... and more…"), 0.1)
-    assert reason == "symbol_ratio" and detail.startswith("symbol ratio") and "> 0.10" in detail
+    assert quality.symbol_ratio(doc(ENGLISH), 0.1) is None
+    dropped = quality.symbol_ratio(doc("#tag #more #hash words here... and more…"), 0.1)
+    assert dropped.reason == "symbol_ratio" and dropped.detail.startswith("symbol ratio") and "> 0.10" in dropped.detail
 
 
 def test_alpha_words_and_digits() -> None:
-    assert clean.alpha_words(doc(ENGLISH), 0.8) is None
-    assert clean.alpha_words(doc(CHINESE, "zh"), 0.8) is None
-    assert clean.alpha_words(doc("12 34 56 78 -- ++ apples"), 0.8)[0] == "few_alpha_words"
-    assert clean.digit_fraction(doc(ENGLISH), 0.25) is None
-    assert clean.digit_fraction(doc("Scores: 1234 5678 9012 3456 7890 and then 1111"), 0.25)[0] == "digit_ratio"
+    assert quality.alpha_words(doc(ENGLISH), 0.8) is None
+    assert quality.alpha_words(doc(CHINESE, "zh"), 0.8) is None
+    assert reason(quality.alpha_words(doc("12 34 56 78 -- ++ apples"), 0.8)) == "few_alpha_words"
+    assert quality.digit_fraction(doc(ENGLISH), 0.25) is None
+    assert reason(quality.digit_fraction(doc("Scores: 1234 5678 9012 3456 7890 and then 1111"), 0.25)) == "digit_ratio"
 
 
 def test_line_rules() -> None:
     bullets = "\n".join(f"• item number {i}" for i in range(10))
-    assert clean.bullet_lines(doc(bullets), 0.9)[0] == "bullet_lines"
-    assert clean.bullet_lines(doc(ENGLISH), 0.9) is None
+    assert reason(quality.bullet_lines(doc(bullets), 0.9)) == "bullet_lines"
+    assert quality.bullet_lines(doc(ENGLISH), 0.9) is None
     teasers = "\n".join(f"Read the story about topic {i}..." for i in range(5))
-    assert clean.ellipsis_lines(doc(teasers), 0.3)[0] == "ellipsis_lines"
-    assert clean.ellipsis_lines(doc("他走了……\n大家都哭了……\n第二天又来了。", "zh"), 0.3) is None
+    assert reason(quality.ellipsis_lines(doc(teasers), 0.3)) == "ellipsis_lines"
+    assert quality.ellipsis_lines(doc("他走了……\n大家都哭了……\n第二天又来了。", "zh"), 0.3) is None
     menu = "\n".join(["Home", "About us", "Contact", "Shop", "Login", "Careers", "Press", "Blog", "Help"])
-    assert clean.punct_lines(doc(menu), 0.12)[0] == "few_punct_lines"
-    assert clean.punct_lines(doc(ENGLISH), 0.12) is None
+    assert reason(quality.punct_lines(doc(menu), 0.12)) == "few_punct_lines"
+    assert quality.punct_lines(doc(ENGLISH), 0.12) is None
     # Chinese: full stop, and a photo credit after the full stop, both end a sentence.
     zh = "标题\n" + CHINESE + "\n新年讲话发表了。（新华社记者摄）"
-    assert clean.punct_lines(doc(zh, "zh"), 0.5) is None
+    assert quality.punct_lines(doc(zh, "zh"), 0.5) is None
 
 
 def test_stop_words_by_language() -> None:
-    words = CleanConfig().stop_words
-    assert clean.stop_words(doc(ENGLISH), words, 2) is None
-    assert clean.stop_words(doc("Buy cheap watches online now best prices guaranteed"), words, 2)[0] == "no_stop_words"
-    assert clean.stop_words(doc(CHINESE, "zh"), words, 2) is None
-    assert clean.stop_words(doc("Bonjour", "fr"), words, 2) is None  # no list for French: no rule
+    words = CFG.stop_words
+    assert quality.stop_words(doc(ENGLISH), words, 2) is None
+    spam = doc("Buy cheap watches online now best prices guaranteed")
+    assert reason(quality.stop_words(spam, words, 2)) == "no_stop_words"
+    assert quality.stop_words(doc(CHINESE, "zh"), words, 2) is None
+    assert quality.stop_words(doc("Bonjour", "fr"), words, 2) is None  # no list for French: no rule
 
 
 def test_repetition_rules() -> None:
     lines = "\n".join(["Click here to subscribe."] * 5 + ["A real sentence about something."] * 2)
-    assert clean.dup_lines(doc(lines), 0.3, 0.2)[0] == "dup_lines"
-    assert clean.dup_lines(doc(ENGLISH), 0.3, 0.2) is None
+    assert reason(quality.dup_lines(doc(lines), 0.3, 0.2)) == "dup_lines"
+    assert quality.dup_lines(doc(ENGLISH), 0.3, 0.2) is None
     long_dup = "\n".join(["This one long line is repeated to fill the page with the same words."] * 2
                          + [f"Short line {i}." for i in range(8)])
-    assert clean.dup_lines(doc(long_dup), 0.3, 0.2)[0] == "dup_line_chars"
+    assert reason(quality.dup_lines(doc(long_dup), 0.3, 0.2)) == "dup_line_chars"
     paras = "\n\n".join(["Same paragraph again and again."] * 4 + [ENGLISH])
-    assert clean.dup_paragraphs(doc(paras), 0.3, 0.2)[0] == "dup_paragraphs"
+    assert reason(quality.dup_paragraphs(doc(paras), 0.3, 0.2)) == "dup_paragraphs"
     spam = "buy now " * 40 + ENGLISH
-    assert clean.top_ngrams(doc(spam), {2: 0.2})[0] == "top_ngram"
-    assert clean.top_ngrams(doc(ENGLISH), {2: 0.2, 3: 0.18, 4: 0.16}) is None
+    assert reason(quality.top_ngrams(doc(spam), {2: 0.2})) == "top_ngram"
+    assert quality.top_ngrams(doc(ENGLISH), {2: 0.2, 3: 0.18, 4: 0.16}) is None
     repeated = (ENGLISH + " ") * 2
-    assert clean.dup_ngrams(doc(repeated), {5: 0.15})[0] == "dup_ngrams"
-    assert clean.dup_ngrams(doc(ENGLISH), {5: 0.15, 10: 0.1}) is None
+    assert reason(quality.dup_ngrams(doc(repeated), {5: 0.15})) == "dup_ngrams"
+    assert quality.dup_ngrams(doc(ENGLISH), {5: 0.15, 10: 0.1}) is None
     zh = doc(CHINESE, "zh")
-    cfg = CleanConfig()
-    assert clean.top_ngrams(zh, cfg.max_top_ngram_fraction, cfg.cjk_ngram_scale) is None
-    assert clean.dup_ngrams(zh, cfg.max_dup_ngram_fraction, cfg.cjk_ngram_scale) is None
-    assert clean.dup_ngrams(doc(CHINESE * 2, "zh"), cfg.max_dup_ngram_fraction, cfg.cjk_ngram_scale)[0] == "dup_ngrams"
+    cfg = CFG
+    assert quality.top_ngrams(zh, cfg.max_top_ngram_fraction, cfg.cjk_ngram_scale) is None
+    assert quality.dup_ngrams(zh, cfg.max_dup_ngram_fraction, cfg.cjk_ngram_scale) is None
+    twice = doc(CHINESE * 2, "zh")
+    assert reason(quality.dup_ngrams(twice, cfg.max_dup_ngram_fraction, cfg.cjk_ngram_scale)) == "dup_ngrams"
 
 
 def test_language_rule() -> None:
-    assert clean.language(Doc("x", "en", 0.99), ["en", "zh"], 0.5) is None
-    assert clean.language(Doc("x", "fr", 0.99), ["en", "zh"], 0.5)[0] == "wrong_language"
-    assert clean.language(Doc("x", "en", 0.3), ["en", "zh"], 0.5)[0] == "uncertain_language"
-    assert clean.language(Doc("x", "fr", 0.99), [], 0.5) is None
+    assert quality.language(Doc("x", "en", 0.99), ["en", "zh"], 0.5) is None
+    assert reason(quality.language(Doc("x", "fr", 0.99), ["en", "zh"], 0.5)) == "wrong_language"
+    assert reason(quality.language(Doc("x", "en", 0.3), ["en", "zh"], 0.5)) == "uncertain_language"
+    assert quality.language(Doc("x", "fr", 0.99), [], 0.5) is None
 
 
 def test_disabled_rule_is_left_out() -> None:
-    names = {r.func.__name__ for r in clean.corpus_rules(CleanConfig(max_digit_fraction=None))}
+    names = {r.func.__name__ for r in quality.corpus_rules(tiny_config("clean", max_digit_fraction=None))}
     assert "digit_fraction" not in names and "word_count" in names
 
 
 def test_good_documents_pass_every_rule(langid: clean.LanguageId) -> None:
-    cleaner = Cleaner(CleanConfig(), langid)
+    cleaner = Cleaner(CFG, langid)
     for text, lang in ((ENGLISH, "en"), (CHINESE, "zh")):
         out = cleaner.corpus({"id": "x", "source": "news", "text": text})
-        assert isinstance(out, dict), out
-        assert out["lang"] == lang and out["text"] == text
+        assert out == {"id": "x", "source": "news", "text": text, "lang": lang}
 
 
 # --- the stage --------------------------------------------------------------------------------
@@ -293,7 +283,7 @@ def stage_run(tmp_path_factory: pytest.TempPathFactory, langid: clean.LanguageId
     mp = pytest.MonkeyPatch()
     mp.setattr(clean, "LanguageId", lambda: langid)  # load the model once for the module
     try:
-        metrics = clean.run(CleanConfig(), paths)
+        metrics = clean.run(CFG, paths)
     finally:
         mp.undo()
     return paths, metrics
@@ -342,7 +332,7 @@ def test_stage_reports_samples(stage_run: tuple[Paths, dict]) -> None:
 
 def test_empty_input_writes_every_kind(paths: Paths, langid: clean.LanguageId, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(clean, "LanguageId", lambda: langid)
-    metrics = clean.run(CleanConfig(), paths)
+    metrics = clean.run(CFG, paths)
     assert metrics["docs_in"] == metrics["docs_out"] == 0
     for kind in ("corpus", "instructions", "preferences"):
         assert (paths.clean / f"{kind}.parquet").exists() and (paths.quarantine / f"{kind}.parquet").exists()
@@ -354,9 +344,10 @@ def test_main_reads_its_params_section(tmp_path: Path, paths: Paths, monkeypatch
     monkeypatch.setattr(clean, "LanguageId", lambda: langid)
     write_records(paths.raw, "corpus", [{"id": "en", "source": "abc_news", "text": ENGLISH}])
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"paths": paths.model_dump(mode="json"), "clean": {"min_words": 10}}))
+    section = tiny_params()["clean"]
+    params.write_text(yaml.safe_dump({"paths": paths.model_dump(mode="json"), "clean": {**section, "min_words": 10}}))
     assert clean.main(["--params", str(params), "--no-mlflow"]) == 0
     metrics = json.loads((paths.report_dir("clean") / "metrics.json").read_text())
     assert metrics["docs_out"] == 1
-    params.write_text(yaml.safe_dump({"paths": paths.model_dump(mode="json"), "clean": {"min_wrds": 10}}))
+    params.write_text(yaml.safe_dump({"paths": paths.model_dump(mode="json"), "clean": {**section, "min_wrds": 10}}))
     assert clean.main(["--params", str(params), "--no-mlflow"]) == 2

