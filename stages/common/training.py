@@ -38,16 +38,140 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 class TrainConfig(StageConfig):
     """The `train` section: how (not what) every training stage trains."""
 
-    num_processes: int = Field(1, ge=1)
+    num_processes: int = Field(ge=1)
     """Processes (GPUs); above 1 the stage reruns itself under `accelerate launch`."""
-    distributed: Literal["fsdp", "deepspeed"] = "fsdp"
+    distributed: Literal["fsdp", "deepspeed"]
     """Sharding used when num_processes > 1: `configs/accelerate/<name>.yaml`."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"]
     """Compute precision; auto is bf16 where the hardware has it (CUDA with bf16), else fp32."""
-    checkpoints: Path = Path("checkpoints")
+    checkpoints: Path
     """Where stages keep resumable checkpoints (not a DVC output; removed after success)."""
-    keep_checkpoints: bool = False
+    keep_checkpoints: bool
     """Keep a stage's checkpoints after it has finished (for inspection)."""
+
+
+class Lora(StageConfig):
+    """Low-rank adapters (peft), the same in every training stage; merged before saving."""
+
+    r: int = Field(ge=1)
+    """Rank of each adapter."""
+    alpha: int = Field(ge=1)
+    """Scale numerator: the adapter's update is multiplied by alpha / r."""
+    dropout: float = Field(ge=0.0, lt=1.0)
+    """Dropout on the adapter's input."""
+    target_modules: str | list[str]
+    """Layers that get adapters: `all-linear` or a list of module names (q_proj, v_proj, ...)."""
+
+
+def peft_config(lora: Lora, task_type: str) -> Any:
+    """The `peft.LoraConfig` of `lora` for `task_type` (CAUSAL_LM, SEQ_CLS)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, task_type=task_type)
+
+
+class TrainerStageConfig(StageConfig):
+    """The knobs of a stage trained by a Hugging Face `Trainer` (sft, reward), by their HF names."""
+
+    learning_rate: float = Field(gt=0)
+    """Peak learning rate of AdamW."""
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"]
+    """Learning-rate schedule after warmup."""
+    warmup_ratio: float = Field(ge=0, lt=1)
+    """Share of the steps spent warming the learning rate up from 0."""
+    weight_decay: float = Field(ge=0)
+    """AdamW weight decay."""
+    batch_size: int = Field(ge=1)
+    """Records per device per micro-batch."""
+    gradient_accumulation_steps: int = Field(ge=1)
+    """Micro-batches whose gradients add up before each optimizer step."""
+    num_train_epochs: float = Field(gt=0)
+    """Passes over the training records (ignored when `max_steps` is set)."""
+    max_steps: int | None = Field(ge=1)
+    """Stop after this many optimizer steps (null: `num_train_epochs` decides)."""
+    max_length: int = Field(ge=8)
+    """Longest rendered prompt + answer in tokens."""
+    group_by_length: bool
+    """Batch records of similar length together (much less padding; the order is still seeded)."""
+    gradient_checkpointing: bool
+    """Recompute activations in the backward pass: less memory, more time."""
+    lora: Lora
+    """The adapters, when `method` trains adapters."""
+    val_fraction: float = Field(ge=0, lt=1)
+    """Share of records held out (by a salted hash of the id) to measure the stage's metric."""
+    split_salt: str
+    """Salt of the id hash that assigns records to train or held-out; change it to reshuffle."""
+    eval_steps: int | None = Field(ge=1)
+    """Also evaluate on the held-out records every this many steps (null: only before and after)."""
+    logging_steps: int = Field(ge=1)
+    """Steps between two points of the training curve."""
+    save_steps: int = Field(ge=1)
+    """Steps between two resumable checkpoints."""
+    save_total_limit: int = Field(ge=1)
+    """Checkpoints kept while training (older ones are deleted)."""
+    seed: int
+    """Seed of weight init (adapters, heads), data order and dropout."""
+
+
+def trainer_arguments(args_cls: type, cfg: TrainerStageConfig, output_dir: Path, precision: str,
+                      has_eval: bool, **extra: Any) -> Any:
+    """`args_cls` (a TRL config class) with every shared knob of `cfg` set, plus `extra`."""
+    import torch
+
+    return args_cls(
+        output_dir=str(output_dir),
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,  # below 1: a share of the steps
+        weight_decay=cfg.weight_decay,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps or -1,
+        max_length=cfg.max_length,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        activation_checkpointing=cfg.gradient_checkpointing,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if cfg.eval_steps and has_eval else "no",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),
+        **extra,
+    )
+
+
+def count_parameters(model: Any) -> dict[str, int]:
+    """`parameters` and `trainable_parameters`: the names every training stage reports them by."""
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+def rounded(x: float | None, digits: int = 4) -> float | None:
+    return None if x is None else round(float(x), digits)
+
+
+# Dense bf16 peak TFLOP/s per GPU, for the MFU estimate (first match of the device name wins).
+PEAK_TFLOPS_BF16 = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
+                    "L40S": 362.0, "L4": 121.0, "A10G": 125.0, "A10": 125.0, "RTX 4090": 165.0}
+
+
+def peak_flops(precision: str) -> float | None:
+    """Peak FLOP/s of one accelerator for MFU; None on CPU or an unknown GPU."""
+    import torch
+
+    if not torch.cuda.is_available() or precision not in ("bf16", "fp16"):
+        return None
+    name = torch.cuda.get_device_name()
+    return next((tf * 1e12 for key, tf in PEAK_TFLOPS_BF16.items() if key in name), None)
 
 
 def seed_everything(seed: int) -> None:
@@ -118,16 +242,30 @@ def dir_signature(path: Path) -> list[tuple[str, int, int]]:
     if not path.exists():
         return []
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return [(str(p.relative_to(path)) if p != path else p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]
+    return [(str(p.relative_to(path)) if p != path else p.name, p.stat().st_size, int(p.stat().st_mtime))
+            for p in files]
+
+
+def resume_fingerprint(stage: str, cfg: StageConfig, train: TrainConfig, *inputs: Path) -> str:
+    """What a checkpoint belongs to: the stage's params, how it trains (process count, sharding,
+    the precision this machine resolves to) and the files it read. Another value of any of them
+    makes a checkpoint unusable."""
+    how = train.model_dump(mode="json", include={"num_processes", "distributed"})
+    return fingerprint(stage, cfg.model_dump(mode="json"), how, resolve_precision(train.precision),
+                       *(dir_signature(p) for p in inputs))
 
 
 class Checkpoints:
-    """The checkpoint folder of one stage run, tied to a fingerprint."""
+    """The checkpoint folder of one stage run, tied to its `resume_fingerprint`; a folder made
+    under another fingerprint is removed (on the main process: the others find it matching)."""
 
-    def __init__(self, train: TrainConfig, stage: str, print_: str) -> None:
+    def __init__(self, train: TrainConfig, stage: str, cfg: StageConfig, *inputs: Path, main: bool = True) -> None:
         self.dir = Path(train.checkpoints) / stage
         self.keep = train.keep_checkpoints
+        print_ = resume_fingerprint(stage, cfg, train, *inputs)
         marker = self.dir / "fingerprint"
+        if not main:
+            return
         if self.dir.exists() and (not marker.exists() or marker.read_text().strip() != print_):
             log.info("%s: params or inputs changed since the last checkpoint: starting afresh", stage)
             shutil.rmtree(self.dir)
@@ -147,15 +285,37 @@ class Checkpoints:
         step, path = max(found)
         return path, step
 
-    def path(self, step: int) -> Path:
-        return self.dir / f"checkpoint-{step}"
+    def begin(self, step: int) -> Path:
+        """The folder for the checkpoint of `step`, emptied of a half-written one from a killed run."""
+        path = self.dir / f"checkpoint-{step}"
+        if path.exists():
+            shutil.rmtree(path)
+        return path
 
-    def mark_complete(self, path: Path) -> None:
+    def commit(self, path: Path, curves: Curves | None) -> None:
+        """Seal a written checkpoint: the curve so far beside it, COMPLETE last (a checkpoint
+        killed half-way is never resumed from), then only this newest one is kept."""
+        path.mkdir(parents=True, exist_ok=True)
+        if curves is not None and curves.path.exists():
+            shutil.copy2(curves.path, path / "curves.csv")
         (path / "COMPLETE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+        for old in self.dir.glob("checkpoint-*"):
+            if old != path:
+                shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint: %s", path)
 
     def finish(self) -> None:
         if not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def restore_curves(checkpoint: Path | None, report_dir: Path) -> None:
+    """Put the curve saved with `checkpoint` back in the report folder, so a resumed run
+    continues the curve the killed run had drawn up to its checkpoint."""
+    saved = checkpoint / "curves.csv" if checkpoint is not None else None
+    if saved is not None and saved.exists():
+        Path(report_dir).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(saved, Path(report_dir) / "curves.csv")
 
 
 class Curves:
@@ -210,6 +370,24 @@ def trainer_callback(curves: Curves) -> Any:
                 curves.log(state.global_step, logs)
 
     return CurvesCallback()
+
+
+def train_with_curves(trainer: Any, curves: Curves, resume: Path | None, resume_step: int, main: bool,
+                      first_point: dict[str, float | None]) -> float | None:
+    """`train_model` with the curve kept in step: a fresh run starts a new curve at `first_point`
+    (the held-out metric before training), a resumed one continues the curve to its checkpoint."""
+    if main:
+        curves.truncate(resume_step if resume is not None else -1)
+        if resume is None:
+            curves.log(0, {k: v for k, v in first_point.items() if v is not None})
+    trainer.add_callback(trainer_callback(curves))
+    return train_model(trainer, resume)
+
+
+def split_counts(docs_in: int, train: list[Any], val: list[Any], dropped: dict[str, int]) -> dict[str, Any]:
+    """The record counts of a training stage, in the data stages' vocabulary."""
+    return {"docs_in": docs_in, "docs_out": len(train) + len(val), "dropped": dict(sorted(dropped.items())),
+            "train_records": len(train), "val_records": len(val)}
 
 
 def save_model(final: Path, stage: str, cfg: StageConfig, metrics: dict[str, Any], model: Any,

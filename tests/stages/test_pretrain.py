@@ -18,10 +18,9 @@ import yaml
 from stages.common.config import Paths, StageError
 from stages.common.training import TrainConfig
 from stages.pretrain import PretrainConfig, run
+from tests.conftest import tiny_config, tiny_params
 
 ROOT = Path(__file__).resolve().parents[2]
-# The tiny profile's values: a random-init model learns fast at this learning rate.
-TINY = {"max_steps": 8, "batch_size": 8, "learning_rate": 3e-3, "eval_batches": 2, "save_steps": 4}
 TIMING = {"tokens_per_second", "seconds", "mfu"}
 
 
@@ -38,32 +37,37 @@ def one_thread():
 
 
 def train_cfg(tmp_path: Path, **kw) -> TrainConfig:
-    return TrainConfig(checkpoints=tmp_path / "checkpoints", **kw)
+    return tiny_config("train", TrainConfig, checkpoints=str(tmp_path / "checkpoints"), **kw)
 
 
 def test_loss_goes_down_and_the_model_folder_is_complete(tiny_workdir: Paths, tmp_path: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    m = run(PretrainConfig(**TINY), tiny_workdir, train_cfg(tmp_path))
-    assert m["perplexity_after"] < m["perplexity_before"]
-    assert m["steps"] == 8 and m["resumed_from_step"] == 0 and m["mfu"] is None  # no peak FLOPs on CPU
-    assert m["tokens"] == 8 * 8 * 64 and m["tokens_per_second"] > 0
+    from stages.common.lm import load_causal_lm, perplexity, val_blocks
+
+    cfg = tiny_config("pretrain")
+    m = run(cfg, tiny_workdir, train_cfg(tmp_path))
+    assert m["perplexity_after"] < 0.9 * m["perplexity_before"]
+    assert m["steps"] == cfg.max_steps and m["resumed_from_step"] == 0 and m["mfu"] is None  # no peak FLOPs on CPU
+    assert m["tokens"] == cfg.max_steps * cfg.batch_size * 64 and m["tokens_per_second"] > 0
     out = tiny_workdir.pretrain
-    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    # the folder holds the trained weights: its held-out perplexity is the one the stage measured
+    blocks = val_blocks(tiny_workdir.tokenized, cfg.eval_batches * cfg.batch_size)
+    assert perplexity(load_causal_lm(out), blocks, cfg.batch_size) == pytest.approx(m["perplexity_after"], rel=1e-3)
     assert len(AutoTokenizer.from_pretrained(out)) <= 1024
-    assert yaml.safe_load((out / "llm_forge.yaml").read_text())["pretrain"]["max_steps"] == 8
+    assert yaml.safe_load((out / "llm_forge.yaml").read_text())["pretrain"]["max_steps"] == cfg.max_steps
     assert json.loads((out / "metrics.json").read_text())["perplexity_after"] == m["perplexity_after"]
     curves = (tiny_workdir.report_dir("pretrain") / "curves.csv").read_text().splitlines()
     assert curves[0].startswith("step,") and "train_loss" in curves[0] and "val_loss" in curves[0]
-    assert [line.split(",")[0] for line in curves[1:]] == [str(i) for i in range(9)]
+    assert [line.split(",")[0] for line in curves[1:]] == [str(i) for i in range(cfg.max_steps + 1)]
     assert not (tmp_path / "checkpoints" / "pretrain").exists()  # removed after success
 
 
 def test_lora_saves_a_plain_merged_model(tiny_workdir: Paths, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    cfg = PretrainConfig(**{**TINY, "max_steps": 3, "save_steps": 0},
-                         lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    cfg = tiny_config("pretrain", max_steps=3, save_steps=0, method="lora",
+                      lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
     m = run(cfg, tiny_workdir, train_cfg(tmp_path))
     assert m["method"] == "lora" and 0 < m["trainable_parameters"] < m["parameters"] / 5
     out = tiny_workdir.pretrain
@@ -79,8 +83,8 @@ def test_lora_saves_a_plain_merged_model(tiny_workdir: Paths, tmp_path: Path) ->
 
 
 def test_same_params_and_data_give_the_same_metrics(tiny_workdir: Paths, tmp_path: Path) -> None:
-    cfg = PretrainConfig(**{**TINY, "max_steps": 3, "grad_accum": 2, "batch_size": 4, "eval_batches": 1,
-                            "lora": {"r": 4, "dropout": 0.1}})  # dropout: the RNG is seeded too
+    cfg = tiny_config("pretrain", max_steps=3, gradient_accumulation_steps=2, batch_size=4, eval_batches=1,
+                      method="lora", lora={"r": 4, "dropout": 0.1})  # dropout: the RNG is seeded too
     first = run(cfg, tiny_workdir, train_cfg(tmp_path))
     second = run(cfg, tiny_workdir, train_cfg(tmp_path))
     assert {k: v for k, v in first.items() if k not in TIMING} == {k: v for k, v in second.items() if k not in TIMING}
@@ -91,13 +95,13 @@ def test_same_params_and_data_give_the_same_metrics(tiny_workdir: Paths, tmp_pat
 def test_killed_run_resumes_from_its_checkpoint_to_the_same_result(tiny_workdir: Paths, tmp_path: Path) -> None:
     # The real CLI in a subprocess, killed (SIGKILL) as soon as a complete checkpoint exists;
     # enough steps that it is still training then.
-    section = {**TINY, "max_steps": 20, "batch_size": 4, "save_steps": 4, "eval_batches": 1}
+    section = {**tiny_params()["pretrain"], "max_steps": 20, "batch_size": 4, "save_steps": 4, "eval_batches": 1}
     ckpts = tmp_path / "checkpoints"
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({
         "paths": {k: str(v) for k, v in tiny_workdir.model_dump().items()},
         "pretrain": section,
-        "train": {"checkpoints": str(ckpts)},
+        "train": {**tiny_params()["train"], "checkpoints": str(ckpts)},
     }))
     cmd = [sys.executable, "-m", "stages.pretrain", "--params", str(params), "--no-mlflow"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as in this process (see one_thread)
@@ -116,14 +120,14 @@ def test_killed_run_resumes_from_its_checkpoint_to_the_same_result(tiny_workdir:
     assert not tiny_workdir.pretrain.exists()  # a killed stage leaves no output
 
     # Rerun (in this process, to spare a second start-up): it resumes from the checkpoint.
-    resumed = run(PretrainConfig(**section), tiny_workdir, TrainConfig(checkpoints=ckpts))
+    resumed = run(PretrainConfig.model_validate(section), tiny_workdir, train_cfg(tmp_path))
     assert resumed["resumed_from_step"] > 0 and resumed["resumed_from_step"] % 4 == 0
     assert resumed["steps"] == 20 and tiny_workdir.pretrain.exists() and not ckpts.joinpath("pretrain").exists()
     # the curve holds the steps before the kill too
     curve = (tiny_workdir.report_dir("pretrain") / "curves.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in curve[1:]] == [str(i) for i in range(21)]
 
-    uninterrupted = run(PretrainConfig(**section), tiny_workdir, train_cfg(tmp_path / "fresh"))
+    uninterrupted = run(PretrainConfig.model_validate(section), tiny_workdir, train_cfg(tmp_path / "fresh"))
     assert uninterrupted["resumed_from_step"] == 0
     for key in ("train_loss_final", "val_loss_after", "perplexity_before"):
         assert resumed[key] == uninterrupted[key], key
@@ -133,8 +137,8 @@ def test_resume_restores_the_rng_that_dropout_draws_from(tiny_workdir: Paths, tm
     # A finished run that kept its checkpoint at step 3; the same params again (output deleted)
     # resume from it and must replay steps 4-6 exactly: weights, optimizer, schedule, data
     # position, and the RNG state of LoRA dropout.
-    cfg = PretrainConfig(**{**TINY, "max_steps": 6, "save_steps": 3, "eval_batches": 1,
-                            "lora": {"r": 4, "dropout": 0.2}})
+    cfg = tiny_config("pretrain", max_steps=6, save_steps=3, eval_batches=1, method="lora",
+                      lora={"r": 4, "dropout": 0.2})
     train = train_cfg(tmp_path, keep_checkpoints=True)
     first = run(cfg, tiny_workdir, train)
     assert (tmp_path / "checkpoints/pretrain/checkpoint-3/COMPLETE").exists()
@@ -150,7 +154,7 @@ def test_vocabulary_mismatch_fails_before_training(tiny_workdir: Paths, tmp_path
     data = json.loads(config.read_text())
     config.write_text(json.dumps({**data, "vocab_size": 100}))
     with pytest.raises(StageError, match=rf"{tiny_workdir.tokenized}.*token id \d+.*vocabulary of 100"):
-        run(PretrainConfig(**TINY), tiny_workdir, train_cfg(tmp_path))
+        run(tiny_config("pretrain"), tiny_workdir, train_cfg(tmp_path))
     assert not tiny_workdir.pretrain.exists() and not (tmp_path / "checkpoints").exists()
 
 
@@ -158,7 +162,7 @@ def test_blocks_longer_than_the_model_takes_fail_before_training(tiny_workdir: P
     config = tiny_workdir.base / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "max_position_embeddings": 32}))
     with pytest.raises(StageError, match=rf"{tiny_workdir.tokenized}.*blocks of 64 tokens.*at most 32"):
-        run(PretrainConfig(**TINY), tiny_workdir, train_cfg(tmp_path))
+        run(tiny_config("pretrain"), tiny_workdir, train_cfg(tmp_path))
 
 
 def test_config_rejects_unknown_keys() -> None:

@@ -22,11 +22,15 @@ from stages import sft
 from stages.common.config import Paths, StageError
 from stages.common.io import read_records, write_records
 from stages.common.training import TrainConfig
+from tests.conftest import tiny_config, tiny_params
 
 ROOT = Path(__file__).resolve().parents[2]
-# Small, fast settings: the tiny model's context is 256 tokens.
-FAST = {"max_length": 256, "val_fraction": 0.2, "max_val": 8, "batch_size": 4, "logging_steps": 2,
-        "save_steps": 1000, "samples": 2, "sample_max_new_tokens": 8}
+# Faster than the tiny profile: no checkpoint unless a test asks for one.
+FAST = {"batch_size": 4, "logging_steps": 2, "save_steps": 1000}
+
+
+def config(**changes: object) -> sft.SftConfig:
+    return tiny_config("sft", **{**FAST, **changes})
 
 
 def _cuda() -> bool:
@@ -42,8 +46,8 @@ def sft_paths(tiny_workdir: Paths) -> Paths:
     return tiny_workdir
 
 
-def checkpoints(paths: Paths) -> TrainConfig:
-    return TrainConfig(checkpoints=paths.reports.parent / "checkpoints")
+def checkpoints(paths: Paths, **changes: object) -> TrainConfig:
+    return tiny_config("train", TrainConfig, checkpoints=str(paths.reports.parent / "checkpoints"), **changes)
 
 
 def generates(folder: Path) -> str:
@@ -64,13 +68,13 @@ def generates(folder: Path) -> str:
 
 
 def test_full_run_learns_and_writes_a_plain_model(sft_paths: Paths) -> None:
-    cfg = sft.SftConfig(method="full", learning_rate=1e-3, max_steps=20, **FAST)
+    cfg = config(method="full", learning_rate=1e-3, max_steps=20)
     m = sft.run(cfg, sft_paths, checkpoints(sft_paths))
 
-    assert m["eval_loss_after"] < m["eval_loss_before"]  # the held-out answers got likelier
+    assert m["val_loss_after"] < m["val_loss_before"] - 0.2  # the held-out answers got likelier
     assert m["resumed_from_step"] == 0 and m["steps"] == 20
     assert m["docs_in"] == m["docs_out"] + sum(m["dropped"].values())
-    assert m["trainable_params"] == m["total_params"]
+    assert m["trainable_parameters"] == m["parameters"]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "llm_forge.yaml", "metrics.json"):
         assert (sft_paths.sft / name).is_file(), name
     assert yaml.safe_load((sft_paths.sft / "llm_forge.yaml").read_text())["sft"]["method"] == "full"
@@ -85,9 +89,9 @@ def test_full_run_learns_and_writes_a_plain_model(sft_paths: Paths) -> None:
 def test_lora_adapters_are_merged_into_a_plain_model(sft_paths: Paths) -> None:
     from safetensors.torch import load_file
 
-    cfg = sft.SftConfig(method="lora", learning_rate=5e-3, max_steps=6, **FAST)
+    cfg = config(method="lora", learning_rate=5e-3, max_steps=6)
     m = sft.run(cfg, sft_paths, checkpoints(sft_paths))
-    assert m["trainable_params"] < m["total_params"]
+    assert m["trainable_parameters"] < m["parameters"] / 2
     generates(sft_paths.sft)
     base = load_file(sft_paths.pretrain / "model.safetensors")
     tuned = load_file(sft_paths.sft / "model.safetensors")
@@ -96,7 +100,7 @@ def test_lora_adapters_are_merged_into_a_plain_model(sft_paths: Paths) -> None:
 
 
 def test_qlora_trains_on_cpu_and_ships_full_precision(sft_paths: Paths) -> None:
-    cfg = sft.SftConfig(method="qlora", learning_rate=5e-3, max_steps=3, **FAST)
+    cfg = config(method="qlora", learning_rate=5e-3, max_steps=3)
     m = sft.run(cfg, sft_paths, checkpoints(sft_paths))
     assert m["steps"] == 3 and m["method"] == "qlora"
     generates(sft_paths.sft)
@@ -105,9 +109,9 @@ def test_qlora_trains_on_cpu_and_ships_full_precision(sft_paths: Paths) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
 def test_qlora_on_gpu_in_bf16(sft_paths: Paths) -> None:
-    cfg = sft.SftConfig(method="qlora", learning_rate=5e-3, max_steps=6, **FAST)
-    m = sft.run(cfg, sft_paths, TrainConfig(checkpoints=sft_paths.reports.parent / "checkpoints", precision="bf16"))
-    assert m["precision"] == "bf16" and m["eval_loss_after"] < m["eval_loss_before"]
+    cfg = config(method="qlora", learning_rate=5e-3, max_steps=6)
+    m = sft.run(cfg, sft_paths, checkpoints(sft_paths, precision="bf16"))
+    assert m["precision"] == "bf16" and m["val_loss_after"] < m["val_loss_before"]
     generates(sft_paths.sft)
 
 
@@ -120,7 +124,7 @@ def test_loss_is_on_the_answer_only(sft_paths: Paths) -> None:
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
         {"role": "assistant", "content": "Blue, I think."}, {"role": "user", "content": "Another?"},
         {"role": "assistant", "content": "Green."}]})
-    cfg = sft.SftConfig(method="full", **FAST)
+    cfg = config(method="full")
     trainer = sft.build_trainer(cfg, model, tok, [example], [], sft_paths.reports.parent / "ck", "fp32")
     batch = trainer.data_collator([trainer.train_dataset[0]])
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
@@ -147,7 +151,7 @@ def test_bad_records_are_counted_and_the_split_is_stable(sft_paths: Paths) -> No
         {"id": "b/4", "source": "t", "messages": [{"role": "user", "content": "word " * 400},
                                                   {"role": "assistant", "content": "ok"}]},
     ]
-    cfg = sft.SftConfig(**FAST)
+    cfg = config()
     train, val, dropped = sft.prepare(ok + bad, tok, cfg)
     assert dropped == {"no_answer": 1, "empty_answer": 1, "no_prompt": 1, "too_long": 1}
     assert len(train) + len(val) == 40 and val
@@ -159,7 +163,7 @@ def test_no_usable_record_is_an_error_naming_the_file(sft_paths: Paths) -> None:
     write_records(sft_paths.dedup, "instructions",
                   [{"id": "a", "source": "t", "messages": [{"role": "user", "content": "unanswered"}]}])
     with pytest.raises(StageError, match=r"instructions\.parquet"):
-        sft.run(sft.SftConfig(**FAST), sft_paths, checkpoints(sft_paths))
+        sft.run(config(), sft_paths, checkpoints(sft_paths))
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(sft_paths: Paths, tmp_path: Path) -> None:
@@ -167,9 +171,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(sft_paths: Paths, tmp_path:
     assert read_records(sft_paths.dedup, "instructions")
     ck = tmp_path / "checkpoints"
     params = {"paths": {k: str(v) for k, v in sft_paths.model_dump().items()},
-              "sft": {"method": "full", "learning_rate": 1e-3, "max_steps": 12, **FAST, "save_steps": 2,
-                      "logging_steps": 1, "samples": 0},
-              "train": {"checkpoints": str(ck)}}
+              "sft": {**tiny_params()["sft"], "method": "full", "learning_rate": 1e-3, "max_steps": 12,
+                      "save_steps": 2, "logging_steps": 1, "samples": 0},
+              "train": {**tiny_params()["train"], "checkpoints": str(ck)}}
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))
     cmd = [sys.executable, "-m", "stages.sft", "--params", str(params_file), "--no-mlflow"]
