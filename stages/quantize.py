@@ -7,7 +7,8 @@ quantizes the model through the `quantization_config` transformers takes for it,
 `models/quantized/<method>/` (a folder that `AutoModelForCausalLM.from_pretrained` loads back from
 the config it carries, with the tokenizer, `llm_forge.yaml` and the method's `metrics.json` beside
 it), then reloads it from there and measures what the unquantized model (in fp32) is measured on:
-size on disk, held-out perplexity, greedy tokens/s, a greedy sample. A method this machine cannot
+size on disk, held-out perplexity, greedy tokens/s and a greedy sample (both continue the first
+`speed_prompt_tokens` tokens of the first val block: held-out text). A method this machine cannot
 run (GPTQ without a CUDA GPU or its packages) or that fails is skipped with a one-line reason
 (`skipped` in the metrics) and the others still run; a final model that does not load stops the
 stage. The whole `models/quantized/` folder appears at once when the stage has finished. Writes
@@ -18,7 +19,6 @@ stage. The whole `models/quantized/` folder appears at once when the stage has f
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 import logging
 import re
@@ -30,18 +30,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator
 
+from stages.common import lm
 from stages.common.config import Paths, StageConfig
 from stages.common.io import atomic_dir, write_json
-from stages.common.lm import (
-    folder_size_mb,
-    generate,
-    generation_speed,
-    load_causal_lm,
-    load_tokenizer,
-    perplexity,
-    read_config,
-    val_blocks,
-)
 from stages.common.runner import run_stage
 
 log = logging.getLogger("llm_forge.quantize")
@@ -52,27 +43,27 @@ Method = Literal["nf4", "int8", "torchao_int8", "gptq"]
 class QuantizeConfig(StageConfig):
     """The `quantize` section: which quantizations of the final model to make and how to measure them."""
 
-    methods: list[Method] = ["nf4", "int8", "torchao_int8", "gptq"]
+    methods: list[Method]
     """Methods to run, in order: nf4 / int8 (bitsandbytes), torchao_int8 (int8 weight-only), gptq (CUDA)."""
-    eval_blocks: int | None = Field(16, ge=1)
+    perplexity_blocks: int | None = Field(ge=1)
     """Val blocks of data/tokenized that perplexity is measured on (null: all)."""
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(ge=1)
     """Blocks per forward pass when measuring perplexity."""
-    speed_prompt: str = "Human: What is the capital of France?\nAssistant:"
-    """Prompt of the speed test and of the greedy sample each model writes."""
-    speed_tokens: int = Field(32, ge=1)
+    speed_prompt_tokens: int = Field(ge=1)
+    """Tokens of the first val block that the speed test and each model's greedy sample continue."""
+    speed_tokens: int = Field(ge=1)
     """Greedy tokens generated per speed run (and the length of the sample)."""
-    speed_repeats: int = Field(2, ge=1)
+    speed_repeats: int = Field(ge=1)
     """Speed runs per model; the fastest counts."""
-    # Small models have small activations: on the demo model 6 costs +1.6% perplexity (24 tokens/s),
-    # 2 costs +0.8% (18 tokens/s), 1 costs +0.4% (15 tokens/s); the fp32 model runs at 22.
-    int8_threshold: float = Field(2.0, ge=0)
-    """LLM.int8: input columns holding a value this large bypass int8 (0: none; bitsandbytes' default 6)."""
-    gptq_bits: Literal[2, 3, 4, 8] = 4
+    int8_threshold: float = Field(ge=0)
+    """LLM.int8: input columns holding a value this large bypass int8 (0: none; bitsandbytes' default 6).
+    A small model has small activations, so a lower threshold keeps more columns exact
+    (`python -m bench.quantize_bench --thresholds ...` measures the trade against tokens/s)."""
+    gptq_bits: Literal[2, 3, 4, 8]
     """GPTQ: bits per weight."""
-    gptq_group_size: int = Field(64, ge=-1)
+    gptq_group_size: int = Field(ge=-1)
     """GPTQ: weights sharing one scale (-1: one per output row)."""
-    gptq_calibration_blocks: int = Field(32, ge=1)
+    gptq_calibration_blocks: int = Field(ge=1)
     """GPTQ: train blocks of data/tokenized, decoded to text, that calibrate the quantization."""
 
     @field_validator("methods")
@@ -99,15 +90,13 @@ class Unavailable(Exception):
 # --- the methods: each returns the quantized model, loaded from the unquantized folder ----------
 #
 # bitsandbytes and torchao quantize only the linear layers of the decoder blocks; the embedding
-# (49,152 x 576 = 28M of SmolLM2-135M's 134.5M parameters, shared with the tied lm_head) and the
-# norms stay in the dtype the model is loaded in. Stored in fp32 the embedding alone is 113 MB and
-# the NF4 folder 177 MB, 3.0x smaller than fp32; in bf16 they are 57 MB and 120 MB, 4.5x smaller
-# (measured on the demo model). bf16 has fp32's exponent range, so nothing overflows, and it is the
-# dtype such models are released in: it cost under 0.2% perplexity on the demo model (int8 and
-# NF4 alike) and NF4 generates faster with it. So the parts left unquantized are stored in bf16.
+# (shared with a tied lm_head: a large share of a small model) and the norms stay in the dtype the
+# model is loaded in. bf16 has fp32's exponent range, so nothing overflows, it is the dtype such
+# models are released in, and it halves what stays unquantized; so those parts are stored in bf16
+# (`python -m bench.quantize_bench` measures bf16 against fp32 there).
 KEEP_DTYPE = "bfloat16"
-# NF4 dequantizes to this dtype for its matmuls. bf16 is the usual choice on GPUs; on the CPUs here
-# (AVX-512 bf16) bitsandbytes' packed 4-bit kernel gave the same perplexity with bf16 and fp32.
+# NF4 dequantizes to this dtype for its matmuls: bf16, the usual choice on GPUs and on CPUs with
+# AVX-512 bf16 (the bench compares it with fp32).
 NF4_COMPUTE_DTYPE = "bfloat16"
 # bitsandbytes' CPU 4-bit matmul (AVX-512 bf16) packs output rows in blocks of 32 and reshapes the
 # scales to one per 64 inputs: a linear layer of another shape fails at its first forward pass.
@@ -125,23 +114,35 @@ def _device_map() -> dict[str, Any]:
     return {"device_map": "cuda"} if torch.cuda.is_available() else {}
 
 
-def quantize_nf4(cfg: QuantizeConfig, src: Path, paths: Paths, tokenizer: Any) -> Any:
-    """bitsandbytes 4-bit NormalFloat, blockwise absmax scales (QLoRA's format)."""
+def load_quantized(src: Path, q: Any, keep_dtype: str = KEEP_DTYPE) -> Any:
+    """`src` loaded through the quantization config `q`; what `q` leaves unquantized in `keep_dtype`."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(src, quantization_config=q, dtype=getattr(torch, keep_dtype),
+                                                **_device_map())
+
+
+def quantize_nf4(cfg: QuantizeConfig, src: Path, paths: Paths, tokenizer: Any, *, quant_type: str = "nf4",
+                 double_quant: bool = False, compute_dtype: str = NF4_COMPUTE_DTYPE, keep_dtype: str = KEEP_DTYPE,
+                 keep: tuple[str, ...] = ()) -> Any:
+    """bitsandbytes 4-bit NormalFloat, blockwise absmax scales (QLoRA's format). The keyword
+    arguments are the variants `bench/quantize_bench.py` compares (`keep`: module name patterns
+    left unquantized)."""
+    import torch
+    from transformers import BitsAndBytesConfig
 
     _need("bitsandbytes")
-    skip = None
-    keep, unfit = nf4_unfit_layers(src)
+    default, unfit = nf4_unfit_layers(src)
     if unfit:  # kept in bf16, so that the folder runs on any machine, CPUs included
         log.warning("nf4: %d linear layers stay unquantized: bitsandbytes' CPU kernel needs output sizes in "
                     "multiples of %d and input sizes in multiples of %d (%s)", len(unfit), NF4_CPU_ROWS, NF4_BLOCK,
                     ", ".join(unfit))
-        skip = [*keep, *(re.escape(name) for name in unfit)]
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=skip,
-                           bnb_4bit_compute_dtype=getattr(torch, NF4_COMPUTE_DTYPE))
-    return AutoModelForCausalLM.from_pretrained(src, quantization_config=q, dtype=getattr(torch, KEEP_DTYPE),
-                                                **_device_map())
+    skip = [*default, *(re.escape(name) for name in unfit), *keep] if unfit or keep else None
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, llm_int8_skip_modules=skip,
+                           bnb_4bit_use_double_quant=double_quant,
+                           bnb_4bit_compute_dtype=getattr(torch, compute_dtype))
+    return load_quantized(src, q, keep_dtype)
 
 
 def nf4_unfit_layers(src: Path) -> tuple[list[str], list[str]]:
@@ -162,31 +163,26 @@ def nf4_unfit_layers(src: Path) -> tuple[list[str], list[str]]:
 
 def quantize_int8(cfg: QuantizeConfig, src: Path, paths: Paths, tokenizer: Any) -> Any:
     """bitsandbytes LLM.int8: int8 weights per row, activation outlier columns kept in fp16."""
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
     _need("bitsandbytes")
-    q = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=cfg.int8_threshold)
-    return AutoModelForCausalLM.from_pretrained(src, quantization_config=q, dtype=getattr(torch, KEEP_DTYPE),
-                                                **_device_map())
+    return load_quantized(src, BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=cfg.int8_threshold))
 
 
 def quantize_torchao_int8(cfg: QuantizeConfig, src: Path, paths: Paths, tokenizer: Any) -> Any:
     """torchao int8 weight-only, one scale per output row; matmuls run in the activations' dtype.
     transformers saves its tensor subclass to safetensors (flattened, described in the metadata)."""
-    import torch
-    from transformers import AutoModelForCausalLM, TorchAoConfig
+    from transformers import TorchAoConfig
 
     _need("torchao")
     from torchao.quantization import Int8WeightOnlyConfig
 
-    return AutoModelForCausalLM.from_pretrained(src, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()),
-                                                dtype=getattr(torch, KEEP_DTYPE), **_device_map())
+    return load_quantized(src, TorchAoConfig(Int8WeightOnlyConfig()))
 
 
 def quantize_gptq(cfg: QuantizeConfig, src: Path, paths: Paths, tokenizer: Any) -> Any:
-    """GPTQ through transformers (optimum + gptqmodel), calibrated on decoded train blocks. Untested
-    here: the machines this project is built on have no CUDA GPU."""
+    """GPTQ through transformers (optimum + gptqmodel), calibrated on decoded train blocks; its
+    test is marked `gpu` (a later issue moves it to GPTQModel's CPU backend)."""
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, GPTQConfig
@@ -214,32 +210,21 @@ QUANTIZERS: dict[str, Callable[[QuantizeConfig, Path, Paths, Any], Any]] = {
 # --- measuring --------------------------------------------------------------------------------
 
 
-def quantized_layers(model: Any) -> tuple[int, int]:
-    """(quantized, all) linear layers: a quantized one holds its weight as a bitsandbytes or torchao
-    tensor subclass, as integers, or (GPTQ) as packed `qweight`."""
-    import torch
-
-    quantized = total = 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if hasattr(module, "qweight"):
-            quantized, total = quantized + 1, total + 1
-        elif isinstance(module, torch.nn.Linear) and weight is not None:
-            total += 1
-            quantized += type(weight) not in (torch.nn.Parameter, torch.Tensor) or not weight.is_floating_point()
-    return quantized, total
+def speed_prompt(blocks: Any, cfg: QuantizeConfig) -> list[int]:
+    """The token ids every model continues for its tokens/s and its sample: held-out text."""
+    return blocks[0, :cfg.speed_prompt_tokens].tolist()
 
 
 def measure(model: Any, tokenizer: Any, blocks: Any, cfg: QuantizeConfig) -> tuple[dict[str, float], str]:
     """Perplexity and greedy tokens/s of `model`, and its greedy continuation of the speed prompt."""
     # LLM.int8 warns on every matmul that it casts fp32/bf16 activations to fp16 (its design).
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    prompt = speed_prompt(blocks, cfg)
     figures = {
-        "perplexity": perplexity(model, blocks, cfg.batch_size),
-        "tokens_per_second": generation_speed(model, tokenizer, cfg.speed_prompt, cfg.speed_tokens,
-                                              cfg.speed_repeats),
+        "perplexity": lm.perplexity(model, blocks, cfg.batch_size),
+        "tokens_per_second": lm.generation_speed(model, tokenizer, prompt, cfg.speed_tokens, cfg.speed_repeats),
     }
-    return figures, generate(model, tokenizer, cfg.speed_prompt, cfg.speed_tokens)
+    return figures, lm.greedy(model, tokenizer, [prompt], cfg.speed_tokens)[0]
 
 
 def compare(figures: dict[str, float], reference: dict[str, Any]) -> dict[str, float]:
@@ -256,86 +241,43 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:300]}" if text else type(err).__name__
 
 
-def free() -> None:
-    """Give back the memory of the model just dropped, before the next one loads."""
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 # --- the stage --------------------------------------------------------------------------------
 
 
-def run(cfg: QuantizeConfig, paths: Paths) -> dict[str, Any]:
+def measure_reference(cfg: QuantizeConfig, src: Path, tokenizer: Any, blocks: Any) -> tuple[dict[str, Any], str]:
+    """The unquantized model in fp32, whatever dtype its folder stores: the row every method is
+    compared with. A folder that does not load is a StageError naming it."""
     import torch
 
-    src = Path(paths.ppo)
-    tokenizer_dir = src if (src / "tokenizer_config.json").is_file() else Path(paths.tokenized) / "tokenizer"
-    tokenizer = load_tokenizer(src, Path(paths.tokenized) / "tokenizer")
-    blocks = val_blocks(paths.tokenized, cfg.eval_blocks)
-
-    # The reference: the unquantized model in fp32, whatever dtype its folder stores.
-    model = load_causal_lm(src, dtype=torch.float32, **_device_map())  # a StageError naming the folder
+    model = lm.load_causal_lm(src, dtype=torch.float32, **_device_map())
     n_params = sum(p.numel() for p in model.parameters())
-    config = read_config(src)
+    config = lm.read_config(src)
     stored = config.get("dtype") or config.get("torch_dtype") or "float32"
     figures, sample = measure(model, tokenizer, blocks, cfg)
-    reference = {"size_mb": folder_size_mb(src), "fp32_mb": round(n_params * 4 / 1e6, 2), "stored_dtype": stored,
-                 "parameters": n_params, **figures}
-    samples = {"prompt": cfg.speed_prompt, "reference": sample}
-    log.info("reference (%s, %.1fM parameters, stored in %s): %s", src, n_params / 1e6, stored, figures)
     del model
-    free()
-
-    results: dict[str, dict[str, Any]] = {}
-    skipped: dict[str, str] = {}
-    with atomic_dir(paths.quantized) as out:
-        for method in cfg.methods:
-            folder = out / method
-            try:
-                results[method], samples[method] = quantize_one(method, cfg, paths, tokenizer, tokenizer_dir,
-                                                                blocks, reference, folder)
-                log.info("%s: %s", method, results[method])
-            except Unavailable as err:
-                skipped[method] = str(err)
-                log.warning("%s: skipped: %s", method, err)
-            except Exception as err:  # one method failing on this machine is a recorded skip, not a crash
-                skipped[method] = f"failed: {one_line(err)}"
-                log.warning("%s: skipped: %s", method, skipped[method], exc_info=True)
-            finally:
-                free()
-            if method in skipped:
-                shutil.rmtree(folder, ignore_errors=True)
-    if not results:
-        log.warning("quantize: no method ran (%s): %s is empty", skipped, paths.quantized)
-
-    metrics = {"reference": reference, "methods": results, "skipped": skipped, "methods_run": len(results)}
-    report = paths.report_dir("quantize")
-    report.mkdir(parents=True, exist_ok=True)
-    write_json(report / "samples.json", samples)
-    (report / "table.md").write_text(markdown(metrics))
-    log.info("quantize:\n%s", (report / "table.md").read_text())
-    return metrics
+    lm.free()
+    log.info("reference (%s, %.1fM parameters, stored in %s): %s", src, n_params / 1e6, stored, figures)
+    return {"size_mb": lm.folder_size_mb(src), "fp32_mb": round(n_params * 4 / 1e6, 2), "stored_dtype": stored,
+            "parameters": n_params, **figures}, sample
 
 
-def quantize_one(method: str, cfg: QuantizeConfig, paths: Paths, tokenizer: Any, tokenizer_dir: Path,
+def quantize_one(quantizer: Callable[..., Any], cfg: QuantizeConfig, paths: Paths, tokenizer: Any,
                  blocks: Any, reference: dict[str, Any], folder: Path) -> tuple[dict[str, Any], str]:
-    """Quantize with `method`, save to `folder`, reload from there and measure."""
+    """Quantize the final model with `quantizer`, save it to `folder` with the final model's
+    tokenizer, reload it from there (as a user gets it) and measure it."""
     from transformers import AutoTokenizer
 
-    model = QUANTIZERS[method](cfg, Path(paths.ppo), paths, tokenizer)
+    src = Path(paths.ppo)
+    model = quantizer(cfg, src, paths, tokenizer)
     model.save_pretrained(folder)
     del model
-    free()
-    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(folder)  # as the final model has it
-    (folder / "llm_forge.yaml").write_text(yaml.safe_dump({"quantize": {**cfg.model_dump(mode="json"),
-                                                                        "method": method}}, sort_keys=False))
-    size_mb = folder_size_mb(folder)
-    # Measured as a user gets it: reloaded from the folder, through the config the folder carries.
-    model = load_causal_lm(folder, **_device_map())
-    quantized, linear = quantized_layers(model)
+    lm.free()
+    has_own = (src / "tokenizer_config.json").is_file()
+    AutoTokenizer.from_pretrained(str(src if has_own else Path(paths.tokenized) / "tokenizer")).save_pretrained(folder)
+    (folder / "llm_forge.yaml").write_text(yaml.safe_dump({"quantize": cfg.model_dump(mode="json")}, sort_keys=False))
+    size_mb = lm.folder_size_mb(folder)
+    model = lm.load_causal_lm(folder, **_device_map())
+    quantized, linear = lm.quantized_layers(model)
     if not quantized:
         raise RuntimeError(f"{folder} loads back without a quantized layer")
     figures, sample = measure(model, tokenizer, blocks, cfg)
@@ -350,14 +292,50 @@ def markdown(metrics: dict[str, Any]) -> str:
     ref = metrics["reference"]
     lines = ["| model | size (MB) | x smaller than fp32 | perplexity | change | tokens/s | speedup |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-             f"| unquantized, fp32 ({ref['stored_dtype']} on disk: {ref['size_mb']:.1f} MB) | {ref['fp32_mb']:.1f} | "
-             f"1.00 | {ref['perplexity']:.3f} | | {ref['tokens_per_second']:.2f} | 1.00 |"]
+             (f"| unquantized, fp32 ({ref['stored_dtype']} on disk: {ref['size_mb']:.1f} MB) | {ref['fp32_mb']:.1f} | "
+              f"1.00 | {ref['perplexity']:.3f} | | {ref['tokens_per_second']:.2f} | 1.00 |")]
     for method, m in metrics["methods"].items():
         lines.append(f"| {method} | {m['size_mb']:.1f} | {1 / m['size_ratio_vs_fp32']:.2f} | {m['perplexity']:.3f} | "
                      f"{m['perplexity_change_pct']:+.2f}% | {m['tokens_per_second']:.2f} | {m['speedup']:.2f} |")
     for method, reason in metrics["skipped"].items():
         lines.append(f"| {method} | skipped: {reason.replace('|', '/')} | | | | | |")
     return "\n".join(lines) + "\n"
+
+
+def run(cfg: QuantizeConfig, paths: Paths) -> dict[str, Any]:
+    tokenizer = lm.load_tokenizer(paths.ppo, Path(paths.tokenized) / "tokenizer")
+    blocks = lm.val_blocks(paths.tokenized, cfg.perplexity_blocks)
+    reference, sample = measure_reference(cfg, Path(paths.ppo), tokenizer, blocks)
+    samples = {"prompt": tokenizer.decode(speed_prompt(blocks, cfg)), "reference": sample}
+
+    results: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    with atomic_dir(paths.quantized) as out:
+        for method in cfg.methods:
+            try:
+                results[method], samples[method] = quantize_one(QUANTIZERS[method], cfg, paths, tokenizer, blocks,
+                                                                reference, out / method)
+                log.info("%s: %s", method, results[method])
+            except Unavailable as err:
+                skipped[method] = str(err)
+            except Exception as err:  # one method failing on this machine is a recorded skip, not a crash
+                skipped[method] = f"failed: {one_line(err)}"
+                log.debug("%s failed", method, exc_info=True)
+            finally:
+                lm.free()
+            if method in skipped:
+                log.warning("%s: skipped: %s", method, skipped[method])
+                shutil.rmtree(out / method, ignore_errors=True)
+    if not results:
+        log.warning("no method ran (%s): %s is empty", skipped, paths.quantized)
+
+    metrics = {"reference": reference, "methods": results, "skipped": skipped, "methods_run": len(results)}
+    report = paths.report_dir("quantize")
+    report.mkdir(parents=True, exist_ok=True)
+    write_json(report / "samples.json", samples)
+    (report / "table.md").write_text(markdown(metrics))
+    log.info("\n%s", (report / "table.md").read_text())
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,17 +60,23 @@ class Generator(mlflow.pyfunc.PythonModel):
     # (one string column, param max_new_tokens); called directly, predict takes lists and strings too.
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
         import torch
+        from transformers import GenerationConfig
 
         max_new_tokens = int((params or {}).get("max_new_tokens") or self.max_new_tokens)
         device = next(self.model.parameters()).device
+        stop = self.tokenizer.eos_token_id
+        # The decoding of the pipeline's `lm.greedy` (which this file cannot import): greedy, stop
+        # at EOS, special tokens dropped; `register` checks that both give the same text.
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
+                               pad_token_id=self.tokenizer.pad_token_id)
         out: list[str] = []
         # One prompt at a time: no padding, so an answer never depends on its batch-mates.
         for prompt in prompts_of(model_input):
-            ids = self.tokenizer(prompt, return_tensors="pt").to(device)
+            ids = torch.tensor([self.tokenizer(prompt)["input_ids"]], device=device)
             with torch.no_grad():
-                seq = self.model.generate(**ids, do_sample=False, max_new_tokens=max_new_tokens,
-                                          pad_token_id=self.tokenizer.pad_token_id)
-            out.append(self.tokenizer.decode(seq[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+                seq = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen)
+            row = seq[0, ids.shape[1]:].tolist()
+            out.append(self.tokenizer.decode(row[:row.index(stop)] if stop in row else row, skip_special_tokens=True))
         return out
 
 

@@ -1,4 +1,4 @@
-"""Loading and measuring a finished causal LM: shared by `quantize` and `evaluate`.
+"""Loading, measuring and running a finished causal LM: shared by `quantize`, `evaluate`, `register`.
 
 Both stages open model folders the pipeline wrote (plain or quantized: `from_pretrained` reads
 the `quantization_config` a quantized folder carries), and both report the same held-out
@@ -8,6 +8,7 @@ numbers in the quantization table and in the evaluation table are one measuremen
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from pathlib import Path
@@ -54,11 +55,40 @@ def load_causal_lm(model_dir: Path, **kwargs: Any) -> Any:
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise StageError(f"{model_dir} is not a model folder (no config.json)")
+    architectures = read_config(model_dir).get("architectures") or []
+    if architectures and not any(a.endswith("ForCausalLM") for a in architectures):
+        # a reward model (a sequence classifier) would load with a random lm_head and score noise
+        raise StageError(f"{model_dir} holds a {', '.join(architectures)}, not a causal LM")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     except Exception as err:  # any loader failure is "this folder does not load"
         raise StageError(f"{model_dir} does not load: {type(err).__name__}: {str(err)[:300]}") from err
     return model.eval()
+
+
+def quantized_layers(model: Any) -> tuple[int, int]:
+    """(quantized, all) linear layers: a quantized one holds its weight as a bitsandbytes or torchao
+    tensor subclass, as integers, or (GPTQ) as packed `qweight`."""
+    import torch
+
+    quantized = total = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if hasattr(module, "qweight"):
+            quantized, total = quantized + 1, total + 1
+        elif isinstance(module, torch.nn.Linear) and weight is not None:
+            total += 1
+            quantized += type(weight) not in (torch.nn.Parameter, torch.Tensor) or not weight.is_floating_point()
+    return quantized, total
+
+
+def free() -> None:
+    """Give back the memory of the model just dropped, before the next one loads."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def val_blocks(tokenized: Path, max_blocks: int | None) -> Any:
@@ -99,15 +129,15 @@ def perplexity(model: Any, blocks: Any, batch_size: int = 4) -> float:
     return round(math.exp(min(total / count, 50.0)), 4)
 
 
-def generation_speed(model: Any, tokenizer: Any, prompt: str, new_tokens: int, repeats: int = 1) -> float:
-    """Tokens/s of greedy generation of exactly `new_tokens` tokens after `prompt` (best of
-    `repeats`, after one short warm-up), batch size 1: the latency a chat user sees."""
+def generation_speed(model: Any, tokenizer: Any, prompt: list[int], new_tokens: int, repeats: int = 1) -> float:
+    """Tokens/s of greedy generation of exactly `new_tokens` tokens after the token ids `prompt`
+    (best of `repeats`, after one short warm-up), batch size 1: the latency a chat user sees."""
     import torch
 
     device = next(model.parameters()).device
-    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-    kwargs = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens,
-                  pad_token_id=tokenizer.pad_token_id)
+    ids = torch.tensor([list(prompt)], device=device)
+    kwargs = {"do_sample": False, "min_new_tokens": new_tokens, "max_new_tokens": new_tokens,
+              "pad_token_id": tokenizer.pad_token_id, "attention_mask": torch.ones_like(ids)}
     best = 0.0
     with torch.no_grad():
         model.generate(ids, **{**kwargs, "min_new_tokens": 2, "max_new_tokens": 2})
@@ -119,12 +149,41 @@ def generation_speed(model: Any, tokenizer: Any, prompt: str, new_tokens: int, r
     return round(best, 2)
 
 
-def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 16) -> str:
-    """Greedy continuation of `prompt`, decoded without special tokens."""
+def greedy(model: Any, tokenizer: Any, prompts: list[Any], max_new_tokens: int, *,
+           stop_id: int | None = None, pad_id: int | None = None, batch_size: int = 8) -> list[str]:
+    """Greedy answers to `prompts`, decoded without special tokens: the one generator of the
+    pipeline's samples and checks. A prompt is text, a chat (a list of messages, rendered with the
+    tokenizer's chat template and a generation prompt) or token ids. Batches are left-padded, so
+    an answer does not depend on its batch-mates; each stops at `stop_id` (default: EOS)."""
     import torch
+    from transformers import GenerationConfig
 
+    def ids_of(prompt: Any) -> list[int]:
+        if isinstance(prompt, str):
+            return list(tokenizer(prompt)["input_ids"])
+        if prompt and isinstance(prompt[0], dict):
+            return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True)["input_ids"])
+        return list(prompt)
+
+    stop_id = tokenizer.eos_token_id if stop_id is None else stop_id
+    pad_id = next((p for p in (pad_id, tokenizer.pad_token_id, stop_id) if p is not None), 0)
     device = next(model.parameters()).device
-    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-    with torch.no_grad():
-        out = model.generate(ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_id, pad_token_id=pad_id)
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    encoded = [ids_of(p) for p in prompts]
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start:start + batch_size]
+        width = max(map(len, batch))
+        ids = torch.tensor([[pad_id] * (width - len(b)) + b for b in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch], device=device)
+        with torch.no_grad():
+            seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+        for row in seqs[:, width:].tolist():
+            if stop_id in row:
+                row = row[:row.index(stop_id)]
+            out.append(tokenizer.decode(row, skip_special_tokens=True))
+    model.train(was_training)
+    return out

@@ -64,7 +64,7 @@ def network_isolation() -> list[str]:
         return []
     for prefix in ([unshare, "-n"], [unshare, "-rn"]):
         try:
-            if subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0:
+            if subprocess.run([*prefix, "true"], capture_output=True, timeout=10, check=False).returncode == 0:
                 return prefix
         except (OSError, subprocess.TimeoutExpired):
             continue

@@ -1,5 +1,6 @@
 """evaluate: the HumanEval sandbox, the lm-eval task files over the real sets, and the stage on
-tiny models: one table, and a recorded skip (never a lost table) for each kind of bad input."""
+tiny models: a model built to pick the gold answer scores 1, one built to pick the other 0, in one
+table; and a recorded skip (never a lost table) for each kind of bad input."""
 
 from __future__ import annotations
 
@@ -14,13 +15,22 @@ import pytest
 
 import stages
 from stages.common.config import ConfigError, Paths, load_section, read_yaml
+from stages.common.io import write_jsonl
 from stages.common.sandbox import run_program
 from stages.evaluate import EvaluateConfig, markdown, run, score
-from tests.conftest import tiny_model
+from tests.conftest import tiny_model, tiny_params
 
 ROOT = Path(stages.__file__).resolve().parent.parent
 TASK_DIR = ROOT / "configs/lm_eval"
-TASKS = {"hhh_alignment": {"limit": 2}, "bigbench_arithmetic": {"limit": 2, "max_new_tokens": 4}}
+TASKS = {"hhh_alignment": {"limit": 2, "max_new_tokens": None},
+         "bigbench_arithmetic": {"limit": 2, "max_new_tokens": 4}}
+
+
+def config(**changes: object) -> EvaluateConfig:
+    """The tiny profile's evaluate section with whole keys replaced (a task dict is replaced, not
+    merged, so a test names exactly the columns it wants)."""
+    section = {**tiny_params()["evaluate"], **changes}
+    return load_section(EvaluateConfig, "evaluate", {"evaluate": section})
 
 
 def humaneval(n: int) -> list[dict]:
@@ -143,7 +153,7 @@ def test_contamination_finds_an_evaluation_item_in_the_training_data(tiny_workdi
 
     monkeypatch.chdir(ROOT)
     task = TaskManager(include_path=str(TASK_DIR)).load(["hhh_alignment"])
-    cfg = EvaluateConfig(task_dir=TASK_DIR, tasks={"hhh_alignment": {"limit": 3}})
+    cfg = config(task_dir=TASK_DIR, tasks={"hhh_alignment": {"limit": 3, "max_new_tokens": None}})
     clean = contamination({"hhh_alignment": task["tasks"]}, cfg, set())
     assert clean == {"hhh_alignment": {"checked": 3, "seen": 0}}
     # the second item's preferred answer, reworded only in case and punctuation, as SFT data
@@ -158,45 +168,98 @@ def test_contamination_finds_an_evaluation_item_in_the_training_data(tiny_workdi
     assert seen["hhh_alignment"]["seen"] >= 1
 
 
-def test_unknown_model_stage_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="evaluate.models"):
-        load_section(EvaluateConfig, "evaluate", {"evaluate": {"models": ["base", "reward"]}})
+def test_a_row_that_is_not_a_paths_key_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"evaluate\.models: .*\['policy'\] are not `paths` keys"):
+        config(models=["base", "policy"])
+    with pytest.raises(ConfigError, match=r"evaluate\.models: .*names a row twice"):
+        config(models=["base", "base"])
 
 
 # ---------------------------------------------------------------------------------------------
 # the stage on tiny models
 
 
-def model_folders(paths: Paths, broken: str | None = None) -> None:
-    """base, pretrain, sft, ppo: the tiny random base with the tiny tokenizer (the scores do
-    not matter here, the table does); `broken` gets a config.json that does not parse."""
-    for stage in ("pretrain", "sft", "ppo"):
-        tiny_model(paths, getattr(paths, stage))
-    if broken:
-        (getattr(paths, broken) / "config.json").write_text("{ not json")
+GOLD, OTHER = "the", "of"  # one token each (with the leading space) in the tiny tokenizer
 
 
-def test_stage_writes_the_table_chart_and_results(tiny_workdir: Paths, monkeypatch: pytest.MonkeyPatch) -> None:
-    model_folders(tiny_workdir)
+def picking_model(paths: Paths, dest: Path, word: str) -> Path:
+    """The tiny base rewired to answer `word` after any text: attention and MLP outputs zeroed, so
+    the last hidden state is the current token's embedding; every embedding gets a constant first
+    dimension, and `word`'s token a larger one, so with tied embeddings its logit wins everywhere."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tiny_model(paths, dest)
+    token = AutoTokenizer.from_pretrained(dest)(f" {word}")["input_ids"]
+    assert len(token) == 1, (word, token)
+    model = AutoModelForCausalLM.from_pretrained(dest)
+    assert model.config.tie_word_embeddings
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embed = model.model.embed_tokens.weight
+        embed[:, 0] = 1.0
+        embed[token[0], 0] = 3.0
+    model.save_pretrained(dest)
+    return dest
+
+
+def gold_task(task_dir: Path, n: int = 6) -> str:
+    """A multiple-choice task whose gold answer is always GOLD, at either position."""
+    data = task_dir / "pick.jsonl"
+    write_jsonl(data, [{"q": f"Question {i}: which word?", "choices": [GOLD, OTHER] if i % 2 else [OTHER, GOLD],
+                        "gold": 0 if i % 2 else 1} for i in range(n)])
+    (task_dir / "pick.yaml").write_text(
+        f"task: pick\ndataset_path: json\ndataset_kwargs:\n  data_files: {{test: {data}}}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: choices\ndoc_to_target: gold\n"
+        "target_delimiter: ' '\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    return "pick"
+
+
+def test_a_model_that_picks_the_gold_answer_scores_1_and_one_that_does_not_0(
+        tiny_workdir: Paths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    picking_model(tiny_workdir, tiny_workdir.sft, GOLD)
+    picking_model(tiny_workdir, tiny_workdir.ppo, OTHER)
     monkeypatch.chdir(ROOT)  # the task YAMLs name their data relative to the project
-    cfg = EvaluateConfig(models=["base", "ppo", "quantized"], task_dir=TASK_DIR, tasks=TASKS, perplexity_blocks=2)
+    task_dir = tmp_path / "tasks"
+    shutil.copytree(TASK_DIR, task_dir)
+    tasks = {gold_task(task_dir): {"limit": None, "max_new_tokens": None},
+             "bigbench_arithmetic": {"limit": 2, "max_new_tokens": 4}}
+    cfg = config(models=["base", "sft", "ppo"], task_dir=task_dir, tasks=tasks, perplexity_blocks=2)
     metrics = run(cfg, tiny_workdir)
+    assert metrics["models"]["sft"]["pick"] == 1.0 and metrics["models"]["ppo"]["pick"] == 0.0
+    assert list(metrics["models"]) == ["base", "sft", "ppo"]  # the order of evaluate.models
+    assert metrics["folders"] == {row: str(getattr(tiny_workdir, row)) for row in ("base", "sft", "ppo")}
+    assert metrics["metric"] == {"perplexity": "token perplexity", "pick": "acc", "bigbench_arithmetic": "exact_match"}
+    assert metrics["limits"] == {"pick": None, "bigbench_arithmetic": 2}
+    assert metrics["skipped"] == {} and metrics["cells"] == 9 and metrics["cells_skipped"] == 0
+    # the rewired models predict one token everywhere: far worse than the random base on real text
+    assert metrics["models"]["sft"]["perplexity"] > metrics["models"]["base"]["perplexity"]
     report = tiny_workdir.report_dir("evaluate")
-    assert set(metrics["models"]) == {"base", "ppo"}  # no quantized folder: no quantized rows
-    for row in metrics["models"].values():
-        assert set(row) == {"perplexity", "hhh_alignment", "bigbench_arithmetic"}
-        assert row["perplexity"] > 1 and 0 <= row["hhh_alignment"] <= 1
-    assert metrics["metric"] == {"perplexity": "token perplexity", "hhh_alignment": "acc",
-                                 "bigbench_arithmetic": "exact_match"}
-    assert metrics["skipped"] == {} and metrics["cells_skipped"] == 0
     assert (report / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| ppo |" in (report / "table.md").read_text()
-    assert "hhh_alignment" in json.loads((report / "results/ppo.json").read_text())["results"]
+    assert "| sft | " in (report / "table.md").read_text() and "| 1.000 |" in (report / "table.md").read_text()
+    results = json.loads((report / "results/ppo.json").read_text())["results"]
+    assert results["pick"]["acc,none"] == 0.0
+
+
+def test_quantized_folders_become_one_row_each(tiny_workdir: Paths, monkeypatch: pytest.MonkeyPatch) -> None:
+    for method in ("nf4", "int8"):
+        tiny_model(tiny_workdir, tiny_workdir.quantized / method)
+    (tiny_workdir.quantized / ".quantized.tmp-x").mkdir()  # a half-written folder is no row
+    monkeypatch.chdir(ROOT)
+    metrics = run(config(models=["quantized"], tasks={}, perplexity_blocks=1), tiny_workdir)
+    assert list(metrics["models"]) == ["quantized/int8", "quantized/nf4"]
+    assert metrics["folders"]["quantized/nf4"] == str(tiny_workdir.quantized / "nf4")
 
 
 def test_bad_task_files_and_a_broken_model_are_recorded_skips(tiny_workdir: Paths, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    model_folders(tiny_workdir, broken="sft")
+    for stage in ("sft", "ppo", "reward"):
+        tiny_model(tiny_workdir, getattr(tiny_workdir, stage))
+    (tiny_workdir.sft / "config.json").write_text("{ not json")
+    config_file = tiny_workdir.reward / "config.json"  # a sequence classifier: no causal LM to score
+    config_file.write_text(config_file.read_text().replace("LlamaForCausalLM", "LlamaForSequenceClassification"))
     quantized = tiny_workdir.quantized / "int8"  # a quantized folder that is not a model
     quantized.mkdir(parents=True)
     task_dir = tmp_path / "tasks"
@@ -206,13 +269,15 @@ def test_bad_task_files_and_a_broken_model_are_recorded_skips(tiny_workdir: Path
         (TASK_DIR / "hhh_alignment.yaml").read_text().replace("hhh_alignment.jsonl", "missing.jsonl"))
     (task_dir / "truthful_qa_mc.yaml").write_text("task: truthful_qa_mc\ndataset_path: [unclosed\n")
     monkeypatch.chdir(ROOT)
-    tasks = {**TASKS, "truthful_qa_mc": {"limit": 2}, "no_such_task": {"limit": 2}}
-    cfg = EvaluateConfig(models=["base", "sft", "ppo", "quantized"], task_dir=task_dir, tasks=tasks,
-                         perplexity_blocks=2)
+    tasks = {**TASKS, "truthful_qa_mc": {"limit": 2, "max_new_tokens": None},
+             "no_such_task": {"limit": 2, "max_new_tokens": None}}
+    cfg = config(models=["base", "sft", "ppo", "reward", "quantized"], task_dir=task_dir, tasks=tasks,
+                 perplexity_blocks=2)
     metrics = run(cfg, tiny_workdir)
     skipped = metrics["skipped"]
     assert set(metrics["models"]) == {"base", "ppo"}
-    assert "config.json" in skipped["sft"] or "does not load" in skipped["sft"]
+    assert "does not load" in skipped["sft"]
+    assert "LlamaForSequenceClassification, not a causal LM" in skipped["reward"]
     assert "no config.json" in skipped["quantized/int8"]
     assert "does not load" in skipped["hhh_alignment"]
     assert "truthful_qa_mc" in skipped and "no_such_task" in skipped

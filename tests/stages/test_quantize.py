@@ -1,8 +1,10 @@
-"""quantize: NF4, LLM.int8 and torchao int8 folders that load back quantized and generate; metrics
-and reports; GPTQ skipped without CUDA; a failing method skipped; bad config and a missing model.
+"""quantize: NF4, LLM.int8 and torchao int8 folders that load back quantized, score close to the
+unquantized model and generate; a failing method skipped; bad config and a missing model; GPTQ on
+a CUDA machine.
 
-The final model (`models/ppo`) is the tiny profile's random-init base with the tiny tokenizer, so
-these tests do not depend on the training stages.
+The final model (`models/ppo`) is the tiny profile's base with the tiny tokenizer, trained for a
+few steps here so that its perplexity is well below the uniform one (a random-init model scores
+the vocabulary size whatever its weights are, so no bound on it could fail).
 """
 
 from __future__ import annotations
@@ -15,24 +17,47 @@ from pathlib import Path
 import pytest
 import yaml
 
-import stages.quantize as quantize
+from stages import quantize
+from stages.common import lm
 from stages.common.config import ConfigError, Paths, StageError, load_section
 from stages.quantize import QuantizeConfig, run
-from tests.conftest import tiny_model
+from tests.conftest import tiny_config, tiny_model, tiny_params
 
-# Short measurements: the tiny model's figures only have to exist and be consistent.
-TINY = dict(eval_blocks=2, batch_size=2, speed_tokens=4, speed_repeats=1)
-CPU_METHODS = ("nf4", "int8", "torchao_int8")
+CPU_METHODS = ["nf4", "int8", "torchao_int8"]
+# The tolerance: how far (perplexity change, %) a quantized model may score from the unquantized
+# one; the goals BENCHMARKS.md holds the demo model to (1% at 8 bits, 5% at 4 bits).
+MAX_CHANGE_PCT = {"nf4": 5.0, "int8": 1.0, "torchao_int8": 1.0, "gptq": 5.0}
 
 
-def build_final_model(paths: Paths) -> None:
-    """models/ppo: the tiny base with the tiny tokenizer beside it."""
-    tiny_model(paths, paths.ppo)
+def cfg(**changes: object) -> QuantizeConfig:
+    return tiny_config("quantize", **changes)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_inputs: Paths, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny base trained for a few steps on the tiny train blocks: a model with something to lose."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_model(tiny_inputs, tmp_path_factory.mktemp("trained") / "model")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    train = torch.from_numpy(datasets.load_from_disk(str(tiny_inputs.tokenized))["train"]
+                             .with_format("numpy")["input_ids"][:]).long()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    for _ in range(20):
+        batch = train[torch.randint(0, len(train), (8,))]
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture
-def q_paths(tiny_workdir: Paths) -> Paths:
-    build_final_model(tiny_workdir)
+def q_paths(tiny_workdir: Paths, trained: Path) -> Paths:
+    shutil.copytree(trained, tiny_workdir.ppo)
     return tiny_workdir
 
 
@@ -51,7 +76,9 @@ def weight_class(method: str) -> type:
     return Int8Tensor
 
 
-def assert_loads_quantized_and_generates(folder: Path, method: str) -> None:
+def assert_loads_back_quantized(folder: Path, method: str) -> None:
+    """Every linear layer the method can take holds its weight in the method's type after a plain
+    `from_pretrained`, the others stay float; the folder generates."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -68,43 +95,66 @@ def assert_loads_quantized_and_generates(folder: Path, method: str) -> None:
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tok.eos_token_id)
     assert out.shape[1] == ids.shape[1] + 4
-    written = yaml.safe_load((folder / "llm_forge.yaml").read_text())["quantize"]
-    assert written["method"] == method and written["eval_blocks"] == TINY["eval_blocks"]
-    assert json.loads((folder / "metrics.json").read_text())["size_mb"] > 0
 
 
-def test_cpu_methods_write_folders_that_load_back_quantized(q_paths: Paths) -> None:
+def assert_close_to_reference(m: dict, method: str) -> None:
+    ref, r = m["reference"], m["methods"][method]
+    assert r["perplexity_change_pct"] == round(100 * (r["perplexity"] / ref["perplexity"] - 1), 2)
+    assert abs(r["perplexity_change_pct"]) <= MAX_CHANGE_PCT[method], (method, r["perplexity"], ref["perplexity"])
+    assert r["size_mb"] < ref["size_mb"] and r["size_ratio_vs_fp32"] == round(r["size_mb"] / ref["fp32_mb"], 4)
+    assert r["speedup"] == round(r["tokens_per_second"] / ref["tokens_per_second"], 3)
+    assert 0 < r["quantized_layers"] < r["linear_layers"]
+
+
+def test_cpu_methods_stay_close_to_the_reference_and_load_back_quantized(q_paths: Paths) -> None:
     import torch
 
-    m = run(QuantizeConfig(methods=[*CPU_METHODS, "gptq"], **TINY), q_paths)
+    c = cfg(methods=CPU_METHODS)
+    m = run(c, q_paths)
 
     ref = m["reference"]
-    assert ref["stored_dtype"] == "float32" and ref["size_mb"] > 0
-    assert ref["fp32_mb"] == round(ref["parameters"] * 4 / 1e6, 2)
-    assert math.isfinite(ref["perplexity"]) and ref["tokens_per_second"] > 0
-    assert sorted(m["methods"]) == sorted(CPU_METHODS) and m["methods_run"] == 3
+    vocab = json.loads((q_paths.ppo / "config.json").read_text())["vocab_size"]
+    assert ref["perplexity"] < vocab / 2  # trained: a bound on the change means something
+    assert ref["stored_dtype"] == "float32" and ref["fp32_mb"] == round(ref["parameters"] * 4 / 1e6, 2)
+    assert ref["parameters"] == sum(p.numel() for p in lm.load_causal_lm(q_paths.ppo).parameters())
+    assert list(m["methods"]) == CPU_METHODS and m["skipped"] == {} and m["methods_run"] == 3
     assert sorted(p.name for p in q_paths.quantized.iterdir()) == sorted(CPU_METHODS)  # no leftovers
     for method in CPU_METHODS:
-        r = m["methods"][method]
-        assert r["size_mb"] < ref["size_mb"], method  # fp32 on disk: every method is smaller
-        assert math.isfinite(r["perplexity"]) and r["tokens_per_second"] > 0
-        assert r["perplexity_change_pct"] == round(100 * (r["perplexity"] / ref["perplexity"] - 1), 2)
-        assert r["size_ratio_vs_fp32"] == round(r["size_mb"] / ref["fp32_mb"], 4)
-        assert r["speedup"] == round(r["tokens_per_second"] / ref["tokens_per_second"], 3)
-        assert 0 < r["quantized_layers"] < r["linear_layers"]
-        assert_loads_quantized_and_generates(q_paths.quantized / method, method)
-    if torch.cuda.is_available():
-        assert "gptq" in m["skipped"] or "gptq" in m["methods"]
-    else:
-        assert m["skipped"] == {"gptq": "needs a CUDA GPU; none here"}
+        assert_close_to_reference(m, method)
+        assert_loads_back_quantized(q_paths.quantized / method, method)
+        folder = q_paths.quantized / method
+        assert yaml.safe_load((folder / "llm_forge.yaml").read_text()) == {"quantize": c.model_dump(mode="json")}
+        assert json.loads((folder / "metrics.json").read_text()) == m["methods"][method]
 
-    report = q_paths.report_dir("quantize")
-    samples = json.loads((report / "samples.json").read_text())
+    # every model continues the same held-out text: the first tokens of the first val block
+    samples = json.loads((q_paths.report_dir("quantize") / "samples.json").read_text())
+    blocks = lm.val_blocks(q_paths.tokenized, 1)
+    tok = lm.load_tokenizer(q_paths.ppo)
+    assert samples["prompt"] == tok.decode(blocks[0, :c.speed_prompt_tokens].tolist())
     assert set(samples) == {"prompt", "reference", *CPU_METHODS}
-    assert all(isinstance(samples[k], str) for k in samples)
-    table = (report / "table.md").read_text().splitlines()
-    assert len(table) == 2 + 1 + 3 + 1  # header, reference, three methods, the skip
-    assert table[-1].startswith("| gptq | skipped")
+    model = lm.load_causal_lm(q_paths.ppo, dtype=torch.float32)
+    assert samples["reference"] == lm.greedy(model, tok, [blocks[0, :c.speed_prompt_tokens].tolist()],
+                                                      c.speed_tokens)[0]
+    table = (q_paths.report_dir("quantize") / "table.md").read_text().splitlines()
+    assert [row.split(" | ")[0] for row in table[3:]] == [f"| {x}" for x in CPU_METHODS]
+
+
+def test_a_quantizer_that_ruins_the_weights_is_out_of_bounds(q_paths: Paths, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bound above can fail: int8 with the final norm scaled to a tenth (flatter predictions)."""
+    import torch
+
+    real = quantize.QUANTIZERS["int8"]
+
+    def ruined(c, src, paths, tok):
+        model = real(c, src, paths, tok)
+        with torch.no_grad():
+            model.model.norm.weight.mul_(0.1)
+        return model
+
+    monkeypatch.setitem(quantize.QUANTIZERS, "int8", ruined)
+    m = run(cfg(methods=["int8"]), q_paths)
+    with pytest.raises(AssertionError):
+        assert_close_to_reference(m, "int8")
 
 
 def test_a_failing_method_is_skipped_and_the_others_still_run(q_paths: Paths,
@@ -113,26 +163,28 @@ def test_a_failing_method_is_skipped_and_the_others_still_run(q_paths: Paths,
         raise RuntimeError("no kernel for this\nshape")
 
     monkeypatch.setitem(quantize.QUANTIZERS, "int8", broken)
-    m = run(QuantizeConfig(methods=["int8", "nf4"], **TINY), q_paths)
+    m = run(cfg(methods=["int8", "nf4"]), q_paths)
     assert m["skipped"] == {"int8": "failed: RuntimeError: no kernel for this shape"}
     assert list(m["methods"]) == ["nf4"] and m["methods_run"] == 1
     assert [p.name for p in q_paths.quantized.iterdir()] == ["nf4"]
+    table = (q_paths.report_dir("quantize") / "table.md").read_text().splitlines()
+    assert table[-1] == "| int8 | skipped: failed: RuntimeError: no kernel for this shape | | | | | |"
 
 
 def test_a_folder_that_loads_back_unquantized_is_a_failure(q_paths: Paths, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setitem(quantize.QUANTIZERS, "torchao_int8",
-                        lambda cfg, src, paths, tok: AutoModelForCausalLM.from_pretrained(src))
-    m = run(QuantizeConfig(methods=["torchao_int8"], **TINY), q_paths)
+                        lambda c, src, paths, tok: AutoModelForCausalLM.from_pretrained(src))
+    m = run(cfg(methods=["torchao_int8"]), q_paths)
     assert m["methods_run"] == 0 and "without a quantized layer" in m["skipped"]["torchao_int8"]
     assert q_paths.quantized.is_dir() and not any(q_paths.quantized.iterdir())
 
 
 def test_a_rerun_replaces_the_whole_output(q_paths: Paths) -> None:
-    run(QuantizeConfig(methods=["nf4"], **TINY), q_paths)
+    run(cfg(methods=["nf4"]), q_paths)
     (q_paths.quantized / "stale").mkdir()
-    run(QuantizeConfig(methods=["torchao_int8"], **TINY), q_paths)
+    run(cfg(methods=["torchao_int8"]), q_paths)
     assert [p.name for p in q_paths.quantized.iterdir()] == ["torchao_int8"]
     assert not [p for p in q_paths.quantized.parent.iterdir() if p.name.startswith(".quantized")]
 
@@ -144,37 +196,61 @@ def test_a_final_model_that_does_not_load_is_a_stage_error(q_paths: Paths, broke
     else:
         (q_paths.ppo / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(StageError, match=str(q_paths.ppo)):
-        run(QuantizeConfig(methods=["nf4"], **TINY), q_paths)
+        run(cfg(methods=["nf4"]), q_paths)
     assert not q_paths.quantized.exists()
 
 
 def test_unknown_or_repeated_method_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match=r"quantize\.methods\.1: .*'nf4'.*\(got 'fp3'\)"):
-        load_section(QuantizeConfig, "quantize", {"quantize": {"methods": ["nf4", "fp3"]}})
-    with pytest.raises(ConfigError, match=r"quantize\.methods: .*names a method twice"):
-        load_section(QuantizeConfig, "quantize", {"quantize": {"methods": ["nf4", "nf4"]}})
-    with pytest.raises(ConfigError, match=r"quantize\.methods: .*at least one"):
-        load_section(QuantizeConfig, "quantize", {"quantize": {"methods": []}})
+    section = tiny_params()["quantize"]
+    for methods, error in ((["nf4", "fp3"], r"quantize\.methods\.1: .*'nf4'.*\(got 'fp3'\)"),
+                           (["nf4", "nf4"], r"quantize\.methods: .*names a method twice"),
+                           ([], r"quantize\.methods: .*at least one")):
+        with pytest.raises(ConfigError, match=error):
+            load_section(QuantizeConfig, "quantize", {"quantize": {**section, "methods": methods}})
 
 
 def test_stage_cli_writes_metrics(q_paths: Paths, tmp_path: Path) -> None:
     params = {"paths": {k: str(v) for k, v in q_paths.model_dump().items()},
-              "quantize": {"methods": ["nf4", "gptq"], **TINY}}
+              "quantize": cfg(methods=["nf4"]).model_dump(mode="json")}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert quantize.main(["--params", str(tmp_path / "params.yaml"), "--no-mlflow"]) == 0
     metrics = json.loads((q_paths.report_dir("quantize") / "metrics.json").read_text())
-    assert set(metrics) >= {"reference", "methods", "skipped", "methods_run", "seconds"}
+    assert set(metrics) == {"reference", "methods", "skipped", "methods_run", "seconds"}
     assert metrics["methods_run"] == 1 and (q_paths.quantized / "nf4" / "config.json").is_file()
 
 
-def test_gptq_without_its_packages_names_them(q_paths: Paths, monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib.util
-
+def _cuda() -> bool:
     import torch
 
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("gptqmodel", "optimum") else real_find_spec(name, *a))
-    with pytest.raises(quantize.Unavailable, match=r"gptqmodel, optimum \(pip install gptqmodel optimum\)"):
-        quantize.quantize_gptq(QuantizeConfig(), q_paths.ppo, q_paths, None)
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+def test_gptq_on_gpu_stays_close_and_loads_back_packed(q_paths: Paths) -> None:
+    m = run(cfg(methods=["gptq"], gptq_calibration_blocks=8), q_paths)
+    assert m["skipped"] == {} and m["methods_run"] == 1
+    assert_close_to_reference(m, "gptq")
+    model = lm.load_causal_lm(q_paths.quantized / "gptq")
+    assert math.isfinite(lm.perplexity(model, lm.val_blocks(q_paths.tokenized, 2)))
+    assert any(hasattr(module, "qweight") for module in model.modules())
+
+
+def test_bench_measures_its_variants_as_the_stage_does(q_paths: Paths, tmp_path: Path) -> None:
+    """bench/quantize_bench.py on the tiny model: each variant a row; its nf4 row is the stage's."""
+    from bench import quantize_bench
+
+    params = {"paths": {k: str(v) for k, v in q_paths.model_dump().items()},
+              "quantize": cfg().model_dump(mode="json")}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "out"
+    assert quantize_bench.main(["--params", str(tmp_path / "params.yaml"), "--blocks", "2", "--thresholds", "6", "1",
+                                "--variants", "nf4", "int8@6", "int8@1", "q4_1_grid", "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert list(result["methods"]) == ["nf4", "int8@6", "int8@1", "q4_1_grid"] and result["skipped"] == {}
+    stage = run(cfg(methods=["nf4"], perplexity_blocks=2), q_paths)
+    assert result["reference"]["perplexity"] == stage["reference"]["perplexity"]
+    assert result["methods"]["nf4"]["perplexity"] == stage["methods"]["nf4"]["perplexity"]
+    assert math.isfinite(result["methods"]["q4_1_grid"]["perplexity"])
+    table = (out / "table.md").read_text()
+    assert "| int8@1 |" in table and "| q4_1_grid (in memory) |" in table

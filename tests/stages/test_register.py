@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.common import tracking
+from stages.common import lm, tracking
 from stages.common.config import ConfigError, Paths, StageError, load_section
-from stages.register import Hasher, RegisterConfig, eval_tags, run, upstream
-from tests.conftest import tiny_model
+from stages.common.lineage import Hasher, upstream
+from stages.register import RegisterConfig, eval_tags, run
+from tests.conftest import tiny_config, tiny_model, tiny_params
 
 EVALUATION = {
     "models": {
@@ -27,9 +28,12 @@ EVALUATION = {
         "quantized/torchao_int8": {"perplexity": 1022.0, "hhh_alignment": 0.5},
     },
     "metric": {"hhh_alignment": "acc"},
+    "folders": {"base": "models/base", "ppo": "models/ppo", "quantized/torchao_int8": "models/quantized/torchao_int8",
+                "quantized/nf4": "models/quantized/nf4"},
     "skipped": {"ppo/humaneval_sandbox": "generation timed out", "quantized/nf4": "does not load"},
     "cells": 6,
 }
+PROMPTS = ["Human: hello\nAssistant:", "The sky is"]
 
 
 # --- the store and the inputs ----------------------------------------------------------------------
@@ -78,7 +82,8 @@ def write_lock(root: Path) -> dict:
     stage_file = {"path": "stages/x.py", "hash": "md5", "md5": "0c7278abc074fde0cf7b32a04058f79a", "size": 10}
     lock = {"schema": "2.0", "stages": {
         "base": {"cmd": "python -m stages.base", "deps": [stage_file],
-                 "params": {"params.yaml": {"base": {"dtype": "float32"}}}, "outs": [lock_entry("models/base", h, root)]},
+                 "params": {"params.yaml": {"base": {"dtype": "float32"}}},
+                 "outs": [lock_entry("models/base", h, root)]},
         "tokenize": {"cmd": "python -m stages.tokenize", "deps": [lock_entry("models/base", h, root)],
                      "params": {"params.yaml": {"tokenize": {"block_size": 64}}},
                      "outs": [lock_entry("data/tokenized", h, root)]},
@@ -117,8 +122,9 @@ def project(tiny_workdir: Paths, store: str, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def config(request: pytest.FixtureRequest, **kw) -> RegisterConfig:
-    """A registered-model name of this test's own (the store is shared by the module)."""
-    return RegisterConfig(name=f"t-{request.node.name.replace('_', '-')[5:45]}", sample_tokens=4, **kw)
+    """The tiny profile's section under a registered-model name of this test's own (the store is
+    shared by the module)."""
+    return tiny_config("register", name=f"t-{request.node.name.replace('_', '-')[5:45]}", **kw)
 
 
 def client():
@@ -131,12 +137,15 @@ def versions(name: str) -> list:
     return sorted(client().search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
 
 
-def generate_by_alias(name: str, alias: str = "candidate") -> list[str]:
+def generate_by_alias(name: str, alias: str = "candidate", tokens: int = 6) -> list[str]:
     import mlflow
 
-    model = mlflow.pyfunc.load_model(f"models:/{name}@{alias}")
-    return model.predict(["Human: What is the capital of France?\nAssistant:", "The sky is"],
-                         params={"max_new_tokens": 4})
+    return mlflow.pyfunc.load_model(f"models:/{name}@{alias}").predict(PROMPTS, params={"max_new_tokens": tokens})
+
+
+def generate_from_folder(folder: Path, tokens: int = 6) -> list[str]:
+    """The pipeline's own greedy generator on the folder: what the registered model must say."""
+    return lm.greedy(lm.load_causal_lm(folder), lm.load_tokenizer(folder), PROMPTS, tokens)
 
 
 # --- helpers on inline data -----------------------------------------------------------------------
@@ -181,11 +190,12 @@ def test_eval_tags_take_the_models_row_and_its_skips() -> None:
 
 
 def test_config_guards_the_alias_and_the_name() -> None:
+    section = tiny_params()["register"]
     for alias in ("champion", "latest", "v3"):
         with pytest.raises(ConfigError, match=r"register\.alias"):
-            load_section(RegisterConfig, "register", {"register": {"alias": alias}})
+            load_section(RegisterConfig, "register", {"register": {**section, "alias": alias}})
     with pytest.raises(ConfigError, match=r"register\.name"):
-        load_section(RegisterConfig, "register", {"register": {"name": "my model/v1"}})
+        load_section(RegisterConfig, "register", {"register": {**section, "name": "my model/v1"}})
 
 
 # --- the stage ------------------------------------------------------------------------------------
@@ -206,7 +216,7 @@ def test_registers_every_model_with_lineage_and_loads_it_back_by_alias(project: 
     variant = f"{cfg.name}-torchao_int8"
     assert metrics["models_registered"] == 2 and metrics["versions_created"] == 2 and metrics["skipped"] == {}
     assert metrics["registered"][cfg.name] == {
-        "source": "ppo", "version": 1, "new": True, "alias": "candidate",
+        "folder": "models/ppo", "source": "ppo", "version": 1, "new": True, "alias": "candidate",
         "model_md5": Hasher().folder(project.ppo), "evaluated": True}
     assert metrics["registered"][variant]["source"] == "quantized/torchao_int8"
 
@@ -237,13 +247,16 @@ def test_registers_every_model_with_lineage_and_loads_it_back_by_alias(project: 
     files = {Path(f.path).name for f in mlflow.artifacts.list_artifacts(f"models:/{cfg.name}@candidate/artifacts")}
     assert {"ppo", "lineage.json", "evaluation.json", "params.yaml"} <= files  # the folder keeps its name
 
-    for name in (cfg.name, variant):
+    # loaded back from the registry, each says what the pipeline's greedy generator says on its folder
+    for name, folder in ((cfg.name, project.ppo), (variant, project.quantized / "torchao_int8")):
         texts = generate_by_alias(name)
-        assert len(texts) == 2 and all(isinstance(t, str) and t.strip() for t in texts)
+        assert texts == generate_from_folder(folder) and all(t.strip() for t in texts), name
     samples = json.loads((project.report_dir("register") / "samples.json").read_text())
     assert set(samples) == {cfg.name, variant}
-    assert samples[cfg.name]["uri"] == f"models:/{cfg.name}@candidate" and samples[cfg.name]["sample"].strip()
-    assert samples[cfg.name]["same_as_folder"] is True  # the registry runs the folder as it was checked
+    assert samples[cfg.name]["uri"] == f"models:/{cfg.name}@candidate"
+    assert samples[cfg.name]["sample"] == lm.greedy(lm.load_causal_lm(project.ppo), lm.load_tokenizer(project.ppo),
+                                                    [cfg.sample_prompt], cfg.sample_tokens)[0]
+    assert all(s["same_as_folder"] is True for s in samples.values())
 
 
 def test_unchanged_model_is_not_registered_again_and_a_changed_one_moves_the_alias(
@@ -270,7 +283,7 @@ def test_unchanged_model_is_not_registered_again_and_a_changed_one_moves_the_ali
     assert str(client().get_model_version_by_alias(cfg.name, "candidate").version) == "2"
     v2 = versions(cfg.name)[1]
     assert v2.tags["llm_forge.lineage_verified"] == "false"  # dvc.lock still describes the old models/ppo
-    assert generate_by_alias(cfg.name)[0].strip()
+    assert generate_by_alias(cfg.name) == generate_from_folder(project.ppo)  # the alias serves the new weights
 
     weights.write_bytes(original)  # back to the first model: its version again, no duplicate
     back = run(cfg, project)
@@ -287,6 +300,9 @@ def test_missing_inputs_are_named_and_register_nothing(project: Paths, request: 
         run(cfg, project)
     evaluation.write_text('{"rows": []}')
     with pytest.raises(StageError, match="holds no `models` table"):
+        run(cfg, project)
+    evaluation.write_text(json.dumps({k: v for k, v in EVALUATION.items() if k != "folders"}))
+    with pytest.raises(StageError, match=r"holds no `folders` \(row -> model folder\)"):
         run(cfg, project)
     evaluation.write_text(json.dumps(EVALUATION))
     shutil.rmtree(project.ppo)
@@ -305,8 +321,9 @@ def test_models_that_do_not_load_are_skipped_or_stop_the_stage(project: Paths, r
     Path("dvc.lock").unlink()  # and no lineage to read: registered all the same, marked so
     m = run(cfg, project)
     assert set(m["registered"]) == {cfg.name, f"{cfg.name}-torchao_int8"}
-    assert "does not load" in m["skipped"]["quantized/nf4"] and str(broken) in m["skipped"]["quantized/nf4"]
-    assert "not a model folder" in m["skipped"]["quantized/notes"]
+    assert "does not load" in m["skipped"]["models/quantized/nf4"]
+    assert str(broken) in m["skipped"]["models/quantized/nf4"]
+    assert "not a model folder" in m["skipped"]["models/quantized/notes"]
     assert versions(f"{cfg.name}-nf4") == []
     tags = client().get_model_version_by_alias(cfg.name, "candidate").tags
     assert tags["llm_forge.lineage"] == "none (no dvc.lock)" and not any(k.startswith("dvc.") for k in tags)
@@ -327,5 +344,6 @@ def test_cli_reports_bad_input_in_one_line(project: Paths, request: pytest.Fixtu
     (project.report_dir("evaluate") / "metrics.json").unlink()
     assert main([]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "run the evaluate stage" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: register: evaluation table ")  # the stage named once
+    assert "run the evaluate stage" in err[0]
     assert versions(cfg.name) == []
