@@ -35,6 +35,7 @@ run: setup
 	$(BIN)/python -m flows.pipeline
 
 test: setup
+	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q
 
 bench: setup

@@ -5,7 +5,7 @@ and runs each stage with `dvc repro --single-item <stage>`, so DVC alone decides
 date (an unchanged stage is skipped, and its cache is the only cache). Prefect adds retries,
 logs and the run history; MLflow gets one parent run that every stage's run nests under.
 
-    python -m flows.pipeline [--stage tokenize] [--params params.yaml]
+    python -m flows.pipeline [--stage tokenize]
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ def pipeline(target: str | None = None) -> list[str]:
 
     order = stage_order(target)
     experiment_id = tracking.setup(ROOT)
-    with mlflow.start_run(experiment_id=experiment_id, run_name="pipeline",
-                          tags={"llm_forge.stage": "pipeline", **({"git.commit": c} if (c := tracking.git_commit(ROOT)) else {})}) as parent:
+    commit = tracking.git_commit(ROOT)
+    tags = {"llm_forge.stage": "pipeline", **({"git.commit": commit} if commit else {})}
+    with mlflow.start_run(experiment_id=experiment_id, run_name="pipeline", tags=tags) as parent:
         mlflow.log_param("stages", ",".join(order))
         for stage in order:
             repro(stage, parent.info.run_id)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import shutil
 import subprocess
@@ -10,12 +12,31 @@ from pathlib import Path
 
 import pytest
 
-from stages.common.config import Paths
+from stages.common.config import Paths, load_section, overlay, read_yaml
 from stages.common.profile import apply
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a scratch project needs of this one: code, graph, params, profiles.
 PROJECT_FILES = ("stages", "flows", "configs", "dvc.yaml", "params.yaml", "profiles", ".dvcignore")
+
+
+@functools.cache
+def tiny_params() -> dict:
+    """params.yaml with profiles/tiny.yaml applied: the values every test starts from."""
+    return overlay(read_yaml(ROOT / "params.yaml"), read_yaml(ROOT / "profiles/tiny.yaml"))
+
+
+def config_class(stage: str) -> type:
+    """The typed config of `stages/<stage>.py` (the class named `<Stage>Config`)."""
+    module = importlib.import_module(f"stages.{stage}")
+    return next(v for k, v in vars(module).items() if k.lower() == f"{stage}config")
+
+
+def tiny_config(section: str, cls: type | None = None, **changes: object) -> object:
+    """The tiny profile's `section` as its typed config, with `changes` merged in the way a
+    profile is (a key the section lacks is an error), so a test states only what it changes."""
+    raw = overlay(tiny_params()[section] or {}, changes, section)
+    return load_section(cls or config_class(section), section, {section: raw})
 
 
 @pytest.fixture
@@ -59,7 +80,8 @@ def run_in(project: Path, *args: str, check: bool = True) -> subprocess.Complete
     done = subprocess.run([sys.executable, *args], cwd=project, env=project_env(project),
                           capture_output=True, text=True)
     if check and done.returncode != 0:
-        pytest.fail(f"`python {' '.join(args)}` exited {done.returncode}:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+        pytest.fail(f"`python {' '.join(args)}` exited {done.returncode}:\n"
+                    f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
     return done
 
 
@@ -75,11 +97,10 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_inputs(tmp_path_factory: pytest.TempPathFactory) -> Paths:
     """What the training stages read, made once by the real data stages on the tiny profile
-    (in-process, no MLflow): data/dedup, models/base (random init) and data/tokenized.
+    (in-process, no MLflow): data/dedup, models/base (random init), data/tokenized and what
+    else the graph makes on the way (validate's verdict).
     Tests copy what they change (see `tiny_workdir`)."""
-    import importlib
-
-    from stages.common.config import load_section, read_yaml
+    from flows.pipeline import stage_order
 
     root = tmp_path_factory.mktemp("tiny_inputs")
     apply(ROOT / "profiles/tiny.yaml", ROOT / "params.yaml", root / "params.yaml")
@@ -88,10 +109,10 @@ def tiny_inputs(tmp_path_factory: pytest.TempPathFactory) -> Paths:
     cwd = os.getcwd()
     os.chdir(ROOT)  # sources name paths relative to the project (assets/, pkg://)
     try:
-        for stage in ("collect", "clean", "dedup", "base", "tokenize"):
+        for stage in stage_order("tokenize", ROOT):  # tokenize and what it depends on, from dvc.yaml
             module = importlib.import_module(f"stages.{stage}")
-            cfg_cls = next(v for k, v in vars(module).items() if k.lower() == f"{stage}config")
-            module.run(load_section(cfg_cls, stage, params), paths)
+            reads = {key: load_section(cls, key, params) for key, cls in getattr(module, "READS", {}).items()}
+            module.run(load_section(config_class(stage), stage, params), paths, **reads)
     finally:
         os.chdir(cwd)
     return paths
@@ -112,6 +133,7 @@ def tiny_model(paths: Paths, dest: Path) -> Path:
 def tiny_workdir(tiny_inputs: Paths, tmp_path: Path) -> Paths:
     """A private copy of the tiny inputs' folders, so a test may write next to them."""
     for name in ("dedup", "base", "tokenized"):
-        shutil.copytree(getattr(tiny_inputs, name), tmp_path / getattr(tiny_inputs, name).relative_to(tiny_inputs.reports.parent))
+        src = getattr(tiny_inputs, name)
+        shutil.copytree(src, tmp_path / src.relative_to(tiny_inputs.reports.parent))
     return Paths(**{k: tmp_path / Path(v).relative_to(tiny_inputs.reports.parent)
                     for k, v in tiny_inputs.model_dump().items()})

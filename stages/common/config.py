@@ -1,7 +1,9 @@
 """Typed configs loaded from `params.yaml`: one loader for every stage.
 
-Each stage declares a pydantic model whose fields are its `params.yaml` section, with every
-default in that model. Unknown keys and mistyped values fail with a message that names the
+Each stage declares a pydantic model whose fields are its `params.yaml` section: types, bounds
+and a one-line doc per field, and no default for a key params.yaml sets (DVC tracks params by
+what params.yaml holds, so a value only in code would be invisible to `dvc params diff`; a test
+enforces it). Unknown keys and mistyped values fail with a message that names the
 key as written in the params file (`clean.min_words: ...`), never deep inside a stage.
 """
 

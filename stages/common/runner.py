@@ -5,8 +5,10 @@ A stage module ends with
     def main(argv=None):
         return run_stage("clean", CleanConfig, run, argv)
 
-so `python -m stages.clean [--params params.yaml]` runs it. The runner clears the stage's report
-folder, calls `run(cfg, paths)`, writes the metrics it returns to `reports/<stage>/metrics.json`
+so `python -m stages.clean [--params params.yaml]` runs it. A stage that needs a value of another
+section names it in `reads` (its module's `READS`, and the key in its dvc.yaml `params`), and gets
+it as `run(cfg, paths, <section>=...)`: one value stays in one place. The runner clears the stage's
+report folder, calls `run(cfg, paths)`, writes the metrics it returns to `reports/<stage>/metrics.json`
 (the DVC metrics file) and logs everything to MLflow. Bad input ends the process with exit code 2
 and one sentence on stderr, not a traceback.
 """
@@ -20,7 +22,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,10 +38,12 @@ log = logging.getLogger("llm_forge")
 
 
 def run_stage(name: str, cfg_cls: type[C], run: Callable[..., dict[str, Any]],
-              argv: list[str] | None = None, *, training: bool = False) -> int:
-    """Run stage `name` from the params file; a training stage (`training=True`) also gets the
-    shared `train` section as `run(cfg, paths, train=...)` and may relaunch itself under
-    `accelerate launch`, where only the main process writes reports and logs to MLflow."""
+              argv: list[str] | None = None, *, reads: Mapping[str, type[BaseModel]] | None = None,
+              training: bool = False) -> int:
+    """Run stage `name` from the params file, with the other sections it `reads` as keyword
+    arguments; a training stage (`training=True`) also gets the shared `train` section as
+    `run(cfg, paths, train=...)` and may relaunch itself under `accelerate launch`, where only
+    the main process writes reports and logs to MLflow."""
     module = sys.modules.get(f"stages.{name}") or sys.modules.get("__main__")
     doc = (module.__doc__ or "").strip().splitlines()[0] if module and module.__doc__ else None
     ap = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=doc)
@@ -53,10 +57,12 @@ def run_stage(name: str, cfg_cls: type[C], run: Callable[..., dict[str, Any]],
         params = read_yaml(args.params)
         cfg = load_section(cfg_cls, name, params, str(args.params))
         paths = load_section(Paths, "paths", params, str(args.params))
+        sections = dict(reads or {})
         if training:
             from stages.common.training import TrainConfig, relaunch_if_distributed
 
-            extra["train"] = load_section(TrainConfig, "train", params, str(args.params))
+            sections["train"] = TrainConfig
+        extra = {key: load_section(cls, key, params, str(args.params)) for key, cls in sections.items()}
     except StageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -79,12 +85,14 @@ def run_stage(name: str, cfg_cls: type[C], run: Callable[..., dict[str, Any]],
     (report / "metrics.json").unlink(missing_ok=True)
     report.mkdir(parents=True, exist_ok=True)
     # The resolved config beside the results, so every report says what produced it.
-    (report / "params.yaml").write_text(yaml.safe_dump({name: cfg.model_dump(mode="json")}, sort_keys=False))
+    resolved = {name: cfg.model_dump(mode="json"), **{k: v.model_dump(mode="json") for k, v in extra.items()}}
+    (report / "params.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if not args.no_mlflow:
-            stack.enter_context(tracking.stage_run(name, cfg.model_dump(mode="json")))
+            # the stage's own keys as they are, the sections it reads under their names
+            stack.enter_context(tracking.stage_run(name, {**resolved[name], **{k: resolved[k] for k in extra}}))
         try:
             metrics = run(cfg, paths, **extra)
         except StageError as err:

@@ -10,6 +10,7 @@ import yaml
 
 from stages.common.config import ConfigError, Paths, load_section, overlay, read_yaml
 from stages.common.profile import apply
+from stages.common.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = {name: cfg for name, cfg in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items()}
@@ -68,3 +69,33 @@ def test_profile_cannot_invent_keys() -> None:
 def test_profile_replaces_values_and_keeps_the_rest() -> None:
     merged = overlay({"a": {"b": 1, "c": [1, 2]}, "d": 3}, {"a": {"c": [9]}})
     assert merged == {"a": {"b": 1, "c": [9]}, "d": 3}
+
+
+def _defaults_for_set_keys(cfg: object, raw: object, where: str) -> list[str]:
+    """Fields of `cfg` (and of the configs nested in it) that carry a code default although the
+    params file sets them: two places for one value."""
+    from pydantic import BaseModel
+
+    found: list[str] = []
+    if isinstance(cfg, BaseModel) and isinstance(raw, dict):
+        for name, field in type(cfg).model_fields.items():
+            if name not in raw:
+                continue
+            if not field.is_required():
+                found.append(f"{where}.{name}")
+            found += _defaults_for_set_keys(getattr(cfg, name), raw[name], f"{where}.{name}")
+    elif isinstance(cfg, (list, tuple)) and isinstance(raw, list):
+        for i, (item, value) in enumerate(zip(cfg, raw)):
+            found += _defaults_for_set_keys(item, value, f"{where}.{i}")
+    return found
+
+
+def test_no_code_default_for_a_key_params_sets() -> None:
+    """params.yaml is the one place for a value: a config field that params.yaml sets has no
+    default in code (DVC only sees params.yaml, so a code default would be invisible to it)."""
+    params = read_yaml(ROOT / "params.yaml")
+    found = _defaults_for_set_keys(load_section(Paths, "paths", params), params["paths"], "paths")
+    for section in (*STAGES, "train"):
+        cls = config_class(section) if section in STAGES else TrainConfig
+        found += _defaults_for_set_keys(load_section(cls, section, params), params[section], section)
+    assert not found, f"code defaults for keys params.yaml sets: {found}"
