@@ -2,11 +2,14 @@
 
 Reads the sources listed in `params.yaml` (`collect.sources` for the pretraining corpus,
 `collect.instructions` for SFT data, `collect.preferences` for reward-model pairs) with the
-readers of `stages.readers` and writes `corpus.parquet`, `instructions.parquet` and
+readers of `stages.readers` (files, folders, archives, JSONL/Parquet, MediaWiki dumps, datasets,
+URLs) and writes `corpus.parquet`, `instructions.parquet` and
 `preferences.parquet` into `paths.raw`. Records keep their source's own id where it has one
 (else a stable content id). Nothing is lost silently: a record that cannot be read (malformed
-line, wrong type, binary file, a symlink leaving its folder...) is counted under a reason in
-`metrics.json` and sampled in `reports/collect/`. A missing source path, a source with no
+line, wrong type, binary file, a symlink leaving its folder, a file over `max_file_bytes`, an
+unsafe archive member...) is counted under a reason in `metrics.json` and sampled in
+`reports/collect/`; a line that is not UTF-8 is decoded or dropped on its own, never changing how
+the rest of its file is read. A missing source path, a source with no
 readable record, or an empty corpus stop the stage with one sentence naming the source.
 
     python -m stages.collect [--params params.yaml]
@@ -27,13 +30,13 @@ from stages.common.config import Paths, StageConfig, StageError
 from stages.common.io import KINDS, Drop, Tally, atomic_dir, content_id, write_jsonl, write_records
 from stages.common.runner import run_stage
 from stages.common.text import SURROGATE, fix_surrogates
-from stages.readers import bigbench, chat, files, hub, jsonl, mediawiki, parquet
+from stages.readers import archive, bigbench, chat, files, hub, jsonl, mediawiki, parquet
 
 log = logging.getLogger("llm_forge.collect")
 
 CorpusSource = Annotated[
     jsonl.JsonlSource | parquet.ParquetSource | files.TextSource | files.TaggedSource | mediawiki.MediaWikiSource
-    | hub.HFSource | files.UrlSource,
+    | hub.HFSource | files.UrlSource | archive.ArchiveSource,
     Field(discriminator="type"),
 ]
 InstructionSource = Annotated[chat.AlpacaSource | chat.ChatSource | bigbench.BigBenchSource | hub.HFSource,
@@ -51,6 +54,9 @@ class CollectConfig(StageConfig):
     """Chosen/rejected pairs for the reward model."""
     limit: int | None = Field(ge=1)
     """At most this many records from every source (the tiny profile samples this way; null: all)."""
+    max_file_bytes: int = Field(ge=1)
+    """Largest file, archive member or single line a reader loads (a source's own
+    `max_file_bytes` overrides it); anything bigger is dropped and named, never read whole."""
     samples: int = Field(ge=0)
     """Records of each kind written to the report as samples (and five times as many dropped ones)."""
 
@@ -62,7 +68,7 @@ Reader = Callable[[Any, str, Counter], Iterator[Any]]
 READERS: dict[str, dict[str, Reader]] = {
     "corpus": {"jsonl": jsonl.read_jsonl, "parquet": parquet.read_parquet, "text": files.read_text,
                "tagged": files.read_tagged, "mediawiki": mediawiki.read_mediawiki, "hf": hub.read_corpus,
-               "url": files.read_url},
+               "url": files.read_url, "archive": archive.read_archive},
     "instructions": {"alpaca": chat.read_alpaca, "chat": chat.read_chat, "bigbench": bigbench.read_instructions,
                      "hf": hub.read_instructions},
     "preferences": {"pairs": chat.read_pairs, "bigbench": bigbench.read_preferences, "hf": hub.read_preferences},
@@ -85,7 +91,7 @@ def repair_strings(record: dict[str, Any], stats: Counter[str]) -> dict[str, Any
     return rec
 
 
-def collect_kind(kind: str, sources: list[Any], limit: int | None, stats: Counter[str],
+def collect_kind(kind: str, sources: list[Any], cfg: CollectConfig, stats: Counter[str],
                  drops: list[dict[str, str]], tally: Tally) -> list[dict[str, Any]]:
     """Every record of one kind from its sources, with unique ids and fixed surrogates."""
     records: list[dict[str, Any]] = []
@@ -94,7 +100,9 @@ def collect_kind(kind: str, sources: list[Any], limit: int | None, stats: Counte
         where = f"collect.{SECTIONS[kind]}[{i}] ({src.name})"
         kept_before = len(records)
         taken = 0
-        cap = min(n for n in (src.max_docs, limit, sys.maxsize) if n is not None)
+        cap = min(n for n in (src.max_docs, cfg.limit, sys.maxsize) if n is not None)
+        if src.max_file_bytes is None:
+            src = src.model_copy(update={"max_file_bytes": cfg.max_file_bytes})
         for item in READERS[kind][src.type](src, where, stats):
             if taken >= cap:
                 break
@@ -132,7 +140,7 @@ def run(cfg: CollectConfig, paths: Paths) -> dict[str, Any]:
     for kind in KINDS:
         sources = getattr(cfg, SECTIONS[kind])
         tally = Tally()
-        collected[kind] = collect_kind(kind, sources, cfg.limit, stats, drops, tally)
+        collected[kind] = collect_kind(kind, sources, cfg, stats, drops, tally)
         tally.check(f"collect {kind}")
         per_kind[kind] = tally.as_metrics()
         total.merge(tally)

@@ -18,6 +18,8 @@ class Source(StageConfig):
     """File, folder, URL, dataset name; `pkg://package/rel` points inside an installed package."""
     max_docs: int | None = Field(ge=1)
     """Take at most this many records from the source (null: all)."""
+    max_file_bytes: int | None = Field(default=None, ge=1)
+    """Largest file, archive member or line this source may read (null: `collect.max_file_bytes`)."""
 
 
 Item = dict[str, Any] | Drop

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from stages.common.config import StageError
 from stages.common.io import Drop
 from stages.readers.base import Item, Source, existing
+from stages.readers.safe import files_of, load
 
 
 class BigBenchSource(Source):
@@ -22,13 +23,20 @@ class BigBenchSource(Source):
     """How the task input becomes the user's prompt (`{input}` is replaced)."""
 
 
-def examples(src: BigBenchSource, where: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(`task/index`, example) for every example of the task (or of every task under a folder)."""
+def examples(src: BigBenchSource, where: str) -> Iterator[tuple[str, dict[str, Any]] | Drop]:
+    """(`task/index`, example) for every example of the task (or of every task under a folder);
+    a task file that is a symlink out of the folder, or over the size cap, is dropped."""
     path = existing(src, where)
-    files = sorted(path.glob("**/task.json")) if path.is_dir() else [path]
-    for file in files:
+    for file in files_of(path, "**/task.json"):
+        if isinstance(file, Drop):
+            yield file
+            continue
+        data = load(file, src.max_file_bytes)
+        if isinstance(data, Drop):
+            yield data
+            continue
         try:
-            task = json.loads(file.read_text(encoding="utf-8"))
+            task = json.loads(data.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise StageError(f"{where}: {file} is not a BIG-bench task file ({err})") from None
         if "examples" not in task:
@@ -48,7 +56,11 @@ def ranked_answers(ex: dict[str, Any]) -> list[tuple[float, str]]:
 
 
 def read_instructions(src: BigBenchSource, where: str, stats: Counter[str]) -> Iterator[Item]:
-    for ex_id, ex in examples(src, where):
+    for item in examples(src, where):
+        if isinstance(item, Drop):
+            yield item
+            continue
+        ex_id, ex = item
         target = ex.get("target")
         answer = target[0] if isinstance(target, list) and target else target
         if not isinstance(answer, str):
@@ -62,7 +74,11 @@ def read_instructions(src: BigBenchSource, where: str, stats: Counter[str]) -> I
 
 
 def read_preferences(src: BigBenchSource, where: str, stats: Counter[str]) -> Iterator[Item]:
-    for ex_id, ex in examples(src, where):
+    for item in examples(src, where):
+        if isinstance(item, Drop):
+            yield item
+            continue
+        ex_id, ex = item
         ranked = ranked_answers(ex)
         if len(ranked) < 2 or not isinstance(ex.get("input"), str):
             yield Drop("no_pair", f"{src.path}#{ex_id}")

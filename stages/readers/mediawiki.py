@@ -1,5 +1,6 @@
 """MediaWiki XML exports (plain or .bz2), streamed page by page; the text keeps its wiki markup
-for `clean` to parse. Redirects, empty pages and other namespaces are counted, not kept."""
+for `clean` to parse. Redirects, empty pages, other namespaces and pages over the size cap are
+counted, not kept; a dump that is a symlink out of its folder is refused."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Literal
 
 from stages.common.io import Drop
 from stages.readers.base import Item, Source, existing
+from stages.readers.safe import files_of
 
 
 class MediaWikiSource(Source):
@@ -21,6 +23,11 @@ class MediaWikiSource(Source):
 
 def read_mediawiki(src: MediaWikiSource, where: str, stats: Counter[str]) -> Iterator[Item]:
     path = existing(src, where)
+    refused = next((f for f in files_of(path, None) if isinstance(f, Drop)), None)
+    if refused is not None:
+        yield refused
+        return
+    cap = src.max_file_bytes
     opener = bz2.open if path.suffix == ".bz2" else open
     try:
         with opener(path, "rb") as f:
@@ -41,6 +48,8 @@ def read_mediawiki(src: MediaWikiSource, where: str, stats: Counter[str]) -> Ite
                     yield Drop("redirect", f"{path}: {title}")
                 elif not body.strip():
                     yield Drop("empty_page", f"{path}: {title}")
+                elif cap is not None and len(body.encode("utf-8", "surrogatepass")) > cap:
+                    yield Drop("record_too_large", f"{path}: {title}: over {cap} bytes")
                 else:
                     yield {"id": page_id, "text": f"{title}\n\n{body}" if title else body}
     except (ET.ParseError, OSError, EOFError) as err:

@@ -20,7 +20,7 @@ FIELDS = {
     "text": {"glob": "**/*.txt", "split": "file"}, "tagged": {"lines_per_doc": 1},
     "mediawiki": {"namespaces": [0]}, "hf": {"split": "train", "text_field": "text", "id_field": "id"},
     "url": {"max_bytes": 1_000_000, "timeout_s": 10.0}, "alpaca": {}, "chat": {"messages_field": "messages"},
-    "pairs": {}, "bigbench": {"prompt_template": "{input}"},
+    "pairs": {}, "bigbench": {"prompt_template": "{input}"}, "archive": {"glob": "**/*.txt", "format": "text"},
 }
 
 
@@ -203,3 +203,39 @@ def test_url_source_is_size_capped(paths: Paths) -> None:
             collect(paths, sources=[source("web", "url", url, max_bytes=10)])
     finally:
         server.shutdown()
+
+
+def test_legacy_encoded_line_files_are_decoded_line_by_line(paths: Paths, tmp_path: Path) -> None:
+    zh = ["中华人民共和国成立于一九四九年，首都是北京。", "这是一个中文文件，每一行是一篇文章。", "ASCII line"]
+    gbk = tmp_path / "gbk.txt"
+    gbk.write_bytes("\n".join(zh).encode("gbk"))
+    fr = ["Ça va très bien, merci beaucoup à vous tous ici.", "Où est la bibliothèque, s'il vous plaît ?"]
+    cp = tmp_path / "cp1252.jsonl"
+    cp.write_bytes("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in fr).encode("cp1252"))
+    m = collect(paths, sources=[source("zh", "text", str(gbk), split="line", glob=None),
+                                source("fr", "jsonl", str(cp), id_field=None)])
+    texts = [d["text"] for d in read_records(paths.raw, "corpus")]
+    assert texts == zh + fr and m["dropped"] == {}
+    assert m["repairs"]["lines_decoded_gb18030"] == 2
+
+
+def test_archive_members_are_read_like_files_of_a_folder(paths: Paths, tmp_path: Path) -> None:
+    import tarfile
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "docs.zip", "w") as zf:
+        zf.writestr("data/a.jsonl", json.dumps({"id": "a", "text": "first"}) + "\n{broken\n")
+        zf.writestr("data/b.jsonl", json.dumps({"id": "b", "text": "second"}))
+        zf.writestr("notes.txt", "not matched by the glob")
+    lines = tmp_path / "lines.txt"
+    lines.write_text("one line\n\ntwo line\n")
+    with tarfile.open(tmp_path / "text.tar.gz", "w:gz") as tf:
+        tf.add(lines, "./corpus/lines.txt")
+    m = collect(paths, sources=[
+        source("z", "archive", str(tmp_path / "docs.zip"), glob="data/*.jsonl", format="jsonl", id_field="id"),
+        source("t", "archive", str(tmp_path / "text.tar.gz"), glob="**/*.txt", format="text", split="line")])
+    docs = {d["id"]: d["text"] for d in read_records(paths.raw, "corpus")}
+    assert docs == {"a": "first", "b": "second", "corpus/lines.txt:1": "one line", "corpus/lines.txt:3": "two line"}
+    assert m["dropped"] == {"malformed_json": 1}
+    with pytest.raises(StageError, match="not a zip or tar archive"):
+        collect(paths, sources=[source("x", "archive", str(lines), glob="*")])
