@@ -49,6 +49,7 @@ from stages.common.training import (
     restore_curves,
     save_model,
     seed_everything,
+    split_counts,
 )
 
 log = logging.getLogger("llm_forge.ppo")
@@ -243,7 +244,7 @@ def train_ppo(job: Job) -> tuple[Any, dict[str, Any]]:
     def on_update(step: int) -> None:
         if step % cfg.save_steps == 0 and step < cfg.updates:
             if trainer.accelerator.is_main_process:  # full state dicts: plain data parallel, not sharded
-                save_ppo_checkpoint(job, step, trainer)
+                rl.save_ppo_checkpoint(job.ckpt, job.curves, step, trainer)
             trainer.accelerator.wait_for_everyone()
 
     trainer = PPOTrainer(
@@ -272,21 +273,6 @@ def train_ppo(job: Job) -> tuple[Any, dict[str, Any]]:
     trained = trainer.accelerator.unwrap_model(trainer.model).policy
     sizes = count_parameters(trained)  # before the adapters are merged away
     return rl.plain(trained), {"rollouts": cfg.updates * per_update, **sizes}
-
-
-def save_ppo_checkpoint(job: Job, step: int, trainer: Any) -> None:
-    """Policy (or its adapters), value model, optimizer, scheduler and RNG after update `step`."""
-    import torch
-
-    path = job.ckpt.begin(step)
-    path.mkdir(parents=True)
-    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    unwrapped.policy.save_pretrained(path / "policy")
-    unwrapped.value_model.save_pretrained(path / "value")
-    torch.save(trainer.optimizer.state_dict(), path / "optimizer.pt")
-    torch.save(trainer.lr_scheduler.state_dict(), path / "scheduler.pt")
-    rl.save_rng(path)
-    job.ckpt.commit(path, job.curves)
 
 
 def train_group(job: Job) -> tuple[Any, dict[str, Any]]:
@@ -346,11 +332,7 @@ def summarise(job: Job, before: tuple[list[str], list[float]], after: tuple[list
         "method": job.cfg.method,
         "updates": job.cfg.updates,
         "resumed_from_step": job.resumed_from,
-        "docs_in": job.records,
-        "docs_out": len(job.train_prompts) + len(job.heldout),
-        "dropped": {k: v for k, v in sorted(job.dropped.items()) if v},
-        "prompts_train": len(job.train_prompts),
-        "prompts_heldout": len(job.heldout),
+        **split_counts(job.records, job.train_prompts, job.heldout, {k: v for k, v in job.dropped.items() if v}),
         "max_prompt_tokens": job.max_prompt,
         "reward_before": mean(before[1]),
         "reward_after": mean(after[1]),

@@ -32,6 +32,7 @@ from stages.common.blocks import evaluate, load_blocks, loader, micro_batches, p
 from stages.common.config import Paths, StageConfig, StageError
 from stages.common.runner import run_stage
 from stages.common.training import (
+    STATE_FILE,
     Checkpoints,
     Curves,
     Lora,
@@ -48,7 +49,6 @@ from stages.common.training import (
 
 log = logging.getLogger("llm_forge.pretrain")
 
-STATE_FILE = "pretrain_state.json"  # beside accelerate's files in each checkpoint
 
 
 class PretrainConfig(StageConfig):
@@ -343,21 +343,8 @@ def train_steps(cfg: PretrainConfig, job: Setup, ckpts: Checkpoints, curves: Cur
         if curves is not None and row:
             curves.log(step, {k: v for k, v in row.items() if v is not None})
         if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
-            save_checkpoint(acc, ckpts, step, curves, {"step": step, "val_loss_before": val_before})
+            ckpts.save_accelerate(acc, step, curves, {"step": step, "val_loss_before": val_before})
     return step_seconds, loss_value
-
-
-def save_checkpoint(accelerator: Any, ckpts: Checkpoints, step: int, curves: Curves | None,
-                    state: dict[str, Any]) -> None:
-    """Model, optimizer, scheduler and RNG states (accelerate's, on every process) and our own
-    counters, sealed by `Checkpoints.commit` on the main process."""
-    path = ckpts.begin(step) if accelerator.is_main_process else ckpts.dir / f"checkpoint-{step}"
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(path))
-    if accelerator.is_main_process:
-        (path / STATE_FILE).write_text(json.dumps(state) + "\n")
-        ckpts.commit(path, curves)
-    accelerator.wait_for_everyone()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.common.config import Paths, StageError
-from stages.common.training import Curves
+from stages.common.training import Checkpoints, Curves
 
 log = logging.getLogger("llm_forge.rl")
 
@@ -348,3 +348,18 @@ def restore_rng(path: Path) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_ppo_checkpoint(ckpt: Checkpoints, curves: Curves, step: int, trainer: Any) -> None:
+    """Policy (or its adapters), value model, optimizer, scheduler and RNG after update `step`."""
+    import torch
+
+    path = ckpt.begin(step)
+    path.mkdir(parents=True)
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    unwrapped.policy.save_pretrained(path / "policy")
+    unwrapped.value_model.save_pretrained(path / "value")
+    torch.save(trainer.optimizer.state_dict(), path / "optimizer.pt")
+    torch.save(trainer.lr_scheduler.state_dict(), path / "scheduler.pt")
+    save_rng(path)
+    ckpt.commit(path, curves)

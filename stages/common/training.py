@@ -33,6 +33,7 @@ log = logging.getLogger("llm_forge.training")
 
 ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "loop_state.json"  # our own counters, beside accelerate's files in a checkpoint
 
 
 class TrainConfig(StageConfig):
@@ -303,6 +304,19 @@ class Checkpoints:
             if old != path:
                 shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint: %s", path)
+
+    def save_accelerate(self, accelerator: Any, step: int, curves: Curves | None, state: dict[str, Any]) -> Path:
+        """A checkpoint of an accelerate loop: model, optimizer, scheduler and RNG states (on every
+        process: sharded states are saved collectively) and our own counters (`STATE_FILE`),
+        sealed by `commit` on the main process."""
+        path = self.begin(step) if accelerator.is_main_process else self.dir / f"checkpoint-{step}"
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(path))
+        if accelerator.is_main_process:
+            (path / STATE_FILE).write_text(json.dumps(state) + "\n")
+            self.commit(path, curves)
+        accelerator.wait_for_everyone()
+        return path
 
     def finish(self) -> None:
         if not self.keep:

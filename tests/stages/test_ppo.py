@@ -185,7 +185,7 @@ def test_algorithm_raises_the_reward_and_writes_a_policy(rl_paths: Paths, algori
     m = run(tiny_config("ppo", algorithm=algorithm, **LEARN), rl_paths, train_config(rl_paths))
     assert m["algorithm"] == algorithm and m["resumed_from_step"] == 0
     assert m["docs_in"] == m["docs_out"] + sum(m["dropped"].values())
-    assert m["docs_out"] == m["prompts_train"] + m["prompts_heldout"]
+    assert m["docs_out"] == m["train_records"] + m["val_records"]
     assert m["dropped"]["too_long"] > 0  # tiny xsum articles do not fit the 256-token context
     # The SFT policy's greedy answers hold no paid token (score 0); after training they do.
     print(f"{algorithm}: held-out reward {m['reward_before']} -> {m['reward_after']}")
