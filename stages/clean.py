@@ -9,15 +9,17 @@ record by record:
    `stages.common.markup`: MediaWiki with a real parser, HTML with trafilatura;
 3. redacts PII and secrets with the placeholders of `stages.common.pii`, the same patterns
    `validate` checks;
-4. corpus only: identifies the language (py3langid) and applies the Gopher/C4-style quality and
-   repetition rules of `stages.common.quality`, script-aware so CJK text is measured in characters;
+4. corpus only: removes the lines the C4 line rules name (no terminal punctuation, no letter,
+   javascript and cookie notices; counted in `lines_removed`), drops the document only when too
+   little is left, then identifies the language (py3langid) and applies the Gopher/C4 document
+   rules of `stages.common.quality`, script-aware so CJK text is measured in characters;
 5. instructions and preferences: size and light checks (no answer, empty answer,
    identical preference pair).
 
 Every rule returns `None` (keep) or a `Drop(reason, detail)`. Kept records go to `paths.clean`
 (same layout; the corpus gains a `lang` column), every dropped record to
 `paths.quarantine/<kind>.parquet` (id, source, reason, detail, record as JSON).
-`reports/clean/` gets `samples_kept.jsonl` and `samples_dropped.jsonl`.
+`reports/clean/` gets `samples_kept.jsonl`, `samples_dropped.jsonl` and `samples_lines_removed.jsonl`.
 
     python -m stages.clean [--params params.yaml]
 """
@@ -39,7 +41,7 @@ from stages.common.config import Paths, StageConfig
 from stages.common.io import KINDS, Drop, Tally, atomic_dir, read_records, write_jsonl, write_records
 from stages.common.markup import Markup, strip_markup
 from stages.common.pii import redact
-from stages.common.quality import Doc, Rule, corpus_rules
+from stages.common.quality import Doc, LineRule, Rule, corpus_rules, line_rules, remove_lines, too_little_left
 from stages.common.runner import run_stage
 from stages.common.text import repair, tidy
 
@@ -90,8 +92,19 @@ class CleanConfig(StageConfig):
     """Largest share of lines that start with a bullet (null: no rule)."""
     max_ellipsis_line_fraction: float | None
     """Largest share of lines that end with an ellipsis (null: no rule)."""
-    min_punct_line_fraction: float | None
-    """Smallest share of lines that end with terminal punctuation, C4-style (null: no rule)."""
+    drop_phrases: list[str]
+    """A document holding one of these phrases (case-insensitive) drops, C4-style ("lorem ipsum")."""
+    # --- C4 line rules: a line they name is removed; the document goes only when too little is left ---
+    remove_unpunctuated_lines: bool
+    """Remove lines ending without terminal punctuation (menus, buttons, headings), as C4 does."""
+    prose_line_min_words: int = Field(ge=1)
+    """An unpunctuated line of this many words that holds a sentence end is prose and stays."""
+    remove_letterless_lines: bool
+    """Remove lines without a letter (digit rows, rules, symbol soup)."""
+    line_drop_phrases: dict[str, list[str]]
+    """Reason -> phrases: a line holding one (case-insensitive) is removed and counted under the reason."""
+    min_kept_fraction: float = Field(ge=0, le=1)
+    """Smallest share of its words (and min_words) the line rules must leave a document, else it drops."""
     stop_words: dict[str, list[str]]
     """Stop words per language; a document of a listed language must hold min_stop_words of them."""
     min_stop_words: int
@@ -143,10 +156,14 @@ class Cleaner:
     cfg: CleanConfig
     langid: Callable[[str], tuple[str, float]] | None = None
     rules: list[Rule] = field(default_factory=list)
+    line_rules: list[LineRule] = field(default_factory=list)
     redacted: Counter[str] = field(default_factory=Counter)
+    lines_removed: Counter[str] = field(default_factory=Counter)  # from kept documents, by reason
+    line_samples: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
 
     def __post_init__(self) -> None:
         self.rules = corpus_rules(self.cfg)
+        self.line_rules = line_rules(self.cfg)
 
     def text(self, text: str | None) -> tuple[str, Counter[str]]:
         """`text` repaired and (when configured) redacted, with the count of each PII found."""
@@ -190,14 +207,21 @@ class Cleaner:
             counts.update(found)
         if not text.strip():
             return Drop("empty", f"no text left after {markup} cleaning")
-        lang, conf = self.langid(text) if self.langid else ("", 1.0)
+        cut = remove_lines(text, self.line_rules)
+        if dropped := too_little_left(cut, text, self.cfg.min_kept_fraction, self.cfg.min_words):
+            return dropped
+        lang, conf = self.langid(cut.text) if self.langid else ("", 1.0)
         lang = self.cfg.language_aliases.get(lang, lang)
-        doc = Doc(text, lang, conf)
+        doc = Doc(cut.text, lang, conf)
         for rule in self.rules:
             if dropped := rule(doc):
                 return dropped
         self.redacted.update(counts)
-        return {**record, "text": text, "lang": lang}
+        self.lines_removed.update(cut.lines)
+        for reason, line in cut.examples.items():  # a few removed lines per reason, for the report
+            if len(samples := self.line_samples[reason]) < self.cfg.samples_per_reason:
+                samples.append({"id": record.get("id"), "source": record.get("source"), "reason": reason, "line": line})
+        return {**record, "text": cut.text, "lang": lang}
 
     def instructions(self, record: dict[str, Any]) -> dict[str, Any] | Drop:
         messages = record.get("messages") or []
@@ -310,10 +334,13 @@ def run(cfg: CleanConfig, paths: Paths) -> dict:
     spread = [g[i] for i in range(cfg.samples) for g in groups if i < len(g)][: cfg.samples]
     write_jsonl(report / "samples_kept.jsonl", spread)
     write_jsonl(report / "samples_dropped.jsonl", [s for r in sorted(dropped_samples) for s in dropped_samples[r]])
+    line_samples = cleaner.line_samples
+    write_jsonl(report / "samples_lines_removed.jsonl", [s for r in sorted(line_samples) for s in line_samples[r]])
 
     total.check("clean")
     return {**total.as_metrics(), "kinds": kinds,
             "redacted": dict(sorted(cleaner.redacted.items())),
+            "lines_removed": dict(sorted(cleaner.lines_removed.items())),
             "languages": dict(languages.most_common())}
 
 

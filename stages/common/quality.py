@@ -1,10 +1,13 @@
 """Quality rules for `clean`: Gopher/C4-style checks of one corpus document, script-aware.
 
-Every rule is a small pure function `rule(doc, *thresholds) -> Drop | None`: `None` keeps the
-document, a `Drop` names the reason (a stable snake_case metric key) and the measured value.
+Two kinds of rule, as in C4 and datatrove. A line rule `rule(line) -> reason | None` judges one
+line (menus, buttons, cookie notices, symbol rows): `remove_lines` takes the lines it names out
+of the text and counts them, and `too_little_left` drops the document only when what is left is
+too little. A document rule `rule(doc, *thresholds) -> Drop | None` judges the whole text: `None`
+keeps it, a `Drop` names the reason (a stable snake_case metric key) and the measured value.
 `Doc` computes the token, word, line and paragraph views once for all rules; CJK text (no
-spaces) counts each character as a word (`stages.common.text.CJK`). `corpus_rules` turns the
-`clean` config into the list of rules in the order they run. No files.
+spaces) counts each character as a word (`stages.common.text.CJK`). `line_rules` and
+`corpus_rules` turn the `clean` config into the rules in the order they run. No files.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ _ELLIPSES = ("...", "…")
 # Terminal punctuation, Latin and CJK, then maybe closing quotes and a trailing parenthesis
 # (Chinese news ends paragraphs with "。（新华社记者某某摄）").
 _PUNCT_END = re.compile(r"[.!?;:。！？；：…][\"'”’」』》)\]）]*(?:\s*[（(][^（）()\n]{0,40}[）)])?$")
+# A sentence end inside a line: a Latin stop followed by a capital or digit; in CJK a full stop
+# or a clause comma (headlines, menus and lists of names do without them).
+_SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*\s+[\"'“‘(\[]?[A-Z0-9]|[。！？；，]")
 
 
 @dataclass
@@ -60,6 +66,92 @@ class Doc:
     @cached_property
     def paragraphs(self) -> list[str]:
         return [s for p in re.split(r"\n\s*\n", self.text) if (s := p.strip())]
+
+
+# --- C4 line rules: an offending line is removed, not the document ------------------------------
+
+LineRule = Callable[[str], "str | None"]
+
+
+def _line_words(line: str) -> int:
+    return sum(1 for t in _TOKEN.findall(line) if any(c.isalnum() for c in t))
+
+
+def unpunctuated_line(line: str, prose_min_words: int) -> str | None:
+    """C4: a line that ends without terminal punctuation (a menu entry, button, heading) goes. A
+    line of `prose_min_words` words or more that holds a sentence end is prose whose last stop
+    is missing (a one-line article cut at its end) and stays."""
+    if _PUNCT_END.search(line) or (_line_words(line) >= prose_min_words and _SENTENCE_END.search(line)):
+        return None
+    return "no_terminal_punct"
+
+
+def letterless_line(line: str) -> str | None:
+    """A line without a single letter (rules, digit rows, symbol soup) goes; CJK characters are letters."""
+    return None if any(c.isalpha() for c in line) else "no_letters"
+
+
+def phrase_line(line: str, reason: str, phrases: list[str]) -> str | None:
+    """C4: a line that mentions one of `phrases` (case-insensitive: javascript, cookie notices) goes."""
+    low = line.lower()
+    return reason if any(p in low for p in phrases) else None
+
+
+@dataclass
+class LineCut:
+    """What the line rules left of a text: the text, and reason -> lines and characters removed."""
+
+    text: str
+    lines: Counter[str]
+    chars: Counter[str]
+    examples: dict[str, str]
+
+
+def remove_lines(text: str, rules: list[LineRule]) -> LineCut:
+    """`text` without the lines a rule names (the first rule that names a line counts it); blank
+    lines and line order stay."""
+    kept: list[str] = []
+    lines: Counter[str] = Counter()
+    chars: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    for line in text.split("\n"):
+        stripped = line.strip()
+        reason = next((r for rule in rules if (r := rule(stripped))), None) if stripped else None
+        if reason is None:
+            kept.append(line)
+            continue
+        lines[reason] += 1
+        chars[reason] += len(stripped)
+        examples.setdefault(reason, stripped[:200])
+    return LineCut(re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip(), lines, chars, examples)
+
+
+def too_little_left(cut: LineCut, original: str, min_kept_fraction: float, min_words: int | None) -> Drop | None:
+    """The document goes when the line rules removed more than a share of its words (CJK
+    characters counted one each, so scripts compare), or left fewer than `min_words` of a text
+    that had them; the reason names the rule that removed the most characters."""
+    if not cut.lines:
+        return None
+    before, after = len(Doc(original, "", 1.0).words), len(Doc(cut.text, "", 1.0).words)
+    share = after / max(before, 1)
+    if share >= min_kept_fraction and (min_words is None or after >= min_words or before < min_words):
+        return None
+    removed = ", ".join(f"{n} {reason}" for reason, n in cut.lines.most_common())
+    return Drop(f"{cut.chars.most_common(1)[0][0]}_lines",
+                f"line rules left {after} of {before} words ({share:.0%}; needs {min_kept_fraction:.0%}"
+                f"{f' and {min_words} words' if min_words else ''}); lines removed: {removed}")
+
+
+def line_rules(cfg: Any) -> list[LineRule]:
+    """The line rules of a `clean` config (`stages.clean.CleanConfig`) in the order they run."""
+    rules: list[LineRule] = []
+    if cfg.remove_letterless_lines:
+        rules.append(letterless_line)
+    rules += [partial(phrase_line, reason=reason, phrases=[p.lower() for p in phrases])
+              for reason, phrases in cfg.line_drop_phrases.items()]
+    if cfg.remove_unpunctuated_lines:
+        rules.append(partial(unpunctuated_line, prose_min_words=cfg.prose_line_min_words))
+    return rules
 
 
 # --- size and language -------------------------------------------------------------------------
@@ -153,9 +245,11 @@ def ellipsis_lines(doc: Doc, max_fraction: float) -> Drop | None:
     return None
 
 
-def punct_lines(doc: Doc, min_fraction: float) -> Drop | None:
-    if doc.lines and (frac := _line_fraction(doc, lambda line: bool(_PUNCT_END.search(line)))) < min_fraction:
-        return Drop("few_punct_lines", f"punctuated line fraction {frac:.2f} < {min_fraction:.2f}")
+def drop_phrases(doc: Doc, phrases: list[str]) -> Drop | None:
+    """C4: a page that holds one of `phrases` (case-insensitive: "lorem ipsum") is placeholder text."""
+    low = doc.text.lower()
+    if found := next((p for p in phrases if p.lower() in low), None):
+        return Drop("drop_phrase", f"holds {found!r}")
     return None
 
 
@@ -271,7 +365,7 @@ def corpus_rules(cfg: Any) -> list[Rule]:
         (digit_fraction, {"max_fraction": cfg.max_digit_fraction}),
         (bullet_lines, {"max_fraction": cfg.max_bullet_line_fraction}),
         (ellipsis_lines, {"max_fraction": cfg.max_ellipsis_line_fraction}),
-        (punct_lines, {"min_fraction": cfg.min_punct_line_fraction}),
+        (drop_phrases, {"phrases": cfg.drop_phrases or None}),
         (stop_words, {"words_by_lang": cfg.stop_words or None, "min_count": cfg.min_stop_words}),
     ]
     for rule, kwargs in optional:

@@ -4,6 +4,7 @@ on a small raw folder (nothing lost: every record is kept or quarantined with it
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -177,12 +178,33 @@ def test_line_rules() -> None:
     teasers = "\n".join(f"Read the story about topic {i}..." for i in range(5))
     assert reason(quality.ellipsis_lines(doc(teasers), 0.3)) == "ellipsis_lines"
     assert quality.ellipsis_lines(doc("他走了……\n大家都哭了……\n第二天又来了。", "zh"), 0.3) is None
-    menu = "\n".join(["Home", "About us", "Contact", "Shop", "Login", "Careers", "Press", "Blog", "Help"])
-    assert reason(quality.punct_lines(doc(menu), 0.12)) == "few_punct_lines"
-    assert quality.punct_lines(doc(ENGLISH), 0.12) is None
+
+
+def test_line_rules_remove_lines() -> None:
+    unpunctuated = partial(quality.unpunctuated_line, prose_min_words=25)
+    for line in ("Home", "About us", "Share | Tweet | Email", "标题"):
+        assert unpunctuated(line) == "no_terminal_punct"
     # Chinese: full stop, and a photo credit after the full stop, both end a sentence.
-    zh = "标题\n" + CHINESE + "\n新年讲话发表了。（新华社记者摄）"
-    assert quality.punct_lines(doc(zh, "zh"), 0.5) is None
+    for line in (ENGLISH, CHINESE, "新年讲话发表了。（新华社记者摄）", 'He said: "We won."'):
+        assert unpunctuated(line) is None
+    assert unpunctuated(ENGLISH.rstrip(".")) is None  # prose whose last stop is missing
+    assert unpunctuated(" ".join(["word"] * 40)) == "no_terminal_punct"  # long, but no sentence in it
+    assert quality.letterless_line("---- 12 | 34 ----") == "no_letters"
+    assert quality.letterless_line("第二") is None
+    assert quality.phrase_line("Please enable JavaScript.", "javascript", ["javascript"]) == "javascript"
+    rules = quality.line_rules(CFG)
+    cut = quality.remove_lines("Home\nNews\n\n" + ENGLISH + "\n\nThis site uses cookies.\n###", rules)
+    assert cut.text == ENGLISH
+    assert cut.lines == {"no_terminal_punct": 2, "cookie_policy": 1, "no_letters": 1}
+    assert quality.too_little_left(cut, ENGLISH, 0.5, 50) is None
+    menu = "\n".join(["Home", "About us", "Contact", "Shop", "Login"] + ["A short line here."])
+    cut = quality.remove_lines(menu, rules)
+    assert reason(quality.too_little_left(cut, menu, 0.5, None)) == "no_terminal_punct_lines"
+    # below min_words after removal, though most of the words stay
+    short = "Navigation menu entry\n" + " ".join(["Words that stay."] * 16)  # 51 words, 48 left
+    dropped = quality.too_little_left(quality.remove_lines(short, rules), short, 0.5, 50)
+    assert reason(dropped) == "no_terminal_punct_lines"
+    assert quality.drop_phrases(doc("Lorem ipsum dolor sit amet."), ["lorem ipsum"]).reason == "drop_phrase"
 
 
 def test_stop_words_by_language() -> None:
@@ -318,6 +340,8 @@ def test_stage_output_is_clean(stage_run: tuple[Paths, dict]) -> None:
     assert instructions["key"]["messages"][0]["content"] == "my key is <AWS_KEY>"
     assert metrics["redacted"] == {"aws_key": 1, "email": 1}
     assert metrics["languages"] == {"en": 3, "zh": 1}
+    # the wiki page's title and section heading are lines without a sentence: removed and counted
+    assert "History" not in corpus["wiki"]["text"].splitlines() and metrics["lines_removed"] == {"no_terminal_punct": 2}
 
 
 def test_stage_reports_samples(stage_run: tuple[Paths, dict]) -> None:
@@ -328,6 +352,8 @@ def test_stage_reports_samples(stage_run: tuple[Paths, dict]) -> None:
     assert {s["kind"] for s in kept} == {"corpus", "instructions", "preferences"}
     assert all(len(s["text"]) <= 501 for s in kept + dropped)
     assert {s["reason"] for s in dropped} == {r for d in EXPECTED_DROPS.values() for r in d.values()}
+    lines = [json.loads(line) for line in (report / "samples_lines_removed.jsonl").read_text().splitlines()]
+    assert [(s["id"], s["reason"], s["line"]) for s in lines] == [("wiki", "no_terminal_punct", "Lighthouse")]
 
 
 def test_empty_input_writes_every_kind(paths: Paths, langid: clean.LanguageId, monkeypatch: pytest.MonkeyPatch) -> None:
