@@ -54,7 +54,7 @@ class TaskConfig(StageConfig):
 class EvaluateConfig(StageConfig):
     models: list[str]
     """Table rows, in order: `paths` keys whose model folder is scored (a folder of model folders,
-    such as `quantized`, gives a row per model inside)."""
+    such as `quantized`, gives a row per model inside; `quantized/<method>` names one of them)."""
     task_dir: Path
     """Folder of lm-eval task YAMLs (`TaskManager(include_path=...)`)."""
     tasks: dict[str, TaskConfig]
@@ -72,7 +72,7 @@ class EvaluateConfig(StageConfig):
     @field_validator("models")
     @classmethod
     def _paths_keys(cls, models: list[str]) -> list[str]:
-        unknown = [m for m in models if m not in Paths.model_fields]
+        unknown = [m for m in models if m.partition("/")[0] not in Paths.model_fields]
         if unknown:
             raise ValueError(f"{unknown} are not `paths` keys (choose from {list(Paths.model_fields)})")
         if len(set(models)) != len(models):
@@ -87,10 +87,11 @@ class EvaluateConfig(StageConfig):
 def model_rows(cfg: EvaluateConfig, paths: Paths) -> dict[str, Path]:
     """Row name -> model folder, in the order of `evaluate.models`. A folder without a
     config.json that holds folders (`models/quantized/`: one per method) gives the row
-    `<name>/<subfolder>` for each; an empty one gives no row."""
+    `<name>/<subfolder>` for each; an empty one gives no row. `<name>/<subfolder>` names one."""
     rows: dict[str, Path] = {}
     for name in cfg.models:
-        folder = Path(getattr(paths, name))
+        key, _, sub = name.partition("/")
+        folder = Path(getattr(paths, key)) / sub if sub else Path(getattr(paths, key))
         inner = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) \
             if folder.is_dir() and not (folder / "config.json").exists() else None
         if inner is None:

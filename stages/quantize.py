@@ -1,15 +1,17 @@
 """quantize: the final model in 4 and 8 bits, and what each method costs in quality and buys in size and speed.
 
 Reads the final model from `models/ppo/` (a plain Hugging Face causal LM folder) and
-`data/tokenized/` (its val blocks score perplexity; GPTQ calibrates on decoded train blocks). Each
-method in `quantize.methods` (bitsandbytes NF4 and LLM.int8, torchao int8 weight-only, GPTQ)
-quantizes the model through the `quantization_config` transformers takes for it, saves it to
+`data/tokenized/` (its val blocks score perplexity; GPTQ and AWQ calibrate on its train blocks).
+Each method in `quantize.methods` (bitsandbytes NF4 and LLM.int8, torchao int8 weight-only through
+the `quantization_config` transformers takes for them; GPTQ and AWQ through GPTQModel, HQQ through
+hqq, all three on a CPU too: `stages/common/quantizers.py`) quantizes the model, saves it to
 `models/quantized/<method>/` (a folder that `AutoModelForCausalLM.from_pretrained` loads back from
-the config it carries, with the tokenizer, `llm_forge.yaml` and the method's `metrics.json` beside
-it), then reloads it from there and measures what the unquantized model (in fp32) is measured on:
+the config it carries, except HQQ's, which `stages.common.lm.load_causal_lm` loads through hqq;
+with the tokenizer, `llm_forge.yaml` and the method's `metrics.json` beside it), then reloads it
+from there and measures what the unquantized model (in fp32) is measured on:
 size on disk, held-out perplexity, greedy tokens/s and a greedy sample (both continue the first
 `speed_prompt_tokens` tokens of the first val block: held-out text). A method this machine cannot
-run (GPTQ without a CUDA GPU or its packages) or that fails is skipped with a one-line reason
+run (its package missing) or that fails is skipped with a one-line reason
 (`skipped` in the metrics) and the others still run; a final model that does not load stops the
 stage. The whole `models/quantized/` folder appears at once when the stage has finished. Writes
 `reports/quantize/` (`metrics.json`, `table.md`, `samples.json`).
@@ -30,21 +32,22 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator
 
-from stages.common import lm
+from stages.common import lm, quantizers
 from stages.common.config import Paths, StageConfig
 from stages.common.io import atomic_dir, write_json
 from stages.common.runner import run_stage
 
 log = logging.getLogger("llm_forge.quantize")
 
-Method = Literal["nf4", "int8", "torchao_int8", "gptq"]
+Method = Literal["nf4", "int8", "torchao_int8", "gptq", "awq", "hqq"]
 
 
 class QuantizeConfig(StageConfig):
     """The `quantize` section: which quantizations of the final model to make and how to measure them."""
 
     methods: list[Method]
-    """Methods to run, in order: nf4 / int8 (bitsandbytes), torchao_int8 (int8 weight-only), gptq (CUDA)."""
+    """Methods to run, in order: nf4 / int8 (bitsandbytes), torchao_int8 (int8 weight-only), gptq / awq
+    (GPTQModel), hqq."""
     perplexity_blocks: int | None = Field(ge=1)
     """Val blocks of data/tokenized that perplexity is measured on (null: all)."""
     batch_size: int = Field(ge=1)
@@ -59,12 +62,12 @@ class QuantizeConfig(StageConfig):
     """LLM.int8: input columns holding a value this large bypass int8 (0: none; bitsandbytes' default 6).
     A small model has small activations, so a lower threshold keeps more columns exact
     (`python -m bench.quantize_bench --thresholds ...` measures the trade against tokens/s)."""
-    gptq_bits: Literal[2, 3, 4, 8]
-    """GPTQ: bits per weight."""
-    gptq_group_size: int = Field(ge=-1)
-    """GPTQ: weights sharing one scale (-1: one per output row)."""
-    gptq_calibration_blocks: int = Field(ge=1)
-    """GPTQ: train blocks of data/tokenized, decoded to text, that calibrate the quantization."""
+    gptq: quantizers.CalibratedOptions
+    """GPTQ: bits, group size, symmetric or not, calibration blocks."""
+    awq: quantizers.CalibratedOptions
+    """AWQ: bits (4), group size, symmetric or not, calibration blocks."""
+    hqq: quantizers.HQQOptions
+    """HQQ: bits, group size, axis."""
 
     @field_validator("methods")
     @classmethod
@@ -74,13 +77,6 @@ class QuantizeConfig(StageConfig):
         if len(set(methods)) != len(methods):
             raise ValueError(f"{methods} names a method twice")
         return methods
-
-    @field_validator("gptq_group_size")
-    @classmethod
-    def _group(cls, size: int) -> int:
-        if size == 0:
-            raise ValueError("a group holds at least one weight (-1: one group per row)")
-        return size
 
 
 class Unavailable(Exception):
@@ -181,22 +177,21 @@ def quantize_torchao_int8(cfg: QuantizeConfig, src: Path, paths: Paths, tokenize
 
 
 def quantize_gptq(cfg: QuantizeConfig, src: Path, paths: Paths, tokenizer: Any) -> Any:
-    """GPTQ through transformers (optimum + gptqmodel), calibrated on decoded train blocks; its
-    test is marked `gpu` (a later issue moves it to GPTQModel's CPU backend)."""
-    import datasets
-    import torch
-    from transformers import AutoModelForCausalLM, GPTQConfig
+    """GPTQ with GPTQModel (CPU: its torch backend; GPU: its fastest kernel)."""
+    _need("gptqmodel")
+    return quantizers.quantize_gptqmodel(cfg.gptq, src, paths, tokenizer, "gptq")
 
-    if not torch.cuda.is_available():
-        raise Unavailable("needs a CUDA GPU; none here")
-    missing = [p for p in ("gptqmodel", "optimum") if importlib.util.find_spec(p) is None]
-    if missing:
-        raise Unavailable(f"needs the packages {', '.join(missing)} (pip install {' '.join(missing)})")
-    train = datasets.load_from_disk(str(paths.tokenized))["train"]
-    blocks = train.select(range(min(cfg.gptq_calibration_blocks, len(train))))["input_ids"]
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in blocks]
-    q = GPTQConfig(bits=cfg.gptq_bits, group_size=cfg.gptq_group_size, dataset=texts, tokenizer=tokenizer)
-    return AutoModelForCausalLM.from_pretrained(src, quantization_config=q, dtype=torch.float16, device_map="cuda")
+
+def quantize_awq(cfg: QuantizeConfig, src: Path, paths: Paths, tokenizer: Any) -> Any:
+    """AWQ with GPTQModel (GEMM format; on a CPU in bf16)."""
+    _need("gptqmodel")
+    return quantizers.quantize_gptqmodel(cfg.awq, src, paths, tokenizer, "awq")
+
+
+def quantize_hqq(cfg: QuantizeConfig, src: Path, paths: Paths, tokenizer: Any) -> Any:
+    """HQQ, calibration-free, with the hqq library."""
+    _need("hqq")
+    return quantizers.quantize_hqq(cfg.hqq, src)
 
 
 QUANTIZERS: dict[str, Callable[[QuantizeConfig, Path, Paths, Any], Any]] = {
@@ -204,6 +199,8 @@ QUANTIZERS: dict[str, Callable[[QuantizeConfig, Path, Paths, Any], Any]] = {
     "int8": quantize_int8,
     "torchao_int8": quantize_torchao_int8,
     "gptq": quantize_gptq,
+    "awq": quantize_awq,
+    "hqq": quantize_hqq,
 }
 
 

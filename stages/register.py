@@ -160,19 +160,22 @@ def candidates(cfg: RegisterConfig, paths: Paths, table: dict[str, Any]) -> tupl
     return found, skipped
 
 
+# quant_method in a folder's config -> the packages that load it (where the names differ)
+QUANT_LIBRARIES = {"gptq": ["gptqmodel", "optimum"], "awq": ["gptqmodel"]}
+
+
 def requirements(folder: Path) -> list[str]:
     """What the loading machine needs: mlflow, torch, transformers (pinned to what logged the
     model), and the quantization library the folder's config names."""
     names = ["mlflow", "torch", "transformers", "tokenizers", "safetensors", "accelerate"]
-    quant = (lm.read_config(folder).get("quantization_config") or {}).get("quant_method")
-    if quant:
-        names.append(str(quant))
+    quant = lm.quant_method(folder)
+    libraries = QUANT_LIBRARIES.get(str(quant), [str(quant)]) if quant else []
     pins = []
-    for name in names:
+    for name in names + libraries:
         try:
             pins.append(f"{name}=={metadata.version(name).split('+')[0]}")  # no local tag (torch's +cpu)
         except metadata.PackageNotFoundError:
-            if name == quant:
+            if name in libraries:
                 pins.append(name)
     return pins
 

@@ -7,8 +7,11 @@ loaded (`mlflow.pyfunc.load_model("models:/llm-forge@candidate")`), where llm-fo
 installed. So it imports only mlflow, transformers and torch, and those inside `load_context`.
 
 The folder may be plain or quantized: `from_pretrained` reads the `quantization_config` that a
-bitsandbytes or torchao folder carries in its `config.json` (the loading machine needs that
-library too; `register` lists it in the model's requirements).
+bitsandbytes, torchao, GPTQ or AWQ folder carries in its `config.json` (the loading machine needs
+that library too; `register` lists it in the model's requirements). An HQQ folder (`quant_method:
+hqq`: hqq's own `qmodel.pt`, which transformers cannot load) loads through the `hqq` library; a
+GPTQ folder on a machine without CUDA uses GPTQModel's torch kernel (its default CPU kernel
+compiles itself for minutes on first use). These mirror `stages.common.lm.load_causal_lm`.
 
 Input: a list of prompts, one prompt, or a DataFrame with a `prompt` column. Output: the greedy
 continuation of each prompt (new tokens only, special tokens dropped), one string per prompt.
@@ -17,6 +20,9 @@ Param `max_new_tokens` (default: the `max_new_tokens` of the model config MLflow
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -39,20 +45,46 @@ def prompts_of(model_input: Any) -> list[str]:
     return [str(p) for p in model_input]
 
 
+def load_model(folder: str) -> Any:
+    """The causal LM in `folder`, quantized as its config says; on the GPU where there is one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cuda = torch.cuda.is_available()
+    try:
+        quant = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        quant = {}
+    method = quant.get("quant_method")
+    if method == "hqq":
+        from hqq.models.hf.base import AutoHQQHFModel
+
+        dtype = getattr(torch, quant.get("compute_dtype", "float32"))
+        return AutoHQQHFModel.from_quantized(folder, compute_dtype=dtype, device="cuda" if cuda else "cpu")
+    kwargs: dict[str, Any] = {}
+    if method in ("gptq", "awq"):  # GPTQModel: as many CPU workers as cores, no C++ packing extension
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+        os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
+    if method == "gptq" and not cuda:
+        from transformers import GPTQConfig
+
+        kwargs["quantization_config"] = GPTQConfig(bits=quant["bits"], backend="torch")
+    # On a GPU machine the weights go to the GPU (bitsandbytes needs it there to run fast).
+    placement = {"device_map": "auto"} if cuda else {}
+    return AutoModelForCausalLM.from_pretrained(folder, **placement, **kwargs)
+
+
 class Generator(mlflow.pyfunc.PythonModel):
     """Greedy text continuation with the causal LM in the `model` artifact."""
 
     def load_context(self, context: Any) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         folder = context.artifacts[MODEL_ARTIFACT]
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        # On a GPU machine the weights go to the GPU (bitsandbytes needs it there to run fast).
-        placement = {"device_map": "auto"} if torch.cuda.is_available() else {}
-        self.model = AutoModelForCausalLM.from_pretrained(folder, **placement).eval()
+        self.model = load_model(folder).eval()
         config = getattr(context, "model_config", None) or {}
         self.max_new_tokens = int(config.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
 

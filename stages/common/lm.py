@@ -1,7 +1,9 @@
 """Loading, measuring and running a finished causal LM: shared by `quantize`, `evaluate`, `register`.
 
 Both stages open model folders the pipeline wrote (plain or quantized: `from_pretrained` reads
-the `quantization_config` a quantized folder carries), and both report the same held-out
+the `quantization_config` a quantized folder carries; an HQQ folder, which transformers cannot
+load, goes through the `hqq` library, and a GPTQ folder on a CPU through GPTQModel's torch kernel,
+which needs no compiling), and both report the same held-out
 perplexity on `data/tokenized`'s val split and the same greedy-generation speed, so that the
 numbers in the quantization table and in the evaluation table are one measurement, not two.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -47,9 +50,36 @@ def load_tokenizer(model_dir: Path, fallback: Path | None = None) -> Any:
     raise StageError(f"{model_dir} has no tokenizer (and no fallback tokenizer at {fallback})")
 
 
+def gptqmodel_env() -> None:
+    """Settings GPTQModel reads at import: as many CPU workers as cores (its default, half the
+    cores, fails to start on a 2-core machine), and its pure-torch packing instead of a C++
+    extension it would compile on first use. An explicit setting in the environment wins."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+    os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
+
+
+def quant_method(model_dir: Path) -> str | None:
+    """The `quant_method` of the folder's quantization_config (None: not quantized)."""
+    return (read_config(model_dir).get("quantization_config") or {}).get("quant_method")
+
+
+def load_hqq(model_dir: Path, dtype: Any = None, device_map: Any = None) -> Any:
+    """An HQQ folder (hqq's `config.json` + `qmodel.pt`), computing in `dtype` (default: the one it
+    was quantized with)."""
+    import torch
+    from hqq.models.hf.base import AutoHQQHFModel
+
+    if dtype is None or dtype == "auto":
+        dtype = (read_config(model_dir).get("quantization_config") or {}).get("compute_dtype", "float32")
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    device = "cuda" if device_map is not None and torch.cuda.is_available() else "cpu"
+    return AutoHQQHFModel.from_quantized(str(model_dir), compute_dtype=dtype, device=device)
+
+
 def load_causal_lm(model_dir: Path, **kwargs: Any) -> Any:
-    """`AutoModelForCausalLM.from_pretrained(model_dir)` in eval mode; a folder that does not
-    load is a StageError naming it (the caller records a skip, not a crash)."""
+    """`AutoModelForCausalLM.from_pretrained(model_dir)` in eval mode (an HQQ folder through hqq;
+    a GPTQ folder on a CPU with GPTQModel's torch kernel); a folder that does not load is a
+    StageError naming it (the caller records a skip, not a crash)."""
     from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
@@ -59,7 +89,20 @@ def load_causal_lm(model_dir: Path, **kwargs: Any) -> Any:
     if architectures and not any(a.endswith("ForCausalLM") for a in architectures):
         # a reward model (a sequence classifier) would load with a random lm_head and score noise
         raise StageError(f"{model_dir} holds a {', '.join(architectures)}, not a causal LM")
+    method = quant_method(model_dir)
     try:
+        if method == "hqq":
+            return load_hqq(model_dir, kwargs.get("dtype"), kwargs.get("device_map")).eval()
+        if method in ("gptq", "awq"):
+            gptqmodel_env()
+        if method == "gptq" and "quantization_config" not in kwargs:
+            import torch
+            from transformers import GPTQConfig
+
+            # GPTQModel's default CPU kernel (AVX-512) compiles itself for minutes on first use
+            backend = "auto" if torch.cuda.is_available() else "torch"
+            kwargs["quantization_config"] = GPTQConfig(bits=read_config(model_dir)["quantization_config"]["bits"],
+                                                       backend=backend)
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     except Exception as err:  # any loader failure is "this folder does not load"
         raise StageError(f"{model_dir} does not load: {type(err).__name__}: {str(err)[:300]}") from err
@@ -68,13 +111,13 @@ def load_causal_lm(model_dir: Path, **kwargs: Any) -> Any:
 
 def quantized_layers(model: Any) -> tuple[int, int]:
     """(quantized, all) linear layers: a quantized one holds its weight as a bitsandbytes or torchao
-    tensor subclass, as integers, or (GPTQ) as packed `qweight`."""
+    tensor subclass, as integers, (GPTQ, AWQ) as packed `qweight`, or (HQQ) as packed `W_q`."""
     import torch
 
     quantized = total = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if hasattr(module, "qweight"):
+        if hasattr(module, "qweight") or hasattr(module, "W_q"):
             quantized, total = quantized + 1, total + 1
         elif isinstance(module, torch.nn.Linear) and weight is not None:
             total += 1

@@ -286,3 +286,17 @@ def test_bad_task_files_and_a_broken_model_are_recorded_skips(tiny_workdir: Path
         assert set(metrics["models"][row]) == {"perplexity", "bigbench_arithmetic"}
     table = (tiny_workdir.report_dir("evaluate") / "table.md").read_text()
     assert "| sft |" not in table and "- `sft`:" in table
+
+
+def test_rows_name_every_quantized_folder_or_one_of_them(paths: Paths) -> None:
+    from stages.evaluate import model_rows
+
+    for method in ("int8", "hqq"):
+        (paths.quantized / method).mkdir(parents=True)
+        (paths.quantized / method / "config.json").write_text("{}")
+    every = model_rows(config(models=["ppo", "quantized"]), paths)
+    assert list(every) == ["ppo", "quantized/hqq", "quantized/int8"]
+    one = model_rows(config(models=["ppo", "quantized/int8"]), paths)
+    assert one == {"ppo": paths.ppo, "quantized/int8": paths.quantized / "int8"}
+    with pytest.raises(ConfigError, match="not `paths` keys"):
+        config(models=["quantised/int8"])
