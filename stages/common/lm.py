@@ -73,7 +73,11 @@ def load_hqq(model_dir: Path, dtype: Any = None, device_map: Any = None) -> Any:
         dtype = (read_config(model_dir).get("quantization_config") or {}).get("compute_dtype", "float32")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     device = "cuda" if device_map is not None and torch.cuda.is_available() else "cpu"
-    return AutoHQQHFModel.from_quantized(str(model_dir), compute_dtype=dtype, device=device)
+    model = AutoHQQHFModel.from_quantized(str(model_dir), compute_dtype=dtype, device=device)
+    # Our settings, not transformers' HqqConfig: code that reads model.config.quantization_config
+    # as one (lm-eval's HFLM does) must not try to rebuild a quantizer transformers cannot run.
+    model.config.quantization_config = None
+    return model
 
 
 def load_causal_lm(model_dir: Path, **kwargs: Any) -> Any:
