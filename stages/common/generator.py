@@ -7,7 +7,7 @@ loaded (`mlflow.pyfunc.load_model("models:/llm-forge@candidate")`), where llm-fo
 installed. So it imports only mlflow, transformers and torch, and those inside `load_context`.
 
 The folder may be plain or quantized: `from_pretrained` reads the `quantization_config` that a
-bitsandbytes, torchao, GPTQ or AWQ folder carries in its `config.json` (the loading machine needs
+bitsandbytes, torchao or GPTQ folder carries in its `config.json` (the loading machine needs
 that library too; `register` lists it in the model's requirements). An HQQ folder (`quant_method:
 hqq`: hqq's own `qmodel.pt`, which transformers cannot load) loads through the `hqq` library; a
 GPTQ folder on a machine without CUDA uses GPTQModel's torch kernel (its default CPU kernel
@@ -62,7 +62,7 @@ def load_model(folder: str) -> Any:
         dtype = getattr(torch, quant.get("compute_dtype", "float32"))
         return AutoHQQHFModel.from_quantized(folder, compute_dtype=dtype, device="cuda" if cuda else "cpu")
     kwargs: dict[str, Any] = {}
-    if method in ("gptq", "awq"):  # GPTQModel: as many CPU workers as cores, no C++ packing extension
+    if method == "gptq":  # GPTQModel: as many CPU workers as cores, no C++ packing extension
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
         os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
     if method == "gptq" and not cuda:

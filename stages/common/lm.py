@@ -97,7 +97,7 @@ def load_causal_lm(model_dir: Path, **kwargs: Any) -> Any:
     try:
         if method == "hqq":
             return load_hqq(model_dir, kwargs.get("dtype"), kwargs.get("device_map")).eval()
-        if method in ("gptq", "awq"):
+        if method == "gptq":
             gptqmodel_env()
         if method == "gptq" and "quantization_config" not in kwargs:
             import torch
@@ -115,7 +115,7 @@ def load_causal_lm(model_dir: Path, **kwargs: Any) -> Any:
 
 def quantized_layers(model: Any) -> tuple[int, int]:
     """(quantized, all) linear layers: a quantized one holds its weight as a bitsandbytes or torchao
-    tensor subclass, as integers, (GPTQ, AWQ) as packed `qweight`, or (HQQ) as packed `W_q`."""
+    tensor subclass, as integers, (GPTQ) as packed `qweight`, or (HQQ) as packed `W_q`."""
     import torch
 
     quantized = total = 0

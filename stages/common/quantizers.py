@@ -1,4 +1,4 @@
-"""4-bit quantizers that run on a CPU as on a GPU: GPTQ and AWQ through GPTQModel, and HQQ.
+"""4-bit quantizers that run on a CPU as on a GPU: GPTQ through GPTQModel, and HQQ.
 
 `stages/quantize.py` calls each as `quantizer(cfg, src, paths, tokenizer)` and saves what it
 returns with `.save_pretrained(folder)`; `lm.load_causal_lm` loads each folder back quantized.
@@ -8,8 +8,6 @@ returns with `.save_pretrained(folder)`; `lm.load_causal_lm` loads each folder b
   On a CPU it quantizes and packs with GPTQModel's torch backend (no kernel to compile); the
   folder is a standard GPTQ checkpoint that `from_pretrained` loads (transformers + optimum +
   gptqmodel).
-- AWQ (GPTQModel, the maintained successor of AutoAWQ): activation-aware scaling, then
-  round-to-nearest, calibrated the same way. GPTQModel's CPU AWQ path runs in bf16 only.
 - HQQ (the `hqq` library): calibration-free half-quadratic fitting of a scale and a zero point
   per group. transformers' `HqqConfig` path neither quantizes nor saves in transformers 5, so the
   folder is hqq's own (`config.json` + `qmodel.pt`); its config.json carries a
@@ -34,10 +32,10 @@ KEEP_DTYPE = "bfloat16"
 
 
 class CalibratedOptions(StageConfig):
-    """GPTQ / AWQ settings (`quantize.gptq`, `quantize.awq`)."""
+    """GPTQ settings (`quantize.gptq`)."""
 
     bits: Literal[2, 3, 4, 8]
-    """Bits per weight (AWQ: 4 only)."""
+    """Bits per weight."""
     group_size: int = Field(ge=-1)
     """Weights of one input row sharing a scale (-1: one per output row); must divide the layers'
     input sizes. 32 with sym false is the Q4_1 GGUF grid."""
@@ -73,48 +71,25 @@ def calibration_ids(paths: Any, n_blocks: int) -> list[list[int]]:
     return [list(map(int, ids)) for ids in train.select(range(min(n_blocks, len(train))))["input_ids"]]
 
 
-def quantize_gptqmodel(opts: Any, src: Path, paths: Any, tokenizer: Any, method: str) -> Any:
-    """GPTQ or AWQ (`method`) with GPTQModel; the quantized model (GPTQModel's wrapper, whose
-    `save_pretrained` writes a standard checkpoint)."""
+def quantize_gptq(opts: Any, src: Path, paths: Any, tokenizer: Any) -> Any:
+    """GPTQ with GPTQModel; the quantized model (GPTQModel's wrapper, whose `save_pretrained`
+    writes a standard checkpoint)."""
     import torch
 
     lm.gptqmodel_env()
     from gptqmodel import BACKEND, GPTQModel
     from gptqmodel import QuantizeConfig as GPTQModelConfig
-    from gptqmodel.quantization import FORMAT, METHOD
 
-    if method == "awq":
-        check_groups(src, opts.group_size)
     cuda = torch.cuda.is_available()
-    extra = {"method": METHOD.AWQ, "format": FORMAT.GEMM} if method == "awq" else {}
     # offload_to_disk (GPTQModel's default) would write the model's layers to a /tmp folder of its own
     q = GPTQModelConfig(bits=opts.bits, group_size=opts.group_size, sym=opts.sym, desc_act=False,
-                        offload_to_disk=False, **extra)
-    # GPTQModel's CPU AWQ path runs in bf16 only; GPTQ on a CPU keeps fp32 activations.
-    dtype = torch.float16 if cuda else torch.bfloat16 if method == "awq" else torch.float32
+                        offload_to_disk=False)
+    dtype = torch.float16 if cuda else torch.float32  # on a CPU, fp32 activations
     model = GPTQModel.load(str(src), q, device="cuda" if cuda else "cpu", dtype=dtype)
     blocks = calibration_ids(paths, opts.calibration_blocks)
     model.quantize([{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in blocks], batch_size=1,
-                   tokenizer=tokenizer, backend=BACKEND.AUTO if cuda or method == "awq" else BACKEND.TORCH)
+                   tokenizer=tokenizer, backend=BACKEND.AUTO if cuda else BACKEND.TORCH)
     return GPTQModelFolder(model)
-
-
-def check_groups(src: Path, group_size: int) -> None:
-    """A ValueError unless `group_size` divides the input size of every linear layer of the
-    decoder: GPTQModel's AWQ fails on such a layer inside a worker thread, and a failing worker
-    ends the whole process (`os._exit`), so the stage checks first and records a skip."""
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if group_size <= 0:
-        raise ValueError("AWQ on GPTQModel needs a group size (16, 32, 64 or 128), not one scale per row")
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
-    sizes = sorted({m.in_features for name, m in model.named_modules()
-                    if isinstance(m, torch.nn.Linear) and name != "lm_head"})
-    if any(size % group_size for size in sizes):
-        raise ValueError(f"group size {group_size} does not divide every linear layer's input size {sizes}")
 
 
 class GPTQModelFolder:
