@@ -4,6 +4,9 @@ The flow holds no training or data logic and no stage list: it reads the graph f
 and runs each stage with `dvc repro --single-item <stage>`, so DVC alone decides what is up to
 date (an unchanged stage is skipped, and its cache is the only cache). Prefect adds retries,
 logs and the run history; MLflow gets one parent run that every stage's run nests under.
+Before any stage runs, the whole params file is checked against every stage's typed config, and
+every problem is named at once (exit code 2). A tracking server that cannot be reached does not
+stop the pipeline: each stage keeps what it could not send (see `stages.common.tracking`).
 
     python -m flows.pipeline [--stage tokenize]
 """
@@ -23,6 +26,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 from prefect import flow, get_run_logger, task  # noqa: E402
 
 from stages.common import tracking  # noqa: E402
+from stages.common.config import ConfigError, check_params  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,19 +70,41 @@ def repro(stage: str, parent_run_id: str | None) -> None:
         raise RuntimeError(f"stage {stage} failed (exit {done.returncode}): see its error above")
 
 
+def check(root: Path = ROOT) -> None:
+    """The whole params file against every stage's config: a ConfigError naming each problem."""
+    check_params(root / "params.yaml", root / "dvc.yaml", root)
+
+
 @flow(name="llm-forge-pipeline", log_prints=True)
 def pipeline(target: str | None = None) -> list[str]:
     """Run the DVC pipeline up to `target` (all stages by default); returns the stages run."""
     import mlflow
 
+    check()
     order = stage_order(target)
-    experiment_id = tracking.setup(ROOT)
+    logger = get_run_logger()
     commit = tracking.git_commit(ROOT)
     tags = {"llm_forge.stage": "pipeline", **({"git.commit": commit} if commit else {})}
-    with mlflow.start_run(experiment_id=experiment_id, run_name="pipeline", tags=tags) as parent:
+    parent_id = None
+    try:
+        experiment_id = tracking.setup(ROOT)
+        parent_id = mlflow.start_run(experiment_id=experiment_id, run_name="pipeline", tags=tags).info.run_id
         mlflow.log_param("stages", ",".join(order))
+    except Exception as err:  # the stages still run, each keeping what it could not send
+        logger.warning("MLflow at %s is unreachable (%s): the stages run without a parent run",
+                       tracking.tracking_uri_shown(), tracking.describe(err))
+    status = "FAILED"
+    try:
         for stage in order:
-            repro(stage, parent.info.run_id)
+            repro(stage, parent_id)
+        status = "FINISHED"
+    finally:
+        if parent_id is not None and mlflow.active_run() is not None:
+            try:
+                mlflow.end_run(status=status)
+            except Exception as err:
+                logger.warning("MLflow at %s is unreachable (%s): the pipeline run stays open there",
+                               tracking.tracking_uri_shown(), tracking.describe(err))
     return order
 
 
@@ -86,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
     ap.add_argument("--stage", help="run only this stage and what it depends on")
     args = ap.parse_args(argv)
+    try:
+        check()  # before Prefect starts: a bad params file costs a second, not a server start
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     pipeline(args.stage)
     return 0
 

@@ -18,6 +18,18 @@ from stages.common.profile import apply
 ROOT = Path(__file__).resolve().parent.parent
 # What a scratch project needs of this one: code, graph, params, profiles.
 PROJECT_FILES = ("stages", "flows", "configs", "dvc.yaml", "params.yaml", "profiles", ".dvcignore")
+# Credentials a user's environment carries (hub token, tracking-server login, S3 keys): every
+# scratch project runs with these planted, so a test can search all its outputs for them
+# (tests/reliability/test_secrets.py). Nothing in a test run can use them: there is no network.
+# (MLFLOW_TRACKING_USERNAME is left out: a user name is no secret, MLflow records it as `mlflow.user`.)
+CANARIES = {
+    "HF_TOKEN": "hf_CanaryHubTokenQ9cX7kLm2Pq4Rs6Tu8Vw",
+    "HUGGING_FACE_HUB_TOKEN": "hf_CanaryHubLegacyQ9cA1bC3dE5fG7hJ9",
+    "MLFLOW_TRACKING_PASSWORD": "CanaryMlflowPasswordQ9cZ8yX6wV4",
+    "MLFLOW_TRACKING_TOKEN": "CanaryMlflowTokenQ9cU2tS4rQ6pO8",
+    "AWS_ACCESS_KEY_ID": "AKIACANARYQ9C7XK2LMP",
+    "AWS_SECRET_ACCESS_KEY": "CanaryAwsSecretQ9c/Kx7Lm2Pq4Rs6Tu8Vw0Yz3Ab",
+}
 
 
 @functools.cache
@@ -72,6 +84,7 @@ def project_env(project: Path) -> dict[str, str]:
     env["PREFECT_HOME"] = str(project / ".prefect")
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     env.pop("LLM_FORGE_PARENT_RUN_ID", None)
+    env.update(CANARIES)
     return env
 
 
@@ -90,7 +103,9 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny profile run once end to end through the Prefect flow (which runs each stage
     with `dvc repro`), shared by the integration tests."""
     project = make_project(tmp_path_factory.mktemp("tiny") / "project")
-    run_in(project, "-m", "flows.pipeline")
+    done = run_in(project, "-m", "flows.pipeline")
+    # the flow's own output, kept so that tests can search it too (test_secrets.py)
+    (project.parent / "flow.log").write_text(done.stdout + done.stderr, encoding="utf-8")
     return project
 
 

@@ -90,23 +90,80 @@ def resolve_path(spec: str | Path, root: Path = Path(".")) -> Path:
 
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `final`; on success it replaces `final`."""
+    """Yield an empty temporary folder beside `final`; on success it replaces `final`.
+
+    On any failure `final` is left as it was and the temporary folder is removed; an OSError
+    (disk full, read-only folder) leaves with `err.output = final`, so the runner can name the
+    folder it could not write. A process killed outright cannot clean up: its temporary folder
+    (named with its pid) is removed by the next run once that pid is gone.
+    """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(final)
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp.mkdir()
+    except OSError as err:
+        _naming(err, final)
+        raise
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            _naming(err, final)
         raise
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    try:
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            os.replace(final, old)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                os.replace(old, final)  # put the previous output back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _naming(err, final)
+        raise
+
+
+def _naming(err: OSError, final: Path) -> None:
+    if getattr(err, "output", None) is None:  # the innermost folder names the failure
+        err.output = final  # type: ignore[attr-defined]
+
+
+def remove_stale(final: Path) -> list[Path]:
+    """Remove the temporary siblings of `final` (`.<name>.tmp-<pid>-*`, `.<name>.old-<pid>-*`)
+    that a killed run left behind; a folder of a process that is still running is kept."""
+    removed = []
+    for kind in ("tmp", "old"):
+        for path in Path(final).parent.glob(f".{Path(final).name}.{kind}-*"):
+            pid = path.name.rsplit(f".{kind}-", 1)[1].split("-")[0]
+            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a killed process whose parent died unreaped is a
+    zombie: it counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: trust the signal
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def write_records(folder: Path, kind: str, records: list[dict[str, Any]], extra: tuple[str, ...] = ()) -> Path:

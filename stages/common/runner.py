@@ -10,13 +10,15 @@ section names it in `reads` (its module's `READS`, and the key in its dvc.yaml `
 it as `run(cfg, paths, <section>=...)`: one value stays in one place. The runner clears the stage's
 report folder, calls `run(cfg, paths)`, writes the metrics it returns to `reports/<stage>/metrics.json`
 (the DVC metrics file) and logs everything to MLflow. Bad input ends the process with exit code 2
-and one sentence on stderr, not a traceback.
+and one sentence on stderr, not a traceback; so does an output that cannot be written (a full disk,
+a read-only folder), which names the folder and leaves its previous contents as they were.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -78,6 +80,18 @@ def run_stage(name: str, cfg_cls: type[C], run: Callable[..., dict[str, Any]],
             print(f"error: {name}: {err}", file=sys.stderr)
             return 2
 
+    try:
+        return _run_and_report(name, cfg, paths, run, extra, training=training, mlflow_on=not args.no_mlflow)
+    except OSError as err:
+        message = write_failure(err)
+        if message is None:
+            raise
+        print(f"error: {name}: {message}", file=sys.stderr)
+        return 2
+
+
+def _run_and_report(name: str, cfg: BaseModel, paths: Paths, run: Callable[..., dict[str, Any]],
+                    extra: dict[str, Any], *, training: bool, mlflow_on: bool) -> int:
     report = paths.report_dir(name)
     if report.exists() and not training:
         shutil.rmtree(report)
@@ -90,23 +104,47 @@ def run_stage(name: str, cfg_cls: type[C], run: Callable[..., dict[str, Any]],
 
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        if not args.no_mlflow:
+        if mlflow_on:
             # the stage's own keys as they are, the sections it reads under their names
-            stack.enter_context(tracking.stage_run(name, {**resolved[name], **{k: resolved[k] for k in extra}}))
+            stack.enter_context(tracking.stage_run(name, {**resolved[name], **{k: resolved[k] for k in extra}},
+                                                   report_dir=report))
         try:
             metrics = run(cfg, paths, **extra)
         except StageError as err:
-            if not args.no_mlflow:  # what the stage reported before it failed (validation results)
+            if mlflow_on:  # what the stage reported before it failed (validation results)
                 tracking.log_report(name, report)
                 tracking.fail()
             print(f"error: {name}: {err}", file=sys.stderr)
             return 2
         metrics = {**metrics, "seconds": round(time.perf_counter() - started, 2)}
         write_json(report / "metrics.json", metrics)
-        if not args.no_mlflow:
+        if mlflow_on:
             tracking.log_stage_result(name, metrics, report)
     log.info("%s done in %.1fs: %s", name, metrics["seconds"], _summary(metrics))
     return 0
+
+
+# OSErrors that mean an output could not be written, for a cause a user fixes outside the code.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def write_failure(err: OSError) -> str | None:
+    """One sentence for an OSError that means the output could not be written (disk full,
+    read-only or forbidden folder, file size limit), naming the folder; None for any other."""
+    if err.errno not in WRITE_ERRNOS:
+        return None
+    output = getattr(err, "output", None)  # set by io.atomic_dir, which leaves the old folder as it was
+    target = output or err.filename
+    where = _shown(Path(target)) if target else "its output"
+    kept = "; its previous contents are unchanged" if output else ""
+    return f"cannot write {where}: {os.strerror(err.errno).lower()}{kept}"
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _summary(metrics: dict[str, Any]) -> str:

@@ -7,12 +7,19 @@ of the stage's dependencies and outputs (as DVC computes them, so they match `dv
 
 The store comes from `MLFLOW_TRACKING_URI`; the default is a SQLite file in the project
 (`sqlite:///mlflow.db`, artifacts under `mlartifacts/`) so that nothing has to be started.
+
+A tracking server that is down (or goes down mid-stage) never fails a stage: the first call that
+fails switches the stage's run to offline, one warning line says so, and everything the run was
+to record (params, metrics, tags, the report folder) is kept in `reports/<stage>/mlflow_offline.json`
+beside `metrics.json`. Against a server, MLflow's HTTP retries are shortened (unless the
+environment sets them) so that this happens in seconds, not minutes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -21,6 +28,11 @@ from typing import Any
 
 PARENT_ENV = "LLM_FORGE_PARENT_RUN_ID"
 EXPERIMENT = os.environ.get("MLFLOW_EXPERIMENT_NAME", "llm-forge")
+
+OFFLINE_FILE = "mlflow_offline.json"
+# MLflow retries a failing request for about four minutes by default; a stage waits seconds.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +43,9 @@ def setup(root: Path = Path(".")) -> str:
 
     root = root.resolve()
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+    if uri.startswith(("http://", "https://")):
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(EXPERIMENT)
     if exp is None:
@@ -82,21 +97,149 @@ def dvc_hashes(stage: str, root: Path = Path(".")) -> dict[str, str]:
         return {}
 
 
+class _Record:
+    """What the current stage's run has to record, kept so that it survives the server."""
+
+    def __init__(self, stage: str, params: Mapping[str, Any], report_dir: Path) -> None:
+        self.stage, self.report_dir = stage, Path(report_dir)
+        self.params = flatten(params)
+        self.metrics: dict[str, float] = {}
+        self.tags: dict[str, str] = {}
+        self.run_id: str | None = None
+        self.error: str | None = None  # set when the run went offline
+
+    def go_offline(self, err: BaseException) -> None:
+        first = self.error is None
+        self.error = describe(err)
+        self.save()
+        if first:
+            log.warning("MLflow at %s is unreachable (%s): %s goes on, and its params and metrics are "
+                        "kept in %s", tracking_uri_shown(), self.error, self.stage,
+                        self.report_dir / OFFLINE_FILE)
+
+    def save(self) -> None:
+        from stages.common.io import write_json
+
+        if self.error is None:
+            return
+        write_json(self.report_dir / OFFLINE_FILE, {
+            "stage": self.stage, "tracking_uri": tracking_uri_shown(), "error": self.error,
+            "run_id": self.run_id, "params": self.params, "metrics": self.metrics, "tags": self.tags,
+            "artifacts": str(self.report_dir)})
+
+
+_current: _Record | None = None
+
+
+# Environment variables whose values are credentials: never written to a log, file or run.
+SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "HF_TOKEN",
+              "HUGGING_FACE_HUB_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
+_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s@]+@", re.IGNORECASE)
+
+
+def scrub(text: str) -> str:
+    """`text` without the user:password of any URL in it and without any credential value the
+    environment holds (an error message of the HTTP client quotes the URL it called)."""
+    text = _USERINFO.sub(r"\1", text)
+    for name in SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, f"<{name}>")
+    return text
+
+
+def describe(err: BaseException) -> str:
+    """An exception as one short line for a log, with credentials scrubbed."""
+    first = str(err).splitlines()[0] if str(err) else ""
+    return scrub(f"{type(err).__name__}: {first}")[:500]
+
+
+def tracking_uri_shown() -> str:
+    """The tracking URI for logs and files, without any user:password it carries."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        parts = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
+    return urlunsplit(parts)
+
+
+def _offline() -> bool:
+    return _current is not None and _current.error is not None
+
+
 @contextmanager
-def stage_run(stage: str, params: Mapping[str, Any], root: Path = Path(".")) -> Iterator[Any]:
-    """An MLflow run for `stage`; nested under the flow's parent run when there is one."""
+def stage_run(stage: str, params: Mapping[str, Any], root: Path = Path("."),
+              report_dir: Path | None = None) -> Iterator[Any]:
+    """An MLflow run for `stage`; nested under the flow's parent run when there is one. Yields
+    the run, or None when the tracking server cannot be reached (the run is kept offline)."""
     import mlflow
 
-    experiment_id = setup(root)
+    global _current
+    record = _Record(stage, params, report_dir or Path(root) / "reports" / stage)
+    _current = record
     parent = os.environ.get(PARENT_ENV) or None
-    tags = {"llm_forge.stage": stage}
+    record.tags = {"llm_forge.stage": stage}
     commit = git_commit(root)
     if commit:
-        tags["git.commit"] = commit
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent,
-                          nested=parent is not None, tags=tags) as run:
-        mlflow.log_params(flatten(params))
-        yield run
+        record.tags["git.commit"] = commit
+    run = None
+    try:
+        experiment_id = setup(root)
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent,
+                               nested=parent is not None, tags=record.tags)
+        record.run_id = run.info.run_id
+        mlflow.log_params(record.params)
+    except Exception as err:  # the server is down: the stage still runs
+        record.go_offline(err)
+    try:
+        yield None if _offline() else run
+    except BaseException:
+        _end(run, "FAILED")
+        raise
+    else:
+        _end(run, "FINISHED")
+    finally:
+        _current = None
+
+
+def _end(run: Any, status: str) -> None:
+    import mlflow
+
+    if run is None or mlflow.active_run() is None:
+        return
+    if _offline():
+        _drop_active_run()
+        return
+    try:
+        mlflow.end_run(status=status)
+    except Exception as err:
+        _drop_active_run()
+        if _current is not None:
+            _current.go_offline(err)
+
+
+def _drop_active_run() -> None:
+    # The run cannot be ended on a server that is gone: forget it locally.
+    from mlflow.tracking import fluent
+
+    stack = getattr(fluent, "_active_run_stack", None)
+    runs = stack.get() if hasattr(stack, "get") else stack
+    if runs:
+        runs.pop()
+
+
+def _attempt(action: Any, *args: Any, **kwargs: Any) -> None:
+    """Do one MLflow call unless the run is offline; a failure takes it offline."""
+    if _offline():
+        return
+    try:
+        action(*args, **kwargs)
+    except Exception as err:
+        if _current is None:
+            raise
+        _current.go_offline(err)
 
 
 def log_stage_result(stage: str, metrics: Mapping[str, Any], report_dir: Path, root: Path = Path(".")) -> None:
@@ -104,29 +247,38 @@ def log_stage_result(stage: str, metrics: Mapping[str, Any], report_dir: Path, r
     import mlflow
 
     numeric = flatten_numbers(metrics)
-    if numeric:
-        mlflow.log_metrics(numeric)
-    log_report(stage, report_dir)
     hashes = dvc_hashes(stage, root)
+    if _current is not None:
+        _current.metrics.update(numeric)
+        _current.tags.update(hashes)
+        _current.save()
+    if numeric:
+        _attempt(mlflow.log_metrics, numeric)
+    log_report(stage, report_dir)
     if hashes:
-        mlflow.set_tags(hashes)
+        _attempt(mlflow.set_tags, hashes)
 
 
 def log_report(stage: str, report_dir: Path) -> None:
     import mlflow
 
     if Path(report_dir).is_dir():
-        mlflow.log_artifacts(str(report_dir), artifact_path=stage)
+        _attempt(mlflow.log_artifacts, str(report_dir), artifact_path=stage)
 
 
 def fail() -> None:
     """Mark the active run failed (the stage stopped on bad input, not on a crash)."""
     import mlflow
 
-    mlflow.set_tag("llm_forge.failed", "true")
-    run = mlflow.active_run()
-    if run is not None:
-        mlflow.end_run(status="FAILED")
+    if _current is not None:
+        _current.tags["llm_forge.failed"] = "true"
+        _current.save()
+    _attempt(mlflow.set_tag, "llm_forge.failed", "true")
+    if mlflow.active_run() is not None:
+        if _offline():
+            _drop_active_run()
+        else:
+            _attempt(mlflow.end_run, status="FAILED")
 
 
 def flatten_numbers(data: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
