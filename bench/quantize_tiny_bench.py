@@ -13,13 +13,13 @@ of dvc.yaml), continues pretraining the tiny random-init base for `--steps` step
 from __future__ import annotations
 
 import argparse
-import importlib
 import shutil
 from pathlib import Path
 
 from flows.pipeline import stage_order
 from stages import pretrain, quantize
 from stages.common.config import Paths, load_section, overlay, read_yaml
+from stages.common.runner import run_in_process
 from stages.common.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,11 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
     shutil.rmtree(out, ignore_errors=True)
     paths = Paths(**{k: out / v for k, v in params["paths"].items()})
-    for stage in stage_order("tokenize", ROOT):  # the data the tiny model reads, as the graph makes it
-        module = importlib.import_module(f"stages.{stage}")
-        cls = next(v for k, v in vars(module).items() if k.lower() == f"{stage}config")
-        reads = {key: load_section(c, key, params) for key, c in getattr(module, "READS", {}).items()}
-        module.run(load_section(cls, stage, params), paths, **reads)
+    # the data the tiny model reads, as the graph makes it
+    run_in_process(stage_order("tokenize", ROOT), params, paths, cwd=ROOT)
     trained = pretrain.run(section(params, "pretrain", pretrain.PretrainConfig, max_steps=args.steps, save_steps=0),
                            paths, section(params, "train", TrainConfig, checkpoints=str(out / "checkpoints")))
     print(f"pretrained {args.steps} steps: perplexity {trained['perplexity_before']} -> {trained['perplexity_after']}")

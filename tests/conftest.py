@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 import shutil
 import subprocess
@@ -12,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from stages.common.config import Paths, load_section, overlay, read_yaml
+from stages.common.config import Paths, config_class, load_section, overlay, read_yaml
 from stages.common.profile import apply
+from stages.common.runner import run_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a scratch project needs of this one: code, graph, params, profiles.
@@ -36,12 +36,6 @@ CANARIES = {
 def tiny_params() -> dict:
     """params.yaml with profiles/tiny.yaml applied: the values every test starts from."""
     return overlay(read_yaml(ROOT / "params.yaml"), read_yaml(ROOT / "profiles/tiny.yaml"))
-
-
-def config_class(stage: str) -> type:
-    """The typed config of `stages/<stage>.py` (the class named `<Stage>Config`)."""
-    module = importlib.import_module(f"stages.{stage}")
-    return next(v for k, v in vars(module).items() if k.lower() == f"{stage}config")
 
 
 def tiny_config(section: str, cls: type | None = None, **changes: object) -> object:
@@ -121,15 +115,8 @@ def tiny_inputs(tmp_path_factory: pytest.TempPathFactory) -> Paths:
     apply(ROOT / "profiles/tiny.yaml", ROOT / "params.yaml", root / "params.yaml")
     params = read_yaml(root / "params.yaml")
     paths = Paths(**{k: root / v for k, v in params["paths"].items()})
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # sources name paths relative to the project (assets/, pkg://)
-    try:
-        for stage in stage_order("tokenize", ROOT):  # tokenize and what it depends on, from dvc.yaml
-            module = importlib.import_module(f"stages.{stage}")
-            reads = {key: load_section(cls, key, params) for key, cls in getattr(module, "READS", {}).items()}
-            module.run(load_section(config_class(stage), stage, params), paths, **reads)
-    finally:
-        os.chdir(cwd)
+    # tokenize and what it depends on, from dvc.yaml
+    run_in_process(stage_order("tokenize", ROOT), params, paths, cwd=ROOT)
     return paths
 
 

@@ -138,6 +138,12 @@ def _problems(err: ValidationError, section: str) -> list[str]:
     return lines
 
 
+def config_class(stage: str) -> type[BaseModel]:
+    """The typed config of `stages/<stage>.py`: the class named `<Stage>Config`."""
+    module = importlib.import_module(f"stages.{stage}")
+    return next(v for k, v in vars(module).items() if k.lower() == f"{stage}config" and isinstance(v, type))
+
+
 def stage_sections(dvc_file: Path = DVC_FILE) -> dict[str, type[BaseModel]]:
     """Every params section a `dvc.yaml` stage reads -> its typed config: the stage's own section
     (module `stages.<name>`, class `<Name>Config`), the sections its module `READS`, and the
@@ -148,7 +154,7 @@ def stage_sections(dvc_file: Path = DVC_FILE) -> dict[str, type[BaseModel]]:
     sections: dict[str, type[BaseModel]] = {"paths": Paths}
     for name, spec in stages.items():
         module = importlib.import_module(f"stages.{name}")
-        own = next(v for k, v in vars(module).items() if k.lower() == f"{name}config" and isinstance(v, type))
+        own = config_class(name)
         reads = {**getattr(module, "READS", {}), "train": TrainConfig, name: own}
         for entry in (spec or {}).get("params") or []:
             for key in entry if isinstance(entry, dict) else [entry]:

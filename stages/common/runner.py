@@ -147,5 +147,25 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def run_in_process(stages: list[str], params: dict[str, Any], paths: Paths, cwd: Path | None = None) -> None:
+    """Each of `stages` in order, in this process and without MLflow: `run(cfg, paths, **reads)`
+    from `params` (the tests' and benchmarks' way to make a stage's inputs). `cwd`: the project
+    root that sources name paths relative to (assets/, pkg://)."""
+    import importlib
+
+    from stages.common.config import config_class
+
+    before = os.getcwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        for stage in stages:
+            module = importlib.import_module(f"stages.{stage}")
+            reads = {key: load_section(cls, key, params) for key, cls in getattr(module, "READS", {}).items()}
+            module.run(load_section(config_class(stage), stage, params), paths, **reads)
+    finally:
+        os.chdir(before)
+
+
 def _summary(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in metrics.items() if not isinstance(v, (dict, list)))

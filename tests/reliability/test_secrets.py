@@ -4,7 +4,6 @@ redacted before any stage after `clean` sees them."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from pathlib import Path
@@ -12,10 +11,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from stages.common.config import Paths, load_section
+from stages.common.config import Paths
 from stages.common.profile import apply
+from stages.common.runner import run_in_process
 from stages.common.tracking import flatten, scrub
-from tests.conftest import CANARIES, ROOT, config_class, read_yaml
+from tests.conftest import CANARIES, ROOT, read_yaml
 
 # --- credentials in the environment ----------------------------------------------------------
 
@@ -107,15 +107,7 @@ def planted_run(tmp_path_factory: pytest.TempPathFactory) -> Paths:
     params["collect"]["sources"].append({"name": "planted", "type": "jsonl", "path": str(source),
                                          "text_field": "text", "id_field": "id", "max_docs": None})
     paths = Paths(**{k: root / v for k, v in params["paths"].items()})
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # sources name paths relative to the project (assets/, pkg://)
-    try:
-        for stage in stage_order("tokenize", ROOT):
-            module = importlib.import_module(f"stages.{stage}")
-            reads = {key: load_section(cls, key, params) for key, cls in getattr(module, "READS", {}).items()}
-            module.run(load_section(config_class(stage), stage, params), paths, **reads)
-    finally:
-        os.chdir(cwd)
+    run_in_process(stage_order("tokenize", ROOT), params, paths, cwd=ROOT)
     return paths
 
 

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import pytest
 import yaml
 
-from stages.common.config import ConfigError, Paths, load_section, overlay, read_yaml
+from stages.common.config import ConfigError, Paths, config_class, load_section, overlay, read_yaml
 from stages.common.profile import apply
 from stages.common.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = {name: cfg for name, cfg in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items()}
-
-
-def config_class(stage: str) -> type:
-    module = importlib.import_module(f"stages.{stage}")
-    return next(v for k, v in vars(module).items() if k.lower() == f"{stage}config")
 
 
 @pytest.mark.parametrize("profile", [None, "tiny"])
