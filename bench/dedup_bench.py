@@ -356,7 +356,7 @@ def cpu_seconds() -> float:
 
 def run_ours(corpus: list[Doc], out: Path, cfg: DedupConfig) -> tuple[set[str], float, float, dict[str, Any]]:
     paths = Paths(**{name: out / name for name in Paths.model_fields})
-    write_records(paths.clean, "corpus", [{"id": d.id, "source": "bench", "text": d.text} for d in corpus])
+    write_records(paths.decontam, "corpus", [{"id": d.id, "source": "bench", "text": d.text} for d in corpus])
     _char_classes.cache_clear()  # every run pays for the stage's lookup tables, as a fresh process does
     lsh_bands.cache_clear()
     gc.collect()

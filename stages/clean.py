@@ -26,7 +26,6 @@ Every rule returns `None` (keep) or a `Drop(reason, detail)`. Kept records go to
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -38,7 +37,17 @@ from typing import Any, Literal
 from pydantic import Field
 
 from stages.common.config import Paths, StageConfig
-from stages.common.io import KINDS, Drop, Tally, atomic_dir, read_records, write_jsonl, write_records
+from stages.common.io import (
+    KINDS,
+    Drop,
+    Tally,
+    atomic_dir,
+    quarantine_row,
+    read_records,
+    write_jsonl,
+    write_quarantine,
+    write_records,
+)
 from stages.common.markup import Markup, strip_markup
 from stages.common.pii import redact
 from stages.common.quality import Doc, LineRule, Rule, corpus_rules, line_rules, remove_lines, too_little_left
@@ -251,7 +260,6 @@ class Cleaner:
         return {**record, **dict(zip(names, texts))}
 
 
-QUARANTINE_FIELDS = ("id", "source", "reason", "detail", "record")
 
 
 def _preview(kind: str, record: dict[str, Any], limit: int = 500) -> str:
@@ -262,14 +270,6 @@ def _preview(kind: str, record: dict[str, Any], limit: int = 500) -> str:
     else:
         text = record.get("text") or ""
     return text if len(text) <= limit else text[:limit] + "…"
-
-
-def write_quarantine(folder: Any, kind: str, rows: list[dict[str, Any]]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = pa.schema([(name, pa.string()) for name in QUARANTINE_FIELDS])
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / f"{kind}.parquet", compression="zstd")
 
 
 # --- the stage -------------------------------------------------------------------------------
@@ -299,10 +299,10 @@ def run(cfg: CleanConfig, paths: Paths) -> dict:
             result = clean_one(record)
             if isinstance(result, Drop):
                 tally.drop(result.reason)
-                where = {"id": record.get("id"), "source": record.get("source"), "reason": result.reason,
-                         "detail": result.detail}
-                quarantined[kind].append({**where, "record": json.dumps(record, ensure_ascii=False, default=str)})
+                row = quarantine_row(record, result)
+                quarantined[kind].append(row)
                 if len(dropped_samples[result.reason]) < cfg.samples_per_reason:
+                    where = {k: v for k, v in row.items() if k != "record"}
                     dropped_samples[result.reason].append({"kind": kind, **where, "text": _preview(kind, record)})
             else:
                 tally.docs_out += 1

@@ -9,7 +9,9 @@ URLs) and writes `corpus.parquet`, `instructions.parquet` and
 line, wrong type, binary file, a symlink leaving its folder, a file over `max_file_bytes`, an
 unsafe archive member...) is counted under a reason in `metrics.json` and sampled in
 `reports/collect/`; a line that is not UTF-8 is decoded or dropped on its own, never changing how
-the rest of its file is read. A missing source path, a source with no
+the rest of its file is read. A source that is also a benchmark (`holdout: true`: hhh_alignment)
+gives only the part `evaluate.holdout` leaves for training; the examples held out are counted per kind
+and source (`kinds.<kind>.held_out_for_evaluation`). A missing source path, a source with no
 readable record, or an empty corpus stop the stage with one sentence naming the source.
 
     python -m stages.collect [--params params.yaml]
@@ -26,13 +28,17 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
+from stages.common.benchmarks import Holdout
 from stages.common.config import Paths, StageConfig, StageError
 from stages.common.io import KINDS, Drop, Tally, atomic_dir, content_id, write_jsonl, write_records
 from stages.common.runner import run_stage
 from stages.common.text import SURROGATE, fix_surrogates
+from stages.evaluate import EvaluateConfig
 from stages.readers import archive, bigbench, chat, files, hub, jsonl, mediawiki, parquet
 
 log = logging.getLogger("llm_forge.collect")
+
+READS = {"evaluate": EvaluateConfig}  # `evaluate.holdout`: the part of a shared source kept for evaluation
 
 CorpusSource = Annotated[
     jsonl.JsonlSource | parquet.ParquetSource | files.TextSource | files.TaggedSource | mediawiki.MediaWikiSource
@@ -74,6 +80,7 @@ READERS: dict[str, dict[str, Reader]] = {
     "preferences": {"pairs": chat.read_pairs, "bigbench": bigbench.read_preferences, "hf": hub.read_preferences},
 }
 SECTIONS = {"corpus": "sources", "instructions": "instructions", "preferences": "preferences"}
+HELD_OUT = "held_out_for_evaluation"  # a reader's count of the examples a benchmark source keeps back
 
 
 def repair_strings(record: dict[str, Any], stats: Counter[str]) -> dict[str, Any]:
@@ -92,8 +99,9 @@ def repair_strings(record: dict[str, Any], stats: Counter[str]) -> dict[str, Any
 
 
 def collect_kind(kind: str, sources: list[Any], cfg: CollectConfig, stats: Counter[str],
-                 drops: list[dict[str, str]], tally: Tally) -> list[dict[str, Any]]:
-    """Every record of one kind from its sources, with unique ids and fixed surrogates."""
+                 drops: list[dict[str, str]], tally: Tally, holdout: Holdout) -> list[dict[str, Any]]:
+    """Every record of one kind from its sources, with unique ids and fixed surrogates; a source
+    that is also a benchmark (`holdout: true`) without its evaluation part."""
     records: list[dict[str, Any]] = []
     seen: set[str] = set()
     for i, src in enumerate(sources):
@@ -103,7 +111,8 @@ def collect_kind(kind: str, sources: list[Any], cfg: CollectConfig, stats: Count
         cap = min(n for n in (src.max_docs, cfg.limit, sys.maxsize) if n is not None)
         if src.max_file_bytes is None:
             src = src.model_copy(update={"max_file_bytes": cfg.max_file_bytes})
-        for item in READERS[kind][src.type](src, where, stats):
+        shared = {"holdout": holdout} if getattr(src, "holdout", False) else {}
+        for item in READERS[kind][src.type](src, where, stats, **shared):
             if taken >= cap:
                 break
             taken += 1
@@ -133,17 +142,19 @@ def collect_kind(kind: str, sources: list[Any], cfg: CollectConfig, stats: Count
 # --- the stage -------------------------------------------------------------------------------
 
 
-def run(cfg: CollectConfig, paths: Paths) -> dict[str, Any]:
+def run(cfg: CollectConfig, paths: Paths, evaluate: EvaluateConfig) -> dict[str, Any]:
     stats: Counter[str] = Counter()
     drops: list[dict[str, str]] = []
     total, per_kind, collected = Tally(), {}, {}
     for kind in KINDS:
         sources = getattr(cfg, SECTIONS[kind])
-        tally = Tally()
-        collected[kind] = collect_kind(kind, sources, cfg, stats, drops, tally)
+        tally, counts = Tally(), Counter()
+        collected[kind] = collect_kind(kind, sources, cfg, counts, drops, tally, evaluate.holdout)
         tally.check(f"collect {kind}")
-        per_kind[kind] = tally.as_metrics()
+        held = {k.partition(".")[2]: counts.pop(k) for k in sorted(counts) if k.startswith(HELD_OUT)}
+        per_kind[kind] = {**tally.as_metrics(), **({HELD_OUT: held} if held else {})}
         total.merge(tally)
+        stats.update(counts)
     if not collected["corpus"]:
         raise StageError("the corpus sources yielded no document")
 
@@ -161,7 +172,7 @@ def run(cfg: CollectConfig, paths: Paths) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("collect", CollectConfig, run, argv)
+    return run_stage("collect", CollectConfig, run, argv, reads=READS)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,17 @@
 """dedup: drop exact and near-duplicate records, keeping one survivor per group.
 
-Reads `data/clean/` (corpus, instructions, preferences Parquet files) and writes the same layout
-to `data/dedup/`. Every kind loses its exact duplicates: records whose text (`io.record_text`)
-is equal after NFKC, casefolding and whitespace collapsing. The corpus also loses its near
-duplicates, found with MinHash and LSH (`stages.common.minhash`) over shingles that work for
-any script: word n-grams, or character n-grams for CJK text, which has no spaces. Every LSH
-candidate pair is then verified by the exact Jaccard similarity of the two shingle sets, so a
-document that only shares a paragraph with another (a quote, a footer, an excerpt) is kept;
-only true near-copies go. Near-duplicate groups are the connected components of the verified
-pairs (union-find). The survivor of a group is the longest record, ties to the smallest id, so
-the output does not depend on input order. Writes `reports/dedup/samples_dropped.jsonl`: dropped
-records with the id of the survivor they duplicate and their measured similarity to it.
+Reads `data/decontam/` (corpus, instructions, preferences Parquet files: the cleaned records that no
+evaluation item overlaps) and writes the same layout to `data/dedup/`. Every kind loses its exact
+duplicates: records whose text (`io.record_text`) is equal after NFKC, casefolding and whitespace
+collapsing. The corpus also loses its near duplicates, found with MinHash and LSH
+(`stages.common.minhash`) over shingles that work for any script: word n-grams, or character n-grams
+for CJK text, which has no spaces. Every LSH candidate pair is then verified by the exact Jaccard
+similarity of the two shingle sets, so a document that only shares a paragraph with another (a
+quote, a footer, an excerpt) is kept; only true near-copies go. Near-duplicate groups are the
+connected components of the verified pairs (union-find). The survivor of a group is the longest
+record, ties to the smallest id, so the output does not depend on input order. Writes
+`reports/dedup/samples_dropped.jsonl`: dropped records with the id of the survivor they duplicate
+and their measured similarity to it.
 
     python -m stages.dedup [--params params.yaml]
 """
@@ -180,7 +181,7 @@ def run(cfg: DedupConfig, paths: Paths) -> dict[str, Any]:
     samples: list[dict[str, Any]] = []
     with atomic_dir(paths.dedup) as tmp:
         for kind in KINDS:
-            records = read_records(paths.clean, kind)
+            records = read_records(paths.decontam, kind)
             texts = [record_text(kind, r) for r in records]
             ids = [str(r["id"]) for r in records]
             result = dedup_texts(texts, ids, cfg, near=cfg.near and kind == "corpus")

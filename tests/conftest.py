@@ -49,6 +49,7 @@ def tiny_config(section: str, cls: type | None = None, **changes: object) -> obj
 def paths(tmp_path: Path) -> Paths:
     """Every stage folder inside tmp_path."""
     return Paths(raw=tmp_path / "data/raw", clean=tmp_path / "data/clean", quarantine=tmp_path / "data/quarantine",
+                 decontam=tmp_path / "data/decontam", contaminated=tmp_path / "data/contaminated",
                  dedup=tmp_path / "data/dedup", base=tmp_path / "models/base", tokenized=tmp_path / "data/tokenized",
                  pretrain=tmp_path / "models/pretrain", sft=tmp_path / "models/sft",
                  reward=tmp_path / "models/reward", ppo=tmp_path / "models/ppo",

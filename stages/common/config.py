@@ -52,8 +52,12 @@ class Paths(StageConfig):
     """Cleaned documents, same layout as `raw`."""
     quarantine: Path
     """Every record `clean` dropped, with its reason."""
+    decontam: Path
+    """Cleaned documents without any that overlap an evaluation set, same layout as `clean`."""
+    contaminated: Path
+    """Every record `decontam` removed, with the benchmark item it overlaps."""
     dedup: Path
-    """Deduplicated documents, same layout as `clean`."""
+    """Deduplicated documents, same layout as `clean`: the training data."""
     base: Path
     """The base model as a plain Hugging Face folder."""
     tokenized: Path

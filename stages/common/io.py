@@ -232,6 +232,21 @@ class Tally:
                 "dropped": dict(sorted(self.dropped.items()))}
 
 
+QUARANTINE_FIELDS = ("id", "source", "reason", "detail", "record")
+
+
+def quarantine_row(record: Mapping[str, Any], drop: Drop) -> dict[str, Any]:
+    """A dropped record as a quarantine row: where it came from, why it went, the record as JSON."""
+    return {"id": record.get("id"), "source": record.get("source"), "reason": drop.reason, "detail": drop.detail,
+            "record": json.dumps(dict(record), ensure_ascii=False, default=str)}
+
+
+def write_quarantine(folder: Path, kind: str, rows: list[dict[str, Any]]) -> None:
+    """`folder/<kind>.parquet`: every dropped record of `kind` with its reason (clean, decontam)."""
+    schema = pa.schema([(name, pa.string()) for name in QUARANTINE_FIELDS])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), Path(folder) / f"{kind}.parquet", compression="zstd")
+
+
 def write_json(path: Path, data: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

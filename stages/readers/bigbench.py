@@ -1,7 +1,9 @@
 """BIG-bench tasks (`task.json`, or a folder of them) as instructions and preference pairs.
 
 Instructions take each example's input and its best target; preferences pair the best-scored
-answer of `target_scores` with each lower-scored one.
+answer of `target_scores` with each lower-scored one. A task that is also a benchmark (`holdout`)
+gives only its training part: the examples whose `evaluate.holdout.key` field (the evaluation set's
+records carry the same field) the shared salted hash does not keep for evaluation.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any, Literal
 
+from stages.common.benchmarks import Holdout
 from stages.common.config import StageError
 from stages.common.io import Drop
 from stages.readers.base import Item, Source, existing
@@ -21,11 +24,15 @@ class BigBenchSource(Source):
     type: Literal["bigbench"]
     prompt_template: str
     """How the task input becomes the user's prompt (`{input}` is replaced)."""
+    holdout: bool
+    """The task is also a benchmark: keep only the examples `evaluate.holdout` leaves for training."""
 
 
-def examples(src: BigBenchSource, where: str) -> Iterator[tuple[str, dict[str, Any]] | Drop]:
-    """(`task/index`, example) for every example of the task (or of every task under a folder);
-    a task file that is a symlink out of the folder, or over the size cap, is dropped."""
+def examples(src: BigBenchSource, where: str, stats: Counter[str],
+             holdout: Holdout | None) -> Iterator[tuple[str, dict[str, Any]] | Drop]:
+    """(`task/index`, example) for every example of the task (or of every task under a folder),
+    without those `holdout` keeps for evaluation (counted in `stats`); a task file that is a
+    symlink out of the folder, or over the size cap, is dropped."""
     path = existing(src, where)
     for file in files_of(path, "**/task.json"):
         if isinstance(file, Drop):
@@ -44,7 +51,11 @@ def examples(src: BigBenchSource, where: str) -> Iterator[tuple[str, dict[str, A
                 continue  # a parent task: its subtasks' files hold the examples
             raise StageError(f"{where}: {file} is not a BIG-bench task file (no 'examples')")
         for i, ex in enumerate(task["examples"]):
-            yield f"{file.parent.name}/{i}", ex
+            ex_id = f"{file.parent.name}/{i}"
+            if src.holdout and holdout is not None and holdout.for_evaluation(ex):
+                stats[f"held_out_for_evaluation.{src.name}"] += 1  # collect reports it per kind
+                continue
+            yield ex_id, ex
 
 
 def ranked_answers(ex: dict[str, Any]) -> list[tuple[float, str]]:
@@ -55,8 +66,9 @@ def ranked_answers(ex: dict[str, Any]) -> list[tuple[float, str]]:
     return []
 
 
-def read_instructions(src: BigBenchSource, where: str, stats: Counter[str]) -> Iterator[Item]:
-    for item in examples(src, where):
+def read_instructions(src: BigBenchSource, where: str, stats: Counter[str],
+                      holdout: Holdout | None = None) -> Iterator[Item]:
+    for item in examples(src, where, stats, holdout):
         if isinstance(item, Drop):
             yield item
             continue
@@ -73,8 +85,9 @@ def read_instructions(src: BigBenchSource, where: str, stats: Counter[str]) -> I
         yield {"id": ex_id, "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
 
 
-def read_preferences(src: BigBenchSource, where: str, stats: Counter[str]) -> Iterator[Item]:
-    for item in examples(src, where):
+def read_preferences(src: BigBenchSource, where: str, stats: Counter[str],
+                     holdout: Holdout | None = None) -> Iterator[Item]:
+    for item in examples(src, where, stats, holdout):
         if isinstance(item, Drop):
             yield item
             continue

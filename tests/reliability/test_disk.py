@@ -14,13 +14,12 @@ import pytest
 import yaml
 
 from stages.common import io
-from stages.common.config import StageConfig
+from stages.common.config import Paths, StageConfig
 from stages.common.io import atomic_dir
 from stages.common.runner import run_stage
 from tests.conftest import ROOT, project_env, tiny_params
 
-PATH_KEYS = ("raw", "clean", "quarantine", "dedup", "base", "tokenized", "pretrain", "sft", "reward", "ppo",
-             "quantized", "reports")
+PATH_KEYS = tuple(Paths.model_fields)
 
 
 class FakeConfig(StageConfig):

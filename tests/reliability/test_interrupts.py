@@ -22,10 +22,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flows.pipeline import stage_order
 from stages.common.io import _alive
-from tests.conftest import make_project, project_env, run_in
+from tests.conftest import ROOT, make_project, project_env, run_in
 
-DATA_STAGES = ("collect", "clean", "dedup", "validate", "base", "tokenize")
+DATA_STAGES = stage_order("tokenize", ROOT)  # tokenize and every stage it depends on, from dvc.yaml
 SEED = 9
 
 

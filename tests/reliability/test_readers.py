@@ -28,7 +28,7 @@ SECRET = "SECRET-outside-the-source"
 SOURCE_FIELDS = {
     "jsonl": {"text_field": "text", "id_field": "id"}, "parquet": {"text_field": "text", "id_field": None},
     "text": {"glob": "**/*", "split": "file"}, "tagged": {"lines_per_doc": 1}, "mediawiki": {"namespaces": [0]},
-    "archive": {"glob": "**/*.txt", "format": "text"}, "bigbench": {"prompt_template": "{input}"},
+    "archive": {"glob": "**/*.txt", "format": "text"}, "bigbench": {"prompt_template": "{input}", "holdout": False},
 }
 
 
@@ -39,7 +39,7 @@ def source(type: str, path: Path, **fields: object) -> dict:
 def collect(paths: Paths, sources: list[dict], **changes: object) -> tuple[dict, dict[str, str]]:
     """collect's metrics (checked: docs_in == docs_out + dropped) and the corpus as id -> text."""
     cfg = tiny_config("collect", sources=sources, instructions=[], preferences=[], limit=None, **changes)
-    metrics = run(cfg, paths)
+    metrics = run(cfg, paths, evaluate=tiny_config("evaluate"))
     assert metrics["docs_in"] == metrics["docs_out"] + sum(metrics["dropped"].values())
     return metrics, {d["id"]: d["text"] for d in read_records(paths.raw, "corpus")}
 

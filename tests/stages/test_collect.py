@@ -20,7 +20,8 @@ FIELDS = {
     "text": {"glob": "**/*.txt", "split": "file"}, "tagged": {"lines_per_doc": 1},
     "mediawiki": {"namespaces": [0]}, "hf": {"split": "train", "text_field": "text", "id_field": "id"},
     "url": {"max_bytes": 1_000_000, "timeout_s": 10.0}, "alpaca": {}, "chat": {"messages_field": "messages"},
-    "pairs": {}, "bigbench": {"prompt_template": "{input}"}, "archive": {"glob": "**/*.txt", "format": "text"},
+    "pairs": {}, "bigbench": {"prompt_template": "{input}", "holdout": False},
+    "archive": {"glob": "**/*.txt", "format": "text"},
 }
 
 
@@ -31,7 +32,8 @@ def source(name: str, type: str, path: str, **fields: object) -> dict:
 def collect(paths: Paths, **sections) -> dict:
     """The tiny profile's collect section with `sections` in its place (no instructions or
     preferences and no limit unless given)."""
-    metrics = run(tiny_config("collect", **{"instructions": [], "preferences": [], "limit": None, **sections}), paths)
+    metrics = run(tiny_config("collect", **{"instructions": [], "preferences": [], "limit": None, **sections}), paths,
+                  evaluate=tiny_config("evaluate"))
     assert metrics["docs_in"] == metrics["docs_out"] + sum(metrics["dropped"].values())
     return metrics
 
@@ -48,7 +50,7 @@ def test_every_source_type_has_a_reader() -> None:
 
 def test_real_sources_keep_their_ids(paths: Paths) -> None:
     cfg = tiny_config("collect", limit=30, instructions=[], preferences=[])
-    m = run(cfg, paths)
+    m = run(cfg, paths, evaluate=tiny_config("evaluate"))
     docs = read_records(paths.raw, "corpus")
     by_source = {s.name: [d for d in docs if d["source"] == s.name] for s in cfg.sources}
     assert {name: len(d) for name, d in by_source.items()} == {"wikipedia": 30 - m["dropped"]["redirect"],
@@ -170,6 +172,31 @@ def test_bigbench_tasks_become_instructions_and_pairs(paths: Paths) -> None:
     assert len(inst) == 10 and inst[0]["messages"][0]["content"].startswith("Summarize:\n\n")
     prefs = read_records(paths.raw, "preferences")
     assert prefs and all(p["chosen"] != p["rejected"] for p in prefs)
+
+
+def test_a_benchmark_source_gives_only_the_part_the_evaluation_set_does_not_score(paths: Paths) -> None:
+    """hhh_alignment is SFT data, reward pairs and a benchmark: collect keeps the items the shared salted
+    hash leaves for training, and those are exactly the evaluation set's items evaluate does not score."""
+    root = Path(__file__).resolve().parents[2] / "assets"
+    if not root.exists():
+        pytest.skip("assets not extracted (make setup)")
+    hhh = str(root / "bigbench/hhh_alignment")
+    m = collect(paths, sources=[source("abc", "text", "pkg://gensim/test/test_data/lee_background.cor", split="line")],
+                instructions=[source("hhh", "bigbench", hhh, holdout=True)],
+                preferences=[source("hhh", "bigbench", hhh, holdout=True)])
+    holdout = tiny_config("evaluate").holdout
+    lines = (root / "lm_eval/hhh_alignment.jsonl").read_text().splitlines()
+    evaluation_set = [json.loads(line) for line in lines]
+    scored = {r["id"] for r in evaluation_set if holdout.for_evaluation(r)}
+    trained = {r["id"] for r in read_records(paths.raw, "instructions")}
+    assert trained and scored and not trained & scored
+    assert trained | scored == {r["id"] for r in evaluation_set}
+    # a question asked by several items (with other answers) is on one side only
+    prompts = {r["id"]: r["input"] for r in evaluation_set}
+    assert not {prompts[i] for i in trained} & {prompts[i] for i in scored}
+    assert not {r["id"].rpartition("/")[0] for r in read_records(paths.raw, "preferences")} & scored
+    assert m["kinds"]["instructions"]["held_out_for_evaluation"] == {"hhh": len(scored)}
+    assert m["kinds"]["preferences"]["held_out_for_evaluation"] == {"hhh": len(scored)}
 
 
 def test_hf_dataset_folder_stands_in_for_the_hub(paths: Paths, tmp_path: Path) -> None:

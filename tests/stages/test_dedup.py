@@ -70,7 +70,7 @@ def corpus_rec(i: str, text: str, **extra: str) -> dict:
 
 
 def run_corpus(paths: Paths, records: list[dict], **cfg: object) -> tuple[dict, set[str]]:
-    write_records(paths.clean, "corpus", records)
+    write_records(paths.decontam, "corpus", records)
     metrics = run(tiny_config("dedup", **cfg), paths)
     return metrics, {r["id"] for r in read_records(paths.dedup, "corpus")}
 
@@ -162,11 +162,11 @@ def test_survivor_is_deterministic_under_shuffled_input(paths: Paths, english: l
 
 
 def test_tally_adds_up_and_every_kind_is_written(paths: Paths, english: list[str]) -> None:
-    write_records(paths.clean, "corpus", [corpus_rec("a", english[0], lang="en"),
+    write_records(paths.decontam, "corpus", [corpus_rec("a", english[0], lang="en"),
                                           corpus_rec("b", english[0], lang="en"),
                                           corpus_rec("c", english[5], lang="en")])
     msgs = lambda q, a: [{"role": "user", "content": q}, {"role": "assistant", "content": a}]  # noqa: E731
-    write_records(paths.clean, "instructions", [
+    write_records(paths.decontam, "instructions", [
         {"id": "i1", "source": "t", "messages": msgs("What is two plus two?", "Four.")},
         {"id": "i2", "source": "t", "messages": msgs("what is  two plus two?", "Four.")},
         {"id": "i3", "source": "t", "messages": msgs("What is three plus three?", "Six.")},
@@ -190,7 +190,7 @@ def test_tally_adds_up_and_every_kind_is_written(paths: Paths, english: list[str
 
 
 def test_empty_input_writes_empty_kinds(paths: Paths) -> None:
-    paths.clean.mkdir(parents=True)
+    paths.decontam.mkdir(parents=True)
     metrics = run(CFG, paths)
     assert metrics["docs_in"] == metrics["docs_out"] == 0
     assert all(read_records(paths.dedup, kind) == [] for kind in KINDS)
@@ -216,7 +216,7 @@ def test_config_rejects_lsh_threshold_above_verification() -> None:
 
 
 def test_command_line_runs_the_stage(tmp_path: Path, paths: Paths, chinese: list[str]) -> None:
-    write_records(paths.clean, "corpus", [corpus_rec("a", chinese[0]), corpus_rec("b", chinese[0] + "。")])
+    write_records(paths.decontam, "corpus", [corpus_rec("a", chinese[0]), corpus_rec("b", chinese[0] + "。")])
     params = tmp_path / "params.yaml"
     section = {**tiny_params()["dedup"], "num_perm": 64}
     params.write_text(yaml.safe_dump({"paths": json.loads(paths.model_dump_json()), "dedup": section}))
