@@ -9,8 +9,10 @@ training. `method` picks full fine-tuning, LoRA, or QLoRA (base loaded 4-bit NF4
 merged into a plain full-precision model at the end, so later stages load a normal model.
 Writes `models/sft/` (model, tokenizer, `llm_forge.yaml`, `metrics.json`), and in
 `reports/sft/` the training curves (`curves.csv`) and greedy generations for a few held-out
-prompts before and after (`samples.jsonl`). A record without an answer, or whose rendering is
-longer than `max_length` tokens, is skipped (not truncated) and counted under `dropped`.
+prompts before and after (`samples.jsonl`). A record whose rendering is longer than `max_length`
+tokens loses the tail of its input (the last user message: an instruction comes first, the article
+after it), never its answer, and is counted under `truncated`; a record without an answer, or whose
+answer leaves no room for any of its input, is skipped and counted under `dropped`.
 Checkpoints go to `<train.checkpoints>/sft/`; a killed run resumes from the last one.
 
     python -m stages.sft [--params params.yaml]
@@ -75,22 +77,53 @@ def rendered_length(tokenizer: Any, example: dict[str, Any]) -> int:
     return len(ids["input_ids"])
 
 
-def prepare(records: list[dict[str, Any]], tokenizer: Any, cfg: SftConfig) -> tuple[list, list, Counter]:
-    """(train, held-out, dropped) examples; every record lands in exactly one of the three."""
-    train, val, dropped = [], [], Counter()
+def fit(tokenizer: Any, example: dict[str, Any], max_length: int) -> tuple[dict[str, Any] | None, str | None]:
+    """`example` cut to `max_length` rendered tokens, or (None, reason) when it cannot be. The cut
+    takes tokens from the end of the input (the prompt's last user message), never from the
+    answer, and decodes the kept ones back to text, so the example stays a conversational pair.
+    It fails when the answer (`answer_too_long`), or the rest of the prompt (`context_too_long`:
+    a system message, earlier turns), leaves no room for a single token of input."""
+    over = rendered_length(tokenizer, example) - max_length
+    if over <= 0:
+        return example, None
+    prompt = example["prompt"]
+    user = max((i for i, m in enumerate(prompt) if m["role"] == "user"), default=None)
+    ids = tokenizer(prompt[user]["content"], add_special_tokens=False)["input_ids"] if user is not None else []
+    keep = len(ids) - over
+    while keep > 0:
+        # A cut inside a multi-byte character decodes to U+FFFD: drop that half character.
+        content = tokenizer.decode(ids[:keep], clean_up_tokenization_spaces=False).rstrip("\ufffd")
+        if not content.strip():
+            break
+        cut = {**example, "prompt": [*prompt[:user], {**prompt[user], "content": content}, *prompt[user + 1:]]}
+        # Decoded text can tokenize differently at the cut: measure again, shorten by what is over.
+        over = rendered_length(tokenizer, cut) - max_length
+        if over <= 0:
+            return cut, None
+        keep -= over
+    answer_alone = {"prompt": [{"role": "user", "content": ""}], "completion": example["completion"]}
+    return None, "answer_too_long" if rendered_length(tokenizer, answer_alone) >= max_length else "context_too_long"
+
+
+def prepare(records: list[dict[str, Any]], tokenizer: Any, cfg: SftConfig) -> tuple[list, list, Counter, int]:
+    """(train, held-out, dropped, truncated): every record lands in exactly one of the first three;
+    `truncated` counts the kept records whose input was cut to fit `max_length`."""
+    train, val, dropped, truncated = [], [], Counter(), 0
     for record in records:
         example, reason = to_prompt_completion(record)
+        if example is not None:
+            fitted, reason = fit(tokenizer, example, cfg.max_length)
+            truncated += fitted is not None and fitted != example
+            example = fitted
         if example is None:
             dropped[reason] += 1
-        elif rendered_length(tokenizer, example) > cfg.max_length:
-            dropped["too_long"] += 1
         elif is_val(example["id"], cfg.split_salt, cfg.val_fraction):
             val.append(example)
         else:
             train.append(example)
     # Held-out records in hash order, so that the first `max_val` (and the samples) mix sources.
     val.sort(key=lambda e: id_hash(e["id"], cfg.split_salt))
-    return train, val, dropped
+    return train, val, dropped, truncated
 
 
 # --- model ------------------------------------------------------------------------------------
@@ -188,11 +221,12 @@ def run(cfg: SftConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
     # setup: the records as prompt-completion examples, the model, the trainer
     records = read_records(paths.dedup, "instructions")
     tokenizer = load_tokenizer(paths.pretrain)
-    train_examples, val_examples, dropped = prepare(records, tokenizer, cfg)
+    train_examples, val_examples, dropped, truncated = prepare(records, tokenizer, cfg)
     if not train_examples:
         raise StageError(f"{source} has no usable instruction record for training ({len(records)} read, "
                          f"{len(val_examples)} held out, dropped {dict(dropped)})")
-    log.info("%d train, %d held-out records; dropped %s", len(train_examples), len(val_examples), dict(dropped))
+    log.info("%d train, %d held-out records (%d truncated to max_length %d); dropped %s", len(train_examples),
+             len(val_examples), truncated, cfg.max_length, dict(dropped))
     eval_examples = val_examples[: cfg.max_val] if cfg.max_val else val_examples
     sample_prompts = [e["prompt"] for e in (val_examples or train_examples)[: cfg.samples]]
     tr.seed_everything(cfg.seed)
@@ -214,6 +248,7 @@ def run(cfg: SftConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
     merged = merged_model(trainer, cfg, paths.pretrain, checkpoints.dir / "final")
     metrics: dict[str, Any] = {
         **tr.split_counts(len(records), train_examples, val_examples, dropped),
+        "truncated": truncated,
         "eval_records": len(eval_examples),
         "method": cfg.method,
         "precision": precision,

@@ -74,6 +74,7 @@ def test_full_run_learns_and_writes_a_plain_model(sft_paths: Paths) -> None:
     assert m["val_loss_after"] < m["val_loss_before"] - 0.2  # the held-out answers got likelier
     assert m["resumed_from_step"] == 0 and m["steps"] == 20
     assert m["docs_in"] == m["docs_out"] + sum(m["dropped"].values())
+    assert m["truncated"] > 0 and "too_long" not in m["dropped"]  # long xsum articles are cut, not dropped
     assert m["trainable_parameters"] == m["parameters"]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "llm_forge.yaml", "metrics.json"):
         assert (sft_paths.sft / name).is_file(), name
@@ -148,15 +149,53 @@ def test_bad_records_are_counted_and_the_split_is_stable(sft_paths: Paths) -> No
         {"id": "b/2", "source": "t", "messages": [{"role": "user", "content": "hi"},
                                                   {"role": "assistant", "content": "  "}]},
         {"id": "b/3", "source": "t", "messages": [{"role": "assistant", "content": "an answer to nothing"}]},
-        {"id": "b/4", "source": "t", "messages": [{"role": "user", "content": "word " * 400},
+        {"id": "b/4", "source": "t", "messages": [{"role": "user", "content": "Say it at length."},
+                                                  {"role": "assistant", "content": "word " * 400}]},
+        {"id": "b/5", "source": "t", "messages": [{"role": "system", "content": "rule " * 400},
+                                                  {"role": "user", "content": "hi"},
                                                   {"role": "assistant", "content": "ok"}]},
     ]
     cfg = config()
-    train, val, dropped = sft.prepare(ok + bad, tok, cfg)
-    assert dropped == {"no_answer": 1, "empty_answer": 1, "no_prompt": 1, "too_long": 1}
-    assert len(train) + len(val) == 40 and val
-    again, val_again, _ = sft.prepare(list(reversed(ok)), tok, cfg)
+    train, val, dropped, truncated = sft.prepare(ok + bad, tok, cfg)
+    assert dropped == {"no_answer": 1, "empty_answer": 1, "no_prompt": 1, "answer_too_long": 1,
+                       "context_too_long": 1}
+    assert len(train) + len(val) == 40 and val and truncated == 0
+    again, val_again, _, _ = sft.prepare(list(reversed(ok)), tok, cfg)
     assert {e["id"] for e in val_again} == {e["id"] for e in val}  # by id hash, not by position
+
+
+def test_a_long_input_loses_its_tail_never_the_answer(sft_paths: Paths) -> None:
+    """An article longer than max_length is cut from its end: the instruction before it and the
+    whole answer stay, and the rendering fits; a record that fits is left as it is."""
+    tok = sft.load_tokenizer(sft_paths.pretrain)
+    cfg = config(max_length=96)
+    instruction = "Summarize the following article in one sentence.\n\n"
+    article = " ".join(f"Sentence {i} of the article, in Zürich — “quoted” 日本語." for i in range(100))
+    answer = "Someone wrote one hundred sentences."
+    records = [{"id": "long", "source": "t", "messages": [{"role": "user", "content": instruction + article},
+                                                          {"role": "assistant", "content": answer}]},
+               {"id": "short", "source": "t", "messages": [{"role": "user", "content": "Question?"},
+                                                           {"role": "assistant", "content": "Answer."}]}]
+    assert sft.rendered_length(tok, sft.to_prompt_completion(records[0])[0]) > 10 * cfg.max_length
+
+    train, val, dropped, truncated = sft.prepare(records, tok, cfg)
+    kept = {e["id"]: e for e in train + val}
+    assert set(kept) == {"long", "short"} and not dropped and truncated == 1
+    cut = kept["long"]
+    assert cut["completion"] == [{"role": "assistant", "content": answer}]
+    content = cut["prompt"][0]["content"]
+    assert content.startswith(instruction + "Sentence 0 of the article")
+    assert article.startswith(content[len(instruction):])  # the article's head, as text (no broken character)
+    assert cfg.max_length - 4 <= sft.rendered_length(tok, cut) <= cfg.max_length  # as much as fits
+    assert kept["short"] == sft.to_prompt_completion(records[1])[0]
+
+    # what the trainer feeds the model: the whole cut example, the whole answer learned
+    model = sft.load_model(sft_paths.pretrain, "full", "fp32")
+    trainer = sft.build_trainer(cfg, model, tok, [cut], [], sft_paths.reports.parent / "ck", "fp32")
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    assert len(ids) == sft.rendered_length(tok, cut)
+    assert tok.decode([t for t in labels if t != -100]).startswith(answer + "<|im_end|>")
 
 
 def test_no_usable_record_is_an_error_naming_the_file(sft_paths: Paths) -> None:
