@@ -6,9 +6,12 @@ it was judged by; its `folders` say which row scored which folder), `dvc.lock` (
 the project has one; `stages/common/lineage.py` reads it) and `params.yaml`.
 
 Each model is logged as an MLflow pyfunc "model from code" (`stages/common/generator.py`, which
-loads the folder with transformers, quantization included, and continues prompts greedily) with
-the model folder as its artifact, and registered as `register.name` (the final model) or
-`<name>-<method>` (a variant). The model version carries, as tags:
+loads the folder with transformers, quantization included, renders each chat with the folder's
+chat template and answers it greedily) with the model folder as its artifact, and registered as
+`register.name` (the final model) or `<name>-<method>` (a variant). A user calls it with chats or
+strings (a string is one user message), param `max_new_tokens` optional:
+`model.predict([[{"role": "user", "content": "..."}]])`, `model.predict(["..."])`.
+The model version carries, as tags:
 
 - `llm_forge.model_md5`: the folder's content hash, computed as DVC computes a folder's md5, so it
   equals the `md5` of `models/ppo` in `dvc.lock`; `llm_forge.lineage_verified` says whether it does;
@@ -26,11 +29,12 @@ the same content hash, no version is created and that version is the one the ali
 (so rerunning the stage, or going back to an earlier model, never makes duplicates). The alias
 `register.alias` (`candidate`) always points at the version that holds the current model folder;
 `champion` is never touched here (the retraining flow's rule moves it). Before a new version is
-logged, the folder is loaded and generates, exactly as the registry will run it: a final model
-that does not is an error, a variant that does not is skipped with its reason. Afterwards every
-registered model is loaded back by alias (`models:/<name>@candidate`) and continues
-`sample_prompt`; the texts go to `reports/register/samples.json`, with `same_as_folder`: whether
-the registry's text is the one the pipeline's own greedy generator (`lm.greedy`) gives the folder.
+logged, the folder is loaded and answers `sample_messages`, exactly as the registry will run it:
+a final model that does not is an error, a variant that does not is skipped with its reason.
+Afterwards every registered model is loaded back by alias (`models:/<name>@candidate`) and answers
+`sample_messages`; the answers go to `reports/register/samples.json`, with `same_as_folder`:
+whether the registry's answer is the one the pipeline's own greedy generator (`lm.greedy`, the
+chat rendered with the folder's template) gives the folder.
 
 The stage logs inside the stage run the runner opens (nested under the flow's parent run); called
 without an active run (`--no-mlflow`, or `run` from Python) it opens its own, since the registry
@@ -50,7 +54,7 @@ import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -69,6 +73,15 @@ TAG_VALUE_MAX = 5000  # MLflow's limit on a model version tag value
 RESERVED_ALIASES = ("champion",)  # moved only by the retraining flow's rule
 
 
+class Message(StageConfig):
+    """One chat message, as the registered model takes them."""
+
+    role: Literal["system", "user", "assistant"]
+    """Who speaks."""
+    content: str
+    """What they say."""
+
+
 class RegisterConfig(StageConfig):
     """The `register` section: the MLflow Model Registry."""
 
@@ -76,9 +89,9 @@ class RegisterConfig(StageConfig):
     """Registered model name of the final model; quantized variants register as `<name>-<method>`."""
     alias: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
     """Alias set on the version that holds the current model (`champion` is the retraining flow's)."""
-    sample_prompt: str
-    """Prompt every registered model continues after loading back by alias (reports/register/samples.json),
-    and the input example logged with it."""
+    sample_messages: list[Message] = Field(min_length=1)
+    """Chat every registered model answers after loading back by alias (reports/register/samples.json),
+    and the input example logged with it; it ends with the user's turn."""
     sample_tokens: int = Field(ge=1)
     """Greedy tokens of that sample; also the default `max_new_tokens` of the registered model."""
 
@@ -90,6 +103,13 @@ class RegisterConfig(StageConfig):
         if alias == "latest" or re.fullmatch(r"v\d+", alias):
             raise ValueError("MLflow reserves `latest` and `v<number>` (they name versions)")
         return alias
+
+    @field_validator("sample_messages")
+    @classmethod
+    def _user_speaks_last(cls, messages: list[Message]) -> list[Message]:
+        if messages[-1].role != "user":
+            raise ValueError(f"the last message is the {messages[-1].role}'s: the model answers the user's turn")
+        return messages
 
 
 @dataclass
@@ -180,20 +200,27 @@ def requirements(folder: Path) -> list[str]:
     return pins
 
 
-def signature(cfg: RegisterConfig) -> Any:
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-
-    return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
-                          params=ParamSchema([ParamSpec("max_new_tokens", "long", cfg.sample_tokens)]))
+def messages_of(cfg: RegisterConfig) -> list[dict[str, str]]:
+    """`sample_messages` as plain dicts, the form the registered model and `lm.greedy` take."""
+    return [m.model_dump() for m in cfg.sample_messages]
 
 
-def generate_from_folder(folder: Path, prompt: str, tokens: int) -> str:
-    """The folder's greedy continuation of `prompt` by the pipeline's own generator, from the
-    folder alone (its own tokenizer, as the registry loads it); a StageError if it does not load."""
+def folder_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[dict[str, str]] | str:
+    """`messages` as `lm.greedy` takes them to render them as the registered model does: the chat
+    (rendered with the chat template), or for a tokenizer without one plain `role: content` lines."""
+    if tokenizer.chat_template:
+        return messages
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def generate_from_folder(folder: Path, messages: list[dict[str, str]], tokens: int) -> str:
+    """The folder's greedy answer to `messages` by the pipeline's own generator, from the folder
+    alone (its own tokenizer and chat template, as the registry loads it); a StageError if it does
+    not load."""
     model = lm.load_causal_lm(folder)
+    tokenizer = lm.load_tokenizer(folder)
     try:
-        return lm.greedy(model, lm.load_tokenizer(folder), [prompt], tokens)[0]
+        return lm.greedy(model, tokenizer, [folder_prompt(tokenizer, messages)], tokens)[0]
     except StageError:
         raise
     except Exception as err:  # a folder that loads but cannot generate (a broken quantized kernel)
@@ -212,11 +239,15 @@ def log_and_register(cand: Candidate, cfg: RegisterConfig, tags: dict[str, str],
     artifacts, and register it as a new version carrying `tags`."""
     import mlflow
 
+    # The signature comes from the type hints of `Generator.predict` (rows of chats or strings) and,
+    # for its params, from the input example's `max_new_tokens`; to check its output type, MLflow
+    # loads the model and answers that example once more while logging.
     info = mlflow.pyfunc.log_model(
         name=cand.name, python_model=str(GENERATOR),
         artifacts={"model": str(cand.folder), **{k: str(v) for k, v in files.items()}},
-        model_config={"max_new_tokens": cfg.sample_tokens}, signature=signature(cfg),
-        input_example=[cfg.sample_prompt], pip_requirements=requirements(cand.folder),
+        model_config={"max_new_tokens": cfg.sample_tokens},
+        input_example=([messages_of(cfg)], {"max_new_tokens": cfg.sample_tokens}),
+        pip_requirements=requirements(cand.folder),
         params=params or None, tags={MD5_TAG: tags[MD5_TAG], "llm_forge.folder": project_path(cand.folder)})
     version = mlflow.register_model(info.model_uri, cand.name, tags=tags)
     mlflow.MlflowClient().update_model_version(
@@ -225,15 +256,15 @@ def log_and_register(cand: Candidate, cfg: RegisterConfig, tags: dict[str, str],
     return version
 
 
-def load_back(name: str, alias: str, prompt: str, tokens: int) -> str:
-    """Load `models:/<name>@<alias>` from the registry and continue `prompt`."""
+def load_back(name: str, alias: str, messages: list[dict[str, str]], tokens: int) -> str:
+    """Load `models:/<name>@<alias>` from the registry and answer the chat `messages`."""
     import mlflow
 
     uri = f"models:/{name}@{alias}"
     with tempfile.TemporaryDirectory() as tmp:  # the downloaded copy goes when we are done
         try:
             model = mlflow.pyfunc.load_model(uri, dst_path=tmp)
-            return str(model.predict([prompt], params={"max_new_tokens": tokens})[0])
+            return str(model.predict([messages], params={"max_new_tokens": tokens})[0])
         except Exception as err:  # the folder loaded before logging: the store or the environment broke
             raise StageError(f"{uri} does not load back from the registry: {type(err).__name__}: "
                              f"{str(err)[:300]}") from err
@@ -246,7 +277,7 @@ def register_one(cand: Candidate, cfg: RegisterConfig, table: dict[str, Any], lo
                  hasher: Hasher, md5: str, files: dict[str, Path]) -> tuple[Any, str]:
     """Check that `cand` loads and generates, then log and register it with its lineage and scores:
     (the new version, the folder's greedy sample)."""
-    sample = generate_from_folder(cand.folder, cfg.sample_prompt, cfg.sample_tokens)
+    sample = generate_from_folder(cand.folder, messages_of(cfg), cfg.sample_tokens)
     evaluated = cand.row in table["models"]
     if not evaluated:
         log.warning("%s has no scores in the evaluation table: registered without them", project_path(cand.folder))
@@ -299,13 +330,13 @@ def run(cfg: RegisterConfig, paths: Paths) -> dict[str, Any]:
                 log.info("%s: version %s already holds this model (md5 %s): no new version",
                          cand.name, version.version, md5)
             client.set_registered_model_alias(cand.name, cfg.alias, version.version)
-            sample = load_back(cand.name, cfg.alias, cfg.sample_prompt, cfg.sample_tokens)
+            sample = load_back(cand.name, cfg.alias, messages_of(cfg), cfg.sample_tokens)
             new = folder_sample is not None
             registered[cand.name] = {"folder": project_path(cand.folder), "source": cand.row,
                                      "version": int(version.version), "new": new, "alias": cfg.alias,
                                      "model_md5": md5, "evaluated": cand.row in table["models"]}
             samples[cand.name] = {"uri": f"models:/{cand.name}@{cfg.alias}", "version": int(version.version),
-                                  "prompt": cfg.sample_prompt, "sample": sample,
+                                  "messages": messages_of(cfg), "sample": sample,
                                   "same_as_folder": (sample == folder_sample) if new else None}
     write_json(paths.report_dir(STAGE) / "samples.json", samples)
     return {

@@ -1,5 +1,5 @@
-"""The registered model: an MLflow pyfunc that loads a Hugging Face causal LM folder and
-continues prompts greedily.
+"""The registered model: an MLflow pyfunc that loads a Hugging Face causal LM folder and answers
+chats greedily.
 
 `stages/register.py` logs this file as an MLflow "model from code" with the model folder as the
 artifact `model`; MLflow copies the file into the logged model and runs it wherever the model is
@@ -13,9 +13,14 @@ hqq`: hqq's own `qmodel.pt`, which transformers cannot load) loads through the `
 GPTQ folder on a machine without CUDA uses GPTQModel's torch kernel (its default CPU kernel
 compiles itself for minutes on first use). These mirror `stages.common.lm.load_causal_lm`.
 
-Input: a list of prompts, one prompt, or a DataFrame with a `prompt` column. Output: the greedy
-continuation of each prompt (new tokens only, special tokens dropped), one string per prompt.
-Param `max_new_tokens` (default: the `max_new_tokens` of the model config MLflow was given, else 32).
+Input: a list of rows, each a chat (a list of messages `{"role": ..., "content": ...}`) or a
+string, taken as one user message:
+`model.predict([[{"role": "user", "content": "Hi?"}], "Hi?"])`. A tokenizer with a chat template
+renders each chat with it and the assistant's generation prompt, as `stages.common.lm.greedy`
+does; one without (a base model) continues the string as raw text, and a chat joined as plain
+`role: content` lines. Output: the greedy answer to each row (new tokens only, up to EOS, special
+tokens dropped), one string per row. Param `max_new_tokens` (default: the signature's, else the
+`max_new_tokens` of the model config MLflow was given, else 32).
 """
 
 from __future__ import annotations
@@ -26,23 +31,32 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import pandas as pd  # mlflow's own dependency: pyfunc hands predict a DataFrame
 
 MODEL_ARTIFACT = "model"
 DEFAULT_MAX_NEW_TOKENS = 32
 
 
-def prompts_of(model_input: Any) -> list[str]:
-    """The prompts in whatever form pyfunc hands over: str, list, dict, or DataFrame."""
-    if isinstance(model_input, str):
-        return [model_input]
-    if hasattr(model_input, "columns"):  # a pandas DataFrame (pyfunc's usual form)
-        column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
-        return [str(p) for p in model_input[column].tolist()]
-    if isinstance(model_input, dict):
-        value = model_input.get("prompt", model_input.get("prompts"))
-        return prompts_of(value) if value is not None else []
-    return [str(p) for p in model_input]
+def rows_of(model_input: Any) -> list[list[dict[str, str]] | str]:
+    """The rows of the input, each a chat or a string; a ValueError names a row that is neither."""
+    rows = [model_input] if isinstance(model_input, str) else list(model_input)
+    for i, row in enumerate(rows):
+        chat = isinstance(row, list) and bool(row) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in row)
+        if not (isinstance(row, str) or chat):
+            raise ValueError(f"input row {i} is {str(row)[:80]!r}: each row is a string or a non-empty list of "
+                             'messages {"role": ..., "content": ...}')
+    return rows
+
+
+def prompt_ids(tokenizer: Any, row: list[dict[str, str]] | str) -> list[int]:
+    """The token ids the model continues for `row`: the chat template's rendering with the
+    assistant's generation prompt (a string is one user message), else the raw text."""
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": row}] if isinstance(row, str) else row
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"])
+    text = row if isinstance(row, str) else "\n".join(f"{m['role']}: {m['content']}" for m in row)
+    return list(tokenizer(text)["input_ids"])
 
 
 def load_model(folder: str) -> Any:
@@ -75,7 +89,7 @@ def load_model(folder: str) -> Any:
 
 
 class Generator(mlflow.pyfunc.PythonModel):
-    """Greedy text continuation with the causal LM in the `model` artifact."""
+    """Greedy answers to chats with the causal LM in the `model` artifact."""
 
     def load_context(self, context: Any) -> None:
         from transformers import AutoTokenizer
@@ -88,9 +102,11 @@ class Generator(mlflow.pyfunc.PythonModel):
         config = getattr(context, "model_config", None) or {}
         self.max_new_tokens = int(config.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
 
-    # `pd.DataFrame` is the one hint MLflow builds no schema from: `register` gives the signature
-    # (one string column, param max_new_tokens); called directly, predict takes lists and strings too.
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
+    # A list hint makes pyfunc hand the rows over as they came (a DataFrame would split a chat into
+    # columns); the element union is MLflow's "any", so `rows_of` checks each row itself. `register`
+    # logs the params (max_new_tokens) through its input example.
+    def predict(self, context: Any, model_input: list[list[dict[str, str]] | str],
+                params: dict[str, Any] | None = None) -> list[str]:
         import torch
         from transformers import GenerationConfig
 
@@ -102,13 +118,13 @@ class Generator(mlflow.pyfunc.PythonModel):
         gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
                                pad_token_id=self.tokenizer.pad_token_id)
         out: list[str] = []
-        # One prompt at a time: no padding, so an answer never depends on its batch-mates.
-        for prompt in prompts_of(model_input):
-            ids = torch.tensor([self.tokenizer(prompt)["input_ids"]], device=device)
+        # One row at a time: no padding, so an answer never depends on its batch-mates.
+        for row in rows_of(model_input):
+            ids = torch.tensor([prompt_ids(self.tokenizer, row)], device=device)
             with torch.no_grad():
                 seq = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen)
-            row = seq[0, ids.shape[1]:].tolist()
-            out.append(self.tokenizer.decode(row[:row.index(stop)] if stop in row else row, skip_special_tokens=True))
+            new = seq[0, ids.shape[1]:].tolist()
+            out.append(self.tokenizer.decode(new[:new.index(stop)] if stop in new else new, skip_special_tokens=True))
         return out
 
 

@@ -1,9 +1,10 @@
 """register: models into the MLflow Model Registry with lineage, loaded back by alias; no duplicates.
 
-The final model is the tiny random-init base with the tiny tokenizer (as `models/ppo`), the variant
-a torchao int8 copy of it (`models/quantized/torchao_int8`); the evaluation table and `dvc.lock`
-are written here in the shapes the evaluate stage and DVC write. One SQLite store serves the whole
-module (creating one takes seconds); each test registers under a name of its own.
+The final model is the tiny random-init base (weights scaled up) with the tiny tokenizer (as
+`models/ppo`), the variant a torchao int8 copy of it (`models/quantized/torchao_int8`); the
+evaluation table and `dvc.lock` are written here in the shapes the evaluate stage and DVC write.
+One SQLite store serves the whole module (creating one takes seconds); each test registers under
+a name of its own.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import yaml
 
 from stages.common import lm, tracking
 from stages.common.config import ConfigError, Paths, StageError, load_section
+from stages.common.generator import prompt_ids, rows_of
 from stages.common.lineage import Hasher, upstream
-from stages.register import RegisterConfig, eval_tags, run
+from stages.register import RegisterConfig, eval_tags, folder_prompt, messages_of, run
 from tests.conftest import tiny_config, tiny_model, tiny_params
 
 EVALUATION = {
@@ -33,7 +35,9 @@ EVALUATION = {
     "skipped": {"ppo/humaneval_sandbox": "generation timed out", "quantized/nf4": "does not load"},
     "cells": 6,
 }
-PROMPTS = ["Human: hello\nAssistant:", "The sky is"]
+QUESTIONS = ["hello", "Why is the sky blue?"]
+CHATS = [[{"role": "user", "content": "hello"}],
+         [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Why is the sky blue?"}]]
 
 
 # --- the store and the inputs ----------------------------------------------------------------------
@@ -55,8 +59,15 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def build_final_model(paths: Paths) -> None:
-    """models/ppo: the tiny base with the tiny tokenizer beside it."""
+    """models/ppo: the tiny base with the tiny tokenizer beside it, its weights scaled up: at the
+    init's scale a random model repeats the prompt's last token, and every chat's rendering ends
+    with the same generation prompt, so its answers would not show which chat it answered."""
+    from safetensors.torch import load_file, save_file
+
     tiny_model(paths, paths.ppo)
+    weights = paths.ppo / "model.safetensors"
+    state = load_file(str(weights))
+    save_file({k: v if "norm" in k else 5 * v for k, v in state.items()}, str(weights), metadata={"format": "pt"})
 
 
 def build_torchao_variant(paths: Paths) -> Path:
@@ -137,15 +148,20 @@ def versions(name: str) -> list:
     return sorted(client().search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
 
 
-def generate_by_alias(name: str, alias: str = "candidate", tokens: int = 6) -> list[str]:
+def generate_by_alias(name: str, rows: list = CHATS, alias: str = "candidate", tokens: int = 6) -> list[str]:
     import mlflow
 
-    return mlflow.pyfunc.load_model(f"models:/{name}@{alias}").predict(PROMPTS, params={"max_new_tokens": tokens})
+    return mlflow.pyfunc.load_model(f"models:/{name}@{alias}").predict(rows, params={"max_new_tokens": tokens})
 
 
-def generate_from_folder(folder: Path, tokens: int = 6) -> list[str]:
-    """The pipeline's own greedy generator on the folder: what the registered model must say."""
-    return lm.greedy(lm.load_causal_lm(folder), lm.load_tokenizer(folder), PROMPTS, tokens)
+def generate_from_folder(folder: Path, chats: list = CHATS, tokens: int = 6) -> list[str]:
+    """The folder's chat template rendered on each chat, with the assistant's generation prompt,
+    continued by the pipeline's own greedy generator: what the registered model must answer."""
+    tokenizer = lm.load_tokenizer(folder)
+    assert tokenizer.chat_template  # the tiny tokenizer's ChatML
+    rendered = [tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"] for chat in chats]
+    return lm.greedy(lm.load_causal_lm(folder), tokenizer, rendered, tokens)
 
 
 # --- helpers on inline data -----------------------------------------------------------------------
@@ -189,6 +205,22 @@ def test_eval_tags_take_the_models_row_and_its_skips() -> None:
     assert eval_tags(EVALUATION, "quantized/nf4") == {"eval.skipped.all": "does not load"}
 
 
+def test_rows_are_chats_or_strings_and_raw_text_without_a_chat_template(tiny_inputs: Paths) -> None:
+    """The registered model's input: a bad row is named; a tokenizer without a chat template (a
+    base model's) continues the string itself, and a chat as plain `role: content` lines."""
+    assert rows_of(["hi", CHATS[1]]) == ["hi", CHATS[1]]
+    for bad in ([3], [[]], [[{"role": "user"}]], [{"role": "user", "content": "hi"}]):
+        with pytest.raises(ValueError, match="input row 0 is .*each row is a string or a non-empty list of messages"):
+            rows_of(bad)
+    tokenizer = lm.load_tokenizer(tiny_inputs.tokenized / "tokenizer")
+    assert prompt_ids(tokenizer, "hello") == prompt_ids(tokenizer, CHATS[0]) != tokenizer("hello")["input_ids"]
+    tokenizer.chat_template = None
+    assert prompt_ids(tokenizer, "The sky is") == tokenizer("The sky is")["input_ids"]
+    lines = "system: Answer briefly.\nuser: Why is the sky blue?"
+    assert prompt_ids(tokenizer, CHATS[1]) == tokenizer(lines)["input_ids"]
+    assert folder_prompt(tokenizer, CHATS[1]) == lines  # register's own check renders it alike
+
+
 def test_config_guards_the_alias_and_the_name() -> None:
     section = tiny_params()["register"]
     for alias in ("champion", "latest", "v3"):
@@ -196,6 +228,9 @@ def test_config_guards_the_alias_and_the_name() -> None:
             load_section(RegisterConfig, "register", {"register": {**section, "alias": alias}})
     with pytest.raises(ConfigError, match=r"register\.name"):
         load_section(RegisterConfig, "register", {"register": {**section, "name": "my model/v1"}})
+    answered = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    with pytest.raises(ConfigError, match=r"register\.sample_messages.*the model answers the user's turn"):
+        load_section(RegisterConfig, "register", {"register": {**section, "sample_messages": answered}})
 
 
 # --- the stage ------------------------------------------------------------------------------------
@@ -247,15 +282,24 @@ def test_registers_every_model_with_lineage_and_loads_it_back_by_alias(project: 
     files = {Path(f.path).name for f in mlflow.artifacts.list_artifacts(f"models:/{cfg.name}@candidate/artifacts")}
     assert {"ppo", "lineage.json", "evaluation.json", "params.yaml"} <= files  # the folder keeps its name
 
-    # loaded back from the registry, each says what the pipeline's greedy generator says on its folder
+    # loaded back from the registry, each answers a chat as the pipeline's greedy generator answers
+    # the folder's chat-template rendering of it; a string is one user message
     for name, folder in ((cfg.name, project.ppo), (variant, project.quantized / "torchao_int8")):
         texts = generate_by_alias(name)
         assert texts == generate_from_folder(folder) and all(t.strip() for t in texts), name
+        assert len(set(texts)) == len(texts), name  # each answer depends on its chat
+        assert generate_by_alias(name, [QUESTIONS[0], CHATS[1]]) == texts, name
+    single = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    assert generate_by_alias(cfg.name, QUESTIONS) == generate_by_alias(cfg.name, single)
+    assert generate_by_alias(cfg.name, single) == generate_from_folder(project.ppo, single)
+    signature = mlflow.models.get_model_info(f"models:/{cfg.name}@candidate").signature
+    assert signature.params.to_dict() == [{"name": "max_new_tokens", "type": "long", "default": cfg.sample_tokens,
+                                           "shape": None}]
     samples = json.loads((project.report_dir("register") / "samples.json").read_text())
     assert set(samples) == {cfg.name, variant}
     assert samples[cfg.name]["uri"] == f"models:/{cfg.name}@candidate"
-    assert samples[cfg.name]["sample"] == lm.greedy(lm.load_causal_lm(project.ppo), lm.load_tokenizer(project.ppo),
-                                                    [cfg.sample_prompt], cfg.sample_tokens)[0]
+    assert samples[cfg.name]["messages"] == messages_of(cfg) == tiny_params()["register"]["sample_messages"]
+    assert samples[cfg.name]["sample"] == generate_from_folder(project.ppo, [messages_of(cfg)], cfg.sample_tokens)[0]
     assert all(s["same_as_folder"] is True for s in samples.values())
 
 
