@@ -3,7 +3,13 @@
 One run per stage, named after the stage, nested under the pipeline's parent run when a flow
 exported its id in `LLM_FORGE_PARENT_RUN_ID`. Each run carries the stage's params section,
 its metrics, the files of its report folder as artifacts, the git commit, and the DVC hashes
-of the stage's dependencies and outputs (as DVC computes them, so they match `dvc.lock`).
+of the stage's dependencies and outputs (as DVC computes them, so they match `dvc.lock`). The
+dependencies that another stage writes (data and models, not code) are also logged as the run's
+input datasets, named by their path with the DVC hash as digest, so the runs table's Datasets
+column shows what each run read and two runs that read the same bytes show the same digest.
+
+The experiment is marked as one of training runs (`mlflow.experimentKind`), so the MLflow 3 UI
+opens it on its runs table, not on the GenAI traces overview it shows an unmarked experiment.
 
 The store comes from `MLFLOW_TRACKING_URI`; the default is a SQLite file in the project
 (`sqlite:///mlflow.db`, artifacts under `mlartifacts/`) so that nothing has to be started.
@@ -30,27 +36,45 @@ PARENT_ENV = "LLM_FORGE_PARENT_RUN_ID"
 EXPERIMENT = os.environ.get("MLFLOW_EXPERIMENT_NAME", "llm-forge")
 
 OFFLINE_FILE = "mlflow_offline.json"
+DIGEST_CHARS = 36  # the longest dataset digest an MLflow store keeps
 # MLflow retries a failing request for about four minutes by default; a stage waits seconds.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+
+# The experiment tag the MLflow 3 UI reads to choose an experiment's first page: without it the
+# UI guesses, and shows this project's experiment as a GenAI one (traces, an assistant panel);
+# this value is the UI's kind for model training, which opens on the runs table.
+KIND_TAG = "mlflow.experimentKind"
+KIND = "custom_model_development"
 
 log = logging.getLogger(__name__)
 
 
 def setup(root: Path = Path(".")) -> str:
-    """Point MLflow at the project's store and experiment; returns the experiment id."""
+    """Point MLflow at the project's store and experiment; returns the experiment id. The
+    experiment is marked as one of training runs unless it already carries a kind (a user who
+    chose another kind in the UI keeps it)."""
     import mlflow
 
     root = root.resolve()
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+    own = f"sqlite:///{root / 'mlflow.db'}"
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or own
     if uri.startswith(("http://", "https://")):
         for key, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(EXPERIMENT)
     if exp is None:
-        artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (root / "mlartifacts").as_uri()
-        return mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
+        # Decided by the URI, not by whether the environment names one: `set_tracking_uri` above
+        # exports it, and a flow's stages inherit it.
+        artifacts = (root / "mlartifacts").as_uri() if uri == own else None
+        return mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts, tags={KIND_TAG: KIND})
+    if KIND_TAG not in exp.tags:
+        try:
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
+        except Exception as err:  # how the UI opens the experiment is no reason to lose a run
+            log.warning("could not mark experiment %s as training runs (%s): the MLflow UI may open it "
+                        "on its traces page", EXPERIMENT, describe(err))
     return exp.experiment_id
 
 
@@ -74,27 +98,37 @@ def git_commit(root: Path = Path(".")) -> str | None:
     return out.stdout.strip() or None
 
 
-def dvc_hashes(stage: str, root: Path = Path(".")) -> dict[str, str]:
-    """`dvc.<deps|outs>.<path>` -> md5 of this stage's dependencies and outputs as DVC sees them
-    now; empty outside a DVC project or for a stage that `dvc.yaml` does not name."""
+def dvc_hashes(stage: str, root: Path = Path(".")) -> tuple[dict[str, str], dict[str, str]]:
+    """(tags, inputs) for this stage as DVC sees it now. tags: `dvc.<deps|outs>.<path>` -> md5 of
+    its dependencies and outputs; inputs: path -> md5 of the dependencies that another stage of
+    the graph writes (its data and models, not its code). Both empty outside a DVC project or for
+    a stage that `dvc.yaml` does not name."""
     try:
         from dvc.repo import Repo
 
         with Repo(str(root)) as repo:
             found = [s for s in repo.index.stages if getattr(s, "name", None) == stage]
             if not found:
-                return {}
-            tags = {}
+                return {}, {}
+            written = [out for other in repo.index.stages if other is not found[0] for out in other.outs]
+            tags, inputs = {}, {}
             for kind, items in (("deps", found[0].deps), ("outs", found[0].outs)):
                 for item in items:
                     if not item.exists:
                         continue
                     info = item.get_hash()
                     tags[f"dvc.{kind}.{item.def_path}"] = info.value or ""
-            return tags
+                    if kind == "deps" and info.value and _written_by_a_stage(item, written):
+                        inputs[str(item.def_path)] = info.value
+            return tags, inputs
     except Exception as err:  # lineage is best effort: never fail a finished stage over it
         log.warning("could not read DVC hashes for %s: %s", stage, err)
-        return {}
+        return {}, {}
+
+
+def _written_by_a_stage(dep: Any, outs: list[Any]) -> bool:
+    # a dependency on an output, or on a file inside an output folder
+    return any(type(out.fs) is type(dep.fs) and dep.fs.isin_or_eq(dep.fs_path, out.fs_path) for out in outs)
 
 
 class _Record:
@@ -105,6 +139,7 @@ class _Record:
         self.params = flatten(params)
         self.metrics: dict[str, float] = {}
         self.tags: dict[str, str] = {}
+        self.inputs: dict[str, str] = {}  # input dataset path -> DVC md5
         self.run_id: str | None = None
         self.error: str | None = None  # set when the run went offline
 
@@ -125,7 +160,7 @@ class _Record:
         write_json(self.report_dir / OFFLINE_FILE, {
             "stage": self.stage, "tracking_uri": tracking_uri_shown(), "error": self.error,
             "run_id": self.run_id, "params": self.params, "metrics": self.metrics, "tags": self.tags,
-            "artifacts": str(self.report_dir)})
+            "inputs": self.inputs, "artifacts": str(self.report_dir)})
 
 
 _current: _Record | None = None
@@ -160,9 +195,9 @@ def tracking_uri_shown() -> str:
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     parts = urlsplit(uri)
-    if parts.username or parts.password:
-        parts = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
-    return urlunsplit(parts)
+    if not (parts.username or parts.password):
+        return uri  # as written: a round trip turns `sqlite:////abs/path` into another path
+    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
 
 
 def _offline() -> bool:
@@ -243,20 +278,50 @@ def _attempt(action: Any, *args: Any, **kwargs: Any) -> None:
 
 
 def log_stage_result(stage: str, metrics: Mapping[str, Any], report_dir: Path, root: Path = Path(".")) -> None:
-    """Metrics (numeric leaves, flattened), the report folder as artifacts, and DVC hashes."""
+    """Metrics (numeric leaves, flattened), the report folder as artifacts, DVC hashes, and the
+    data the stage read as input datasets."""
     import mlflow
 
     numeric = flatten_numbers(metrics)
-    hashes = dvc_hashes(stage, root)
+    hashes, inputs = dvc_hashes(stage, root)
     if _current is not None:
         _current.metrics.update(numeric)
         _current.tags.update(hashes)
+        _current.inputs.update(inputs)
         _current.save()
     if numeric:
         _attempt(mlflow.log_metrics, numeric)
     log_report(stage, report_dir)
     if hashes:
         _attempt(mlflow.set_tags, hashes)
+    log_inputs(inputs)
+
+
+def log_inputs(inputs: Mapping[str, str]) -> None:
+    """`path -> md5` as the active run's input datasets (see `input_datasets`)."""
+    import mlflow
+
+    datasets = input_datasets(inputs)
+    if datasets:  # MLflow wants a context and tags per dataset, even when there are none
+        _attempt(mlflow.log_inputs, datasets=datasets, contexts=[None] * len(datasets),
+                 tags_list=[None] * len(datasets))
+
+
+def input_datasets(inputs: Mapping[str, str]) -> list[Any]:
+    """Each `path -> md5` as an MLflow dataset that holds no data: its name and source are the path,
+    its digest the DVC hash. Empty when they cannot be built (lineage never fails a stage)."""
+    import json
+
+    try:
+        from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+        from mlflow.data.meta_dataset import MetaDataset
+
+        # MLflow keeps a digest of at most DIGEST_CHARS; a DVC md5 (a folder's ends in `.dir`) fits.
+        return [MetaDataset(get_dataset_source_from_json(json.dumps({"uri": path}), "local"), name=path,
+                            digest=md5[:DIGEST_CHARS]) for path, md5 in inputs.items()]
+    except Exception as err:
+        log.warning("could not describe the inputs %s as MLflow datasets: %s", ", ".join(inputs), describe(err))
+        return []
 
 
 def log_report(stage: str, report_dir: Path) -> None:
@@ -288,10 +353,10 @@ def flatten_numbers(data: Mapping[str, Any], prefix: str = "") -> dict[str, floa
         if isinstance(value, Mapping):
             out.update(flatten_numbers(value, f"{name}."))
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[_metric_key(name)] = float(value)
+            out[metric_key(name)] = float(value)
     return out
 
 
-def _metric_key(name: str) -> str:
+def metric_key(name: str) -> str:
     # MLflow keys allow letters, digits, _ - . / and space; reasons can hold other characters.
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)

@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.common.tracking import OFFLINE_FILE, flatten_numbers
+from stages.common.config import Paths
+from stages.common.tracking import EXPERIMENT, OFFLINE_FILE, flatten_numbers
 from tests.conftest import ROOT, project_env, tiny_params
 
-PATH_KEYS = ("raw", "clean", "quarantine", "dedup", "base", "tokenized", "pretrain", "sft", "reward", "ppo",
-             "quantized", "reports")
+# Every key of the `paths` section, from the one place that lists them.
+PATH_KEYS = tuple(Paths.model_fields)
 
 # A stage that waits, once its MLflow run is open, until the test has killed the server.
 WAITING_STAGE = """
@@ -148,3 +149,136 @@ def test_no_server_at_all_costs_a_real_stage_nothing(tmp_path: Path) -> None:
     # the credentials in the URI are never written out
     assert "CanaryPasswordInUri42" not in done.stderr + done.stdout
     assert all("CanaryPasswordInUri42" not in p.read_text() for p in report.iterdir())
+
+
+# --- what the MLflow UI shows of a stage: its input data and the experiment's kind --------------
+
+# Two stages: `make` writes data/raw, `use` reads it (and its own code) and logs an MLflow run.
+LINEAGE_DVC = """
+stages:
+  make:
+    cmd: mkdir -p data/raw && echo a > data/raw/a.txt && echo b > data/raw/b.txt
+    outs:
+      - data/raw
+  use:
+    cmd: python use.py
+    deps:
+      - use.py
+      - data/raw
+    outs:
+      - data/used
+"""
+LINEAGE_STAGE = """
+import pathlib
+from stages.common import tracking
+
+report = pathlib.Path("reports/use")
+with tracking.stage_run("use", {"files": 2}, report_dir=report):
+    out = pathlib.Path("data/used")
+    out.mkdir(parents=True)
+    (out / "count.txt").write_text(str(len(list(pathlib.Path("data/raw").iterdir()))))
+    report.mkdir(parents=True, exist_ok=True)
+    tracking.log_stage_result("use", {"files": 2}, report)
+"""
+
+
+def lineage_project(project: Path, uri: str) -> subprocess.CompletedProcess:
+    """The two-stage project at `project`, reproduced by DVC with MLflow at `uri`."""
+    project.mkdir()
+    (project / "dvc.yaml").write_text(LINEAGE_DVC)
+    (project / "use.py").write_text(LINEAGE_STAGE)
+    env = env_for(project, uri)
+    for args in (["init", "--no-scm", "-q"], ["repro"]):
+        done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def locked_md5(project: Path, stage: str, path: str) -> str:
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    (md5,) = [dep["md5"] for dep in lock["stages"][stage]["deps"] if dep["path"] == path]
+    return md5
+
+
+@pytest.fixture(scope="module")
+def lineage(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The two-stage project reproduced against a SQLite store: (project, the store's URI)."""
+    project = tmp_path_factory.mktemp("lineage") / "project"
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    lineage_project(project, uri)
+    return project, uri
+
+
+def test_a_stage_run_lists_the_data_it_read_with_the_dvc_hash(lineage: tuple[Path, str]) -> None:
+    import mlflow
+
+    project, uri = lineage
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    (run,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'use'")
+    inputs = [(i.dataset.name, i.dataset.digest, json.loads(i.dataset.source)["uri"], i.dataset.source_type)
+              for i in run.inputs.dataset_inputs]
+    md5 = locked_md5(project, "use", "data/raw")
+    assert md5.endswith(".dir")  # a folder's hash, the longest DVC writes
+    # the data the stage read, named by its path; its own code is no dataset
+    assert inputs == [("data/raw", md5, "data/raw", "local")]
+    assert run.data.tags["dvc.deps.data/raw"] == md5
+    assert not (project / "reports/use" / OFFLINE_FILE).exists()  # nothing failed on the way
+
+
+def test_the_experiment_opens_on_its_training_runs(lineage: tuple[Path, str]) -> None:
+    import mlflow
+
+    from stages.common.tracking import KIND, KIND_TAG
+
+    _, uri = lineage
+    exp = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(EXPERIMENT)
+    assert exp.tags[KIND_TAG] == KIND == "custom_model_development"
+
+
+def test_an_existing_experiment_is_marked_unless_a_user_chose_its_kind(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    from stages.common import tracking
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    old = client.create_experiment(tracking.EXPERIMENT)  # made before experiments were marked
+    assert tracking.setup(tmp_path) == old
+    assert client.get_experiment(old).tags[tracking.KIND_TAG] == tracking.KIND
+    client.set_experiment_tag(old, tracking.KIND_TAG, "genai_development")  # chosen in the UI
+    tracking.setup(tmp_path)
+    assert client.get_experiment(old).tags[tracking.KIND_TAG] == "genai_development"
+
+
+def test_without_a_server_the_inputs_are_kept_with_the_metrics(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    port = free_port()  # nothing listens there
+    done = lineage_project(project, f"http://127.0.0.1:{port}")
+    kept = json.loads((project / "reports/use" / OFFLINE_FILE).read_text())
+    assert kept["inputs"] == {"data/raw": locked_md5(project, "use", "data/raw")}
+    assert kept["metrics"] == {"files": 2.0} and kept["tracking_uri"] == f"http://127.0.0.1:{port}"
+    assert len(offline_lines(done.stderr)) == 1
+
+
+def test_the_projects_own_store_keeps_artifacts_in_the_project(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    from stages.common import tracking
+
+    own = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # a flow's stages inherit the URI the flow's own setup exported
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", own)
+    exp = mlflow.MlflowClient(tracking_uri=own).get_experiment(tracking.setup(tmp_path))
+    assert exp.artifact_location == (tmp_path / "mlartifacts").as_uri()
+    # another store decides where its artifacts go
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    monkeypatch.chdir(other)  # where MLflow's default puts them
+    exp = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'elsewhere.db'}").get_experiment(
+        tracking.setup(tmp_path))
+    assert "mlartifacts" not in exp.artifact_location

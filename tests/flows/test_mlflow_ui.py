@@ -1,0 +1,118 @@
+"""Promise: `make ui` prints its address and serves the project's own store as a new user needs it:
+the experiment opens on its training runs, and a stage's metrics, input datasets and report files
+are there. The test takes the commands from `make -n ui` (so it checks the Makefile's flags) and
+runs them itself, stopping the server by its process group."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from stages.common.tracking import EXPERIMENT
+from tests.conftest import ROOT
+
+DIGEST = "0123456789abcdef0123456789abcdef.dir"  # the shape of a DVC folder hash
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(base: str, endpoint: str, **query: str) -> bytes:
+    url = f"{base}/{endpoint}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.read()
+
+
+def post(base: str, endpoint: str, body: dict) -> dict:
+    request = urllib.request.Request(f"{base}/{endpoint}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project folder whose default store holds one stage run, logged the way every stage logs."""
+    from stages.common import tracking
+
+    root = tmp_path / "project"
+    report = root / "reports/clean"
+    report.mkdir(parents=True)
+    (report / "metrics.json").write_text(json.dumps({"docs_in": 10, "docs_out": 8}))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own store, as `make ui` reads it
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    with tracking.stage_run("clean", {"max_chars": 100}, root=root, report_dir=report):
+        tracking.log_stage_result("clean", {"docs_in": 10, "docs_out": 8}, report, root=root)
+        tracking.log_inputs({"data/raw": DIGEST})
+    assert (root / "mlflow.db").is_file() and (root / "mlartifacts").is_dir()
+    return root
+
+
+def test_make_ui_serves_the_projects_runs(project: Path, tmp_path: Path) -> None:
+    port = free_port()
+    (project / ".venv").symlink_to(ROOT / ".venv", target_is_directory=True)
+    # -n: print the recipe without running it; -o: take the set-up as done
+    shown = subprocess.run(["make", "-n", "-f", str(ROOT / "Makefile"), "-o", ".venv/.installed", "ui",
+                            f"UI_PORT={port}"], cwd=project, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    log = tmp_path / "ui.out"
+    with log.open("w") as out:
+        server = subprocess.Popen(["bash", "-c", shown.stdout], cwd=project, stdout=out,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 150
+        while True:
+            try:
+                if get(base, "health"):
+                    break
+            except OSError:
+                pass
+            assert server.poll() is None, f"mlflow ui exited {server.returncode}"
+            assert time.monotonic() < deadline, "mlflow ui did not start"
+            time.sleep(0.5)
+        # the address comes first, before the server's own lines
+        assert log.read_text().splitlines()[0] == f"MLflow UI: {base} (Ctrl-C stops it)"
+
+        exp = json.loads(get(base, "ajax-api/2.0/mlflow/experiments/get-by-name", experiment_name=EXPERIMENT))
+        tags = {t["key"]: t["value"] for t in exp["experiment"]["tags"]}
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        (run,) = post(base, "ajax-api/2.0/mlflow/runs/search",
+                      {"experiment_ids": [exp["experiment"]["experiment_id"]]})["runs"]
+        run_id = run["info"]["run_id"]
+        assert {m["key"]: m["value"] for m in run["data"]["metrics"]} == {"docs_in": 10, "docs_out": 8}
+        (dataset,) = [i["dataset"] for i in run["inputs"]["dataset_inputs"]]
+        assert (dataset["name"], dataset["digest"]) == ("data/raw", DIGEST)
+        # the report files, stored under the project's mlartifacts/, come back through the server
+        listed = json.loads(get(base, "ajax-api/2.0/mlflow/artifacts/list", run_id=run_id, path="clean"))
+        assert "clean/metrics.json" in {f["path"] for f in listed["files"]}
+        served = get(base, "get-artifact", path="clean/metrics.json", run_uuid=run_id)
+        assert served == (project / "reports/clean/metrics.json").read_bytes()
+    finally:
+        stop(server)
+
+
+def stop(server: subprocess.Popen) -> None:
+    # the server's workers are in its process group: stop them all, the group only
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            server.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
