@@ -4,12 +4,14 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 # Where `dvc push` sends data and models; any DVC remote URL works (s3://bucket/path, ...).
 DVC_REMOTE ?= $(HOME)/.cache/llm-forge/dvc-remote
+# An S3 API that is not AWS's (MinIO, Ceph, moto): its URL, e.g. http://127.0.0.1:9000.
+DVC_REMOTE_ENDPOINT ?=
 export PATH := $(BIN):$(PATH)
 export TOKENIZERS_PARALLELISM ?= true
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup run test bench lock clean-outputs
+.PHONY: setup run test bench lock clean-outputs ui FORCE
 
 setup: $(VENV)/.installed assets/lm_eval/.complete .dvc/config.local
 
@@ -32,9 +34,17 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 assets/lm_eval/.complete: scripts/fetch_assets.py | $(VENV)/.installed
 	$(BIN)/python scripts/fetch_assets.py --dest assets
 
-.dvc/config.local: | $(VENV)/.installed
-	mkdir -p $(DVC_REMOTE) 2>/dev/null || true
-	$(BIN)/dvc remote add --local --default --force store $(DVC_REMOTE)
+# The remote `store`, in .dvc/config.local (never committed). Written when that file is missing,
+# and again whenever DVC_REMOTE is given (`make setup DVC_REMOTE=s3://bucket/path`), so that a
+# later plain `make run` keeps the remote a user chose. A local path is created; a URL is not.
+# No credential is ever written: DVC's S3 client takes them from the environment
+# (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the machine's role).
+.dvc/config.local: $(if $(filter file,$(origin DVC_REMOTE)),,FORCE) | $(VENV)/.installed
+	case '$(DVC_REMOTE)' in *://*) ;; *) mkdir -p '$(DVC_REMOTE)' ;; esac
+	$(BIN)/dvc remote add --local --default --force store '$(DVC_REMOTE)'
+	$(if $(DVC_REMOTE_ENDPOINT),$(BIN)/dvc remote modify --local store endpointurl '$(DVC_REMOTE_ENDPOINT)')
+
+FORCE:
 
 run: setup
 	$(BIN)/python -m flows.pipeline
@@ -42,6 +52,16 @@ run: setup
 test: setup
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q
+
+# The MLflow UI on the project's store (`make ui UI_PORT=...` when the port is taken). The stages'
+# artifacts are under mlartifacts/ (the experiment's own location, which the UI reads directly);
+# an experiment created through the UI's server keeps its artifacts there too. One worker: one
+# person looks at it.
+UI_PORT ?= 5000
+ui: $(VENV)/.installed
+	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT) (Ctrl-C stops it)"
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+	  --artifacts-destination $(CURDIR)/mlartifacts --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
 bench: setup
 	$(BIN)/python -m bench.dedup_bench
