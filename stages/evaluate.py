@@ -1,24 +1,38 @@
-"""evaluate: every model the pipeline made, scored on the same benchmarks, in one table.
+"""evaluate: every model the pipeline made, scored on the same held-out items, each score with its error.
 
-Reads the model folder of each row in `evaluate.models` (a `paths` key; a folder of model
-folders, like `models/quantized/`, gives one row per model inside: `quantized/<method>`), the val
-split of `data/tokenized`, and the lm-eval task YAMLs in `evaluate.task_dir` (`configs/lm_eval/`:
-BIG-bench hhh_alignment, truthful_qa multiple choice, arithmetic, and HumanEval with a sandboxed
-test runner, over the sets `make setup` wrote into `assets/lm_eval/`; lm-eval's own tasks can be
-named too, where the hub serves their data). Each model is loaded once and handed to the
-lm-evaluation-harness (`HFLM`), one task at a time, so that each task keeps its own `limit`.
+Reads the model folder of each row in `evaluate.models` (a `paths` key; a folder of model folders,
+like `models/quantized/`, gives one row per model inside: `quantized/<method>`), the reward model
+(`models/reward/`), the val split of `data/tokenized`, the training data (`data/dedup/`) and the
+lm-eval task YAMLs in `evaluate.task_dir` (`configs/lm_eval/`: BIG-bench hhh_alignment, truthful_qa
+multiple choice, arithmetic, and HumanEval with a sandboxed test runner, over the sets `make setup`
+wrote into `assets/lm_eval/`). Every cell is a mean over held-out items, so it comes with its
+standard error, and the per-item values of each row are kept, so that two rows compare item by item:
 
-Each scored benchmark item is also checked against the training data (`data/dedup/`: corpus,
-instructions, preferences) for a shared run of `contamination_ngram` words, the n-gram overlap
-test of the GPT-3 paper: `contamination` counts the items a model may have seen in training, and
-the table marks those cells, because a score on trained-on items measures memory, not skill.
+- `perplexity`: of the val blocks of `data/tokenized` (pretrain's own metric);
+- `instruction_loss`: loss on the answer tokens of the instructions sft held out, rendered with the
+  chat template as sft trained (sft's own metric);
+- `reward_score`: the reward model's score of the row's greedy answers to held-out prompts (the
+  evaluation part of `evaluate.preferences.task`), and in `comparisons` the paired win rate against
+  the row before (ppo's own metric);
+- `pairwise_accuracy`, row `reward`: the reward model prefers the gold answer of each held-out item
+  of the same task over each other choice (reward's own metric; chance is 0.5);
+- each lm-eval task, through the chat template where the row's tokenizer has one, with lm-eval's
+  standard error; a task marked `holdout` is scored on its evaluation part only (collect trained on
+  the rest), and only its first `limit` items.
 
-Writes `reports/evaluate/`: `metrics.json` (models x benchmarks, the DVC metrics, so
-`dvc metrics diff` compares two commits; `folders` names each row's model folder, which is how
-`register` finds a model's scores), `table.md`, `chart.png` (one panel per benchmark),
-`results/<model>.json` (lm-eval's full results). A model that does not load, a task file that is
-missing or malformed, a task that fails on one model: a one-line reason in `skipped`, the cell
-left empty, and every other cell still evaluated.
+`comparisons` holds, for each row against the row before it (a `quantized/<method>` row against the
+row it was quantized from, the last row outside `quantized`), the difference on every metric both
+have, with its paired-bootstrap interval (`stages.common.stats`). Each scored item is also checked
+against the training data for a shared run of `contamination_ngram` tokens (decontam removed such
+records before training; this is the second line of defence): `contamination` counts them.
+
+Writes `reports/evaluate/`: `metrics.json` (models x metrics, `stderr` the same shape, the DVC
+metrics; `folders` names each row's model folder, which is how `register` finds a model's scores),
+`table.md` (value ± error, then the comparisons), `chart.png` (one panel per metric, with error
+bars), `items/<row>.json` (every per-item value) and `results/<row>.json` (lm-eval's results). A
+model that does not load, a task file that is missing, malformed or empty, a metric a row cannot
+produce (no chat template, no reward model): a one-line reason in `skipped`, the cell left empty,
+and every other cell still evaluated.
 
     python -m stages.evaluate [--params params.yaml]
 """
@@ -28,27 +42,50 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from stages.common import benchmarks, stats
+from stages.common.benchmarks import Holdout
 from stages.common.config import Paths, StageConfig, StageError
 from stages.common.io import write_json
 from stages.common.runner import run_stage
+from stages.sft import SftConfig
 
 log = logging.getLogger("llm_forge.evaluate")
 
-PERPLEXITY = "perplexity"
+READS = {"sft": SftConfig}  # the held-out instructions are the ones sft held out
+
+PERPLEXITY, INSTRUCTION_LOSS, REWARD_SCORE, PAIRWISE = (
+    "perplexity", "instruction_loss", "reward_score", "pairwise_accuracy")
+LOWER_IS_BETTER = (PERPLEXITY, INSTRUCTION_LOSS)
+REWARD_ROW = "reward"
+METRIC_NAMES = {PERPLEXITY: "token perplexity", INSTRUCTION_LOSS: "answer-token loss",
+                REWARD_SCORE: "mean reward", PAIRWISE: "pairwise acc"}
 
 
 class TaskConfig(StageConfig):
     limit: int | None = Field(ge=1)
-    """Examples scored (the first ones of the set; null: all of them)."""
+    """Items scored (the first ones of the set, or of its evaluation part; null: all of them)."""
     max_new_tokens: int | None = Field(ge=1)
     """Generated tokens at most, for generative tasks (null: the task YAML's `max_gen_toks`)."""
+    holdout: bool
+    """The set is also a training source (collect reads it with `holdout: true`): score only the
+    items `evaluate.holdout` keeps for evaluation."""
+
+
+class PreferenceConfig(StageConfig):
+    task: str
+    """A multiple-choice task of `tasks` whose held-out items are the reward model's test pairs
+    (gold answer over each other choice) and the prompts every row answers."""
+    prompts: int | None = Field(ge=2)
+    """Prompts each row answers, scored by the reward model (null: every held-out item)."""
+    answer_tokens: int = Field(ge=1)
+    """Greedy tokens of each answer."""
 
 
 class EvaluateConfig(StageConfig):
@@ -59,15 +96,28 @@ class EvaluateConfig(StageConfig):
     """Folder of lm-eval task YAMLs (`TaskManager(include_path=...)`)."""
     tasks: dict[str, TaskConfig]
     """lm-eval task name -> its limits; the table's benchmark columns, in this order."""
-    perplexity_blocks: int | None = Field(ge=1)
+    holdout: Holdout
+    """How a set marked `holdout` splits into a training and an evaluation part (collect uses the same)."""
+    contamination_ngram: int = Field(ge=4)
+    """Tokens (words; a CJK character counts as one) in a run that an item shares with a training
+    record to count as seen: decontam removes such records, evaluate counts what is left."""
+    perplexity_blocks: int | None = Field(ge=2)
     """Val blocks of `data/tokenized` for held-out perplexity (null: all of them)."""
+    instruction_items: int | None = Field(ge=2)
+    """Instructions sft held out that the instruction loss is measured on (null: all of them)."""
+    preferences: PreferenceConfig | None
+    """The reward model's held-out pairs and the prompts for `reward_score` (null: neither)."""
     batch_size: int = Field(ge=1)
-    """Requests per forward pass in lm-eval, and blocks per perplexity batch."""
+    """Items per forward pass (lm-eval requests, blocks, instructions, answers)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"]
     """Dtype every unquantized row runs in, so rows compare like with like (auto: as stored);
     quantized rows run as their quantization config says."""
-    contamination_ngram: int = Field(ge=4)
-    """Words in a run an evaluated item must share with the training data to count as seen."""
+    bootstrap_iters: int = Field(ge=100)
+    """Resamples of the paired bootstrap (and of lm-eval's standard errors where it bootstraps)."""
+    confidence: float = Field(gt=0.5, lt=1.0)
+    """Coverage of each comparison's interval."""
+    seed: int
+    """Seed of the bootstrap."""
 
     @field_validator("models")
     @classmethod
@@ -77,11 +127,19 @@ class EvaluateConfig(StageConfig):
             raise ValueError(f"{unknown} are not `paths` keys (choose from {list(Paths.model_fields)})")
         if len(set(models)) != len(models):
             raise ValueError(f"{models} names a row twice")
+        if REWARD_ROW in models:
+            raise ValueError(f"the reward model is scored in a row of its own, `{REWARD_ROW}` (pairwise accuracy)")
         return models
+
+    @model_validator(mode="after")
+    def _preference_task_is_a_column(self) -> EvaluateConfig:
+        if self.preferences is not None and self.preferences.task not in self.tasks:
+            raise ValueError(f"preferences.task {self.preferences.task!r} is not one of `tasks` ({list(self.tasks)})")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
-# rows and columns
+# rows, held-out sets, cells
 
 
 def model_rows(cfg: EvaluateConfig, paths: Paths) -> dict[str, Path]:
@@ -102,31 +160,268 @@ def model_rows(cfg: EvaluateConfig, paths: Paths) -> dict[str, Path]:
     return rows
 
 
-def task_manager(cfg: EvaluateConfig) -> Any:
-    from lm_eval.tasks import TaskManager
+def predecessor(rows: list[str], row: str) -> str | None:
+    """The row `row` is compared with: the one before it, or for `<group>/<name>` (a quantized
+    variant) the last row before it outside its group (the model it was made from)."""
+    before = rows[: rows.index(row)]
+    group = row.partition("/")[0] if "/" in row else None
+    for other in reversed(before):
+        if group is None or other.partition("/")[0] != group:
+            return other
+    return None
 
-    if not Path(cfg.task_dir).is_dir():
-        raise StageError(f"task_dir {cfg.task_dir} is not a folder of lm-eval task YAMLs")
-    return TaskManager(include_path=str(cfg.task_dir))
+
+@dataclass
+class Cell:
+    """One metric of one row: the mean over items, its standard error, and the items."""
+
+    value: float
+    stderr: float
+    items: dict[str, float]
 
 
-def check_tasks(cfg: EvaluateConfig, manager: Any) -> tuple[dict[str, Any], dict[str, str]]:
-    """Each configured task built once (its YAML parsed, its data loaded), or the reason it
-    cannot be: a missing or malformed task file skips that column, not the stage."""
-    built, skipped = {}, {}
-    for name in cfg.tasks:
-        if name not in manager.all_tasks:
-            skipped[name] = (f"no lm-eval task named {name!r} in {cfg.task_dir} or lm-eval's own tasks "
-                             "(a missing or unparsable YAML)")
-            continue
+@dataclass
+class Held:
+    """The held-out sets every row is scored on (None: the metric is skipped, `skipped` says why)."""
+
+    blocks: Any = None
+    instructions: list[dict[str, Any]] | None = None
+    pairs: list[tuple[str, list[dict[str, str]], str, str]] | None = None
+    prompts: list[tuple[str, list[dict[str, str]]]] | None = None
+    scorer: Any = None
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def mean_cell(items: dict[str, float]) -> Cell:
+    value, stderr = stats.mean_stderr(list(items.values()))
+    return Cell(value, stderr, items)
+
+
+def perplexity_cell(losses: list[float]) -> Cell:
+    """exp(mean block loss); its error by the delta method (d exp(x) = exp(x) dx). The items stay
+    block losses, so comparisons are on log perplexity."""
+    loss = mean_cell({str(i): v for i, v in enumerate(losses)})
+    value = math.exp(min(loss.value, 50.0))
+    return Cell(value, value * loss.stderr, loss.items)
+
+
+def preference_items(cfg: EvaluateConfig, built: dict[str, Any], held: Held) -> None:
+    """The reward model's test pairs and the answer prompts, from the preference task's held-out items."""
+    name = cfg.preferences.task
+    if name not in built:
+        held.skipped[PAIRWISE] = held.skipped[REWARD_SCORE] = f"the preference task {name} did not load"
+        return
+    tasks = built[name]
+    if any(t.OUTPUT_TYPE != "multiple_choice" for t in tasks.values()):
+        held.skipped[PAIRWISE] = held.skipped[REWARD_SCORE] = f"the preference task {name} is not multiple choice"
+        return
+    pairs, prompts, asked = [], [], set()
+    for _, task, index, doc in benchmarks.docs(tasks, cfg.holdout if cfg.tasks[name].holdout else None):
+        item_id = benchmarks.doc_id(doc, index)
+        messages = [{"role": "user", "content": task.doc_to_text(doc)}]
+        choices, gold = task.doc_to_choice(doc), task.doc_to_target(doc)
+        if messages[0]["content"] not in asked:  # items that ask the same question are one prompt
+            asked.add(messages[0]["content"])
+            prompts.append((item_id, messages))
+        pairs += [(f"{item_id}/{j}", messages, choices[gold], other) for j, other in enumerate(choices) if j != gold]
+    held.pairs, held.prompts = pairs, prompts[: cfg.preferences.prompts]
+
+
+def held_out(cfg: EvaluateConfig, paths: Paths, sft: SftConfig, built: dict[str, Any]) -> Held:
+    from stages.common.io import read_records
+    from stages.common.lm import load_tokenizer, val_blocks
+    from stages.common.rl import RewardScorer
+    from stages.sft import prepare
+
+    held = Held()
+    try:
+        held.blocks = val_blocks(paths.tokenized, cfg.perplexity_blocks)
+    except StageError as err:
+        held.skipped[PERPLEXITY] = str(err)
+    tokenizer = load_tokenizer(paths.base, fallback=Path(paths.tokenized) / "tokenizer")
+    records = read_records(paths.dedup, "instructions")
+    if not getattr(tokenizer, "chat_template", None):
+        held.skipped[INSTRUCTION_LOSS] = "the tokenizer has no chat template (sft's loss is measured through it)"
+    elif not records:
+        held.skipped[INSTRUCTION_LOSS] = f"{paths.dedup} holds no instructions"
+    else:
+        val = prepare(records, tokenizer, sft)[1][: cfg.instruction_items]
+        held.instructions = val or None
+        if not val:
+            held.skipped[INSTRUCTION_LOSS] = "sft holds out no instruction (sft.val_fraction)"
+    if cfg.preferences is not None:
+        preference_items(cfg, built, held)
+    if held.pairs is not None:
+        if not (Path(paths.reward) / "config.json").is_file():
+            held.skipped[PAIRWISE] = held.skipped[REWARD_SCORE] = f"no reward model in {paths.reward}"
+        else:
+            import torch
+            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+            model = AutoModelForSequenceClassification.from_pretrained(paths.reward, num_labels=1,
+                                                                       dtype=torch.float32).eval()
+            held.scorer = RewardScorer(model, AutoTokenizer.from_pretrained(paths.reward), cfg.batch_size)
+    for metric, reason in held.skipped.items():
+        log.warning("%s skipped: %s", metric, reason)
+    return held
+
+
+# ---------------------------------------------------------------------------------------------
+# one row
+
+
+def pairwise_cell(held: Held) -> Cell:
+    """1 for each held-out pair whose gold answer the reward model scores above the other, else 0."""
+    chosen = held.scorer([m for _, m, _, _ in held.pairs], [c for _, _, c, _ in held.pairs])
+    rejected = held.scorer([m for _, m, _, _ in held.pairs], [r for _, _, _, r in held.pairs])
+    return mean_cell({pid: float(c > r) for (pid, *_), c, r in zip(held.pairs, chosen, rejected)})
+
+
+def lm_eval_cells(name: str, model: Any, tokenizer: Any, cfg: EvaluateConfig, manager: Any,
+                  built: dict[str, Any], report: Path) -> tuple[dict[str, Cell], dict[str, str], dict[str, str]]:
+    """(cells, metric names, skipped) of the lm-eval tasks for one model."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    cells, names, skipped, full = {}, {}, {}, {}
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size,
+                  max_length=getattr(model.config, "max_position_embeddings", None))
+    except Exception as err:  # lm-eval cannot drive this model: its task cells are skips, not a crash
+        return {}, {}, {f"{name}/{t}": f"lm-eval cannot run this model: {type(err).__name__}: {str(err)[:300]}"
+                        for t in built}
+    for task, tasks in built.items():
+        limits = cfg.tasks[task]
+        started = time.perf_counter()
+        chosen = {t: [index for *_, index, _ in benchmarks.docs({t: tasks[t]}, cfg.holdout)][: limits.limit]
+                  for t in tasks} if limits.holdout else None
         try:
-            built[name] = manager.load([name])["tasks"]
-        except Exception as err:  # a YAML that names missing data, bad Jinja, a bad !function
-            skipped[name] = f"task {name} does not load: {type(err).__name__}: {str(err)[:300]}"
-            log.debug("task %s", name, exc_info=True)
-    for reason in skipped.values():
-        log.warning("%s", reason)
-    return built, skipped
+            out = lm_eval.simple_evaluate(
+                model=lm, tasks=list(tasks.values()), task_manager=manager, log_samples=True,
+                limit=None if chosen else limits.limit, samples=chosen, apply_chat_template=chat,
+                gen_kwargs={"max_gen_toks": limits.max_new_tokens} if limits.max_new_tokens else None,
+                confirm_run_unsafe_code=True, bootstrap_iters=cfg.bootstrap_iters, random_seed=cfg.seed,
+                numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
+        except Exception as err:  # one task failing on one model is a cell, not the table
+            skipped[f"{name}/{task}"] = f"{type(err).__name__}: {str(err)[:300]}"
+            log.warning("%s / %s failed: %s", name, task, skipped[f"{name}/{task}"], exc_info=True)
+            continue
+        found = score(out or {}, task)
+        if found is None:
+            skipped[f"{name}/{task}"] = "lm-eval returned no score"
+            continue
+        metric, value = found
+        items = {f"{t}/{s['doc_id']}" if len(tasks) > 1 else str(s["doc_id"]): float(s[metric])
+                 for t, samples in out["samples"].items() for s in samples if metric in s}
+        stderr = next((v for k, v in out["results"][task].items() if k.split(",")[0] == f"{metric}_stderr"), None)
+        cells[task] = Cell(value, float(stderr) if isinstance(stderr, (int, float)) else
+                           stats.mean_stderr(list(items.values()))[1], items)
+        names[task] = metric
+        full[task] = {k: v for k, v in out["results"][task].items() if k != "alias"}
+        log.info("%-18s %-20s %s = %.4f ± %.4f (%.0fs)", name, task, metric, value, cells[task].stderr,
+                 time.perf_counter() - started)
+    write_json(report / "results" / f"{name.replace('/', '_')}.json",
+               {"chat_template": chat, "results": full})
+    return cells, names, skipped
+
+
+def evaluate_model(name: str, folder: Path, cfg: EvaluateConfig, paths: Paths, manager: Any, built: dict[str, Any],
+                   held: Held, report: Path) -> tuple[dict[str, Cell], dict[str, str], dict[str, str]]:
+    """(cells, metric names, skipped reasons) of one row; raises StageError if it does not load."""
+    from stages.common.lm import answer_losses, block_losses, greedy, load_causal_lm, load_tokenizer, read_config
+
+    quantized = "quantization_config" in read_config(folder)
+    model = load_causal_lm(folder, **({} if quantized or cfg.dtype == "auto" else {"dtype": cfg.dtype}))
+    tokenizer = load_tokenizer(folder, fallback=Path(paths.tokenized) / "tokenizer")
+    cells: dict[str, Cell] = {}
+    skipped: dict[str, str] = {}
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    if held.blocks is not None:
+        try:
+            cells[PERPLEXITY] = perplexity_cell(block_losses(model, held.blocks, cfg.batch_size))
+        except StageError as err:
+            skipped[f"{name}/{PERPLEXITY}"] = str(err)
+    if held.instructions and not chat:
+        skipped[f"{name}/{INSTRUCTION_LOSS}"] = f"{folder} has no chat template"
+    elif held.instructions:
+        losses = answer_losses(model, tokenizer, held.instructions, cfg.batch_size)
+        cells[INSTRUCTION_LOSS] = mean_cell({ex["id"]: v for ex, v in zip(held.instructions, losses)})
+    if held.scorer is not None and not chat:
+        skipped[f"{name}/{REWARD_SCORE}"] = f"{folder} has no chat template to answer the prompts with"
+    elif held.scorer is not None:
+        answers = greedy(model, tokenizer, [m for _, m in held.prompts], cfg.preferences.answer_tokens,
+                         batch_size=cfg.batch_size)
+        scores = held.scorer([m for _, m in held.prompts], answers)
+        cells[REWARD_SCORE] = mean_cell({pid: s for (pid, _), s in zip(held.prompts, scores)})
+        write_json(report / "answers" / f"{name.replace('/', '_')}.json",
+                   [{"id": pid, "prompt": m[-1]["content"], "answer": a, "reward": s}
+                    for (pid, m), a, s in zip(held.prompts, answers, scores)])
+    task_cells, names, task_skips = lm_eval_cells(name, model, tokenizer, cfg, manager, built, report)
+    return {**cells, **task_cells}, names, {**skipped, **task_skips}
+
+
+# ---------------------------------------------------------------------------------------------
+# comparisons, contamination
+
+
+def compare_rows(table: dict[str, dict[str, Cell]], cfg: EvaluateConfig) -> dict[str, dict[str, Any]]:
+    """row -> {against, metric -> the paired difference with its interval and verdict}; for
+    `reward_score` also the paired win rate; the reward row against chance."""
+    rows, out = list(table), {}
+    for row in rows:
+        if row == REWARD_ROW:
+            cell = table[row].get(PAIRWISE)
+            if cell:
+                c = stats.compare({k: 0.5 for k in cell.items}, cell.items, iters=cfg.bootstrap_iters,
+                                  seed=cfg.seed, level=cfg.confidence)
+                out[row] = {"against": "chance", PAIRWISE: {**c.as_dict(), "better": c.low > 0}}
+            continue
+        prev = predecessor([r for r in rows if r != REWARD_ROW], row)
+        if prev is None:
+            continue
+        found: dict[str, Any] = {"against": prev}
+        for metric, cell in table[row].items():
+            before = table[prev].get(metric)
+            if before is None or not set(before.items) & set(cell.items):
+                continue
+            c = stats.compare(before.items, cell.items, iters=cfg.bootstrap_iters, seed=cfg.seed, level=cfg.confidence)
+            better = c.high < 0 if metric in LOWER_IS_BETTER else c.low > 0
+            found[metric] = {**c.as_dict(), "better": better}
+            if metric == REWARD_SCORE:
+                a, b = stats.paired(before.items, cell.items)
+                wins = [1.0 if y > x else 0.5 if y == x else 0.0 for x, y in zip(a, b)]
+                w = stats.paired_bootstrap([0.5] * len(wins), wins, iters=cfg.bootstrap_iters, seed=cfg.seed,
+                                           level=cfg.confidence)
+                found["win_rate"] = {"value": 0.5 + w.diff, "low": 0.5 + w.low, "high": 0.5 + w.high, "n": w.n,
+                                     "better": w.low > 0}
+        out[row] = found
+    return out
+
+
+def training_ngrams(paths: Paths, n: int) -> set[int]:
+    """Every run of `n` tokens in the training data the pipeline's models saw."""
+    from stages.common.io import KINDS, read_records, record_text
+
+    seen: set[int] = set()
+    for kind in KINDS:
+        for record in read_records(paths.dedup, kind):
+            seen |= benchmarks.ngrams(record_text(kind, record), n)
+    return seen
+
+
+def contamination(built: dict[str, Any], cfg: EvaluateConfig, seen: set[int]) -> dict[str, dict[str, int]]:
+    """task -> {checked, seen}: of the items scored, how many share a run with the training data."""
+    out = {}
+    for name, tasks in built.items():
+        limits = cfg.tasks[name]
+        scored = benchmarks.items(name, tasks, cfg.holdout if limits.holdout else None)[: limits.limit]
+        hits = sum(1 for item in scored if benchmarks.ngrams(item.text, cfg.contamination_ngram) & seen)
+        out[name] = {"checked": len(scored), "seen": hits}
+        if hits:
+            log.warning("%s: %d of %d scored items share a %d-token run with the training data",
+                        name, hits, len(scored), cfg.contamination_ngram)
+    return out
 
 
 def score(results: dict[str, Any], task: str) -> tuple[str, float] | None:
@@ -139,206 +434,73 @@ def score(results: dict[str, Any], task: str) -> tuple[str, float] | None:
     return None
 
 
-def words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-def ngrams(text: str, n: int) -> set[int]:
-    w = words(text)
-    return {hash(" ".join(w[i:i + n])) for i in range(len(w) - n + 1)}
-
-
-def training_ngrams(paths: Paths, n: int) -> set[int]:
-    """Every n-gram of words in the training data the pipeline's models saw."""
-    from stages.common.io import KINDS, read_records, record_text
-
-    seen: set[int] = set()
-    for kind in KINDS:
-        for record in read_records(paths.dedup, kind):
-            seen |= ngrams(record_text(kind, record), n)
-    return seen
-
-
-def item_text(task: Any, doc: dict[str, Any]) -> str:
-    """What a model would have memorised of an item: its prompt and its gold answer."""
-    target = task.doc_to_target(doc)
-    if task.OUTPUT_TYPE == "multiple_choice":
-        choices = task.doc_to_choice(doc)
-        target = choices[target] if isinstance(target, int) else target
-    return f"{task.doc_to_text(doc)}\n{target}"
-
-
-def contamination(tasks: dict[str, Any], cfg: EvaluateConfig, seen: set[int]) -> dict[str, dict[str, int]]:
-    """task -> {checked, seen}: of the items scored (the first `limit`), how many share an
-    n-gram with the training data."""
-    out = {}
-    for name, built in tasks.items():
-        checked = hits = 0
-        for task in built.values():  # one task, or each task of an lm-eval group
-            docs = list(task.eval_docs)[:cfg.tasks[name].limit]
-            checked += len(docs)
-            hits += sum(1 for d in docs if ngrams(item_text(task, d), cfg.contamination_ngram) & seen)
-        out[name] = {"checked": checked, "seen": hits}
-        if hits:
-            log.warning("%s: %d of %d scored items share a %d-word run with the training data",
-                        name, hits, checked, cfg.contamination_ngram)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# one model
-
-
-def evaluate_model(name: str, folder: Path, cfg: EvaluateConfig, paths: Paths, manager: Any, tasks: dict[str, Any],
-                   blocks: Any, report: Path) -> tuple[dict[str, float], dict[str, str], dict[str, str]]:
-    """(scores, metric names, skipped reasons) of one row; raises StageError if it does not load."""
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-
-    from stages.common.lm import load_causal_lm, load_tokenizer, perplexity, read_config
-
-    quantized = "quantization_config" in read_config(folder)
-    model = load_causal_lm(folder, **({} if quantized or cfg.dtype == "auto" else {"dtype": cfg.dtype}))
-    tokenizer = load_tokenizer(folder, fallback=Path(paths.tokenized) / "tokenizer")
-    scores: dict[str, float] = {}
-    metric_names: dict[str, str] = {}
-    skipped: dict[str, str] = {}
-    if blocks is not None:
-        try:
-            scores[PERPLEXITY] = perplexity(model, blocks, cfg.batch_size)
-            metric_names[PERPLEXITY] = "token perplexity"
-        except StageError as err:
-            skipped[f"{name}/{PERPLEXITY}"] = str(err)
-    try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size,
-                  max_length=getattr(model.config, "max_position_embeddings", None))
-    except Exception as err:  # lm-eval cannot drive this model: its task cells are skips, not a crash
-        for task in tasks:
-            skipped[f"{name}/{task}"] = f"lm-eval cannot run this model: {type(err).__name__}: {str(err)[:300]}"
-        tasks = {}
-    full: dict[str, Any] = {}
-    for task, built in tasks.items():
-        limits = cfg.tasks[task]
-        started = time.perf_counter()
-        try:
-            out = lm_eval.simple_evaluate(
-                model=lm, tasks=list(built.values()), task_manager=manager, limit=limits.limit, log_samples=False,
-                gen_kwargs={"max_gen_toks": limits.max_new_tokens} if limits.max_new_tokens else None,
-                confirm_run_unsafe_code=True, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
-                torch_random_seed=0, fewshot_random_seed=0)
-        except Exception as err:  # one task failing on one model is a cell, not the table
-            skipped[f"{name}/{task}"] = f"{type(err).__name__}: {str(err)[:300]}"
-            log.warning("%s / %s failed: %s", name, task, skipped[f"{name}/{task}"], exc_info=True)
-            continue
-        found = score(out or {}, task)
-        if found is None:
-            skipped[f"{name}/{task}"] = "lm-eval returned no score"
-            continue
-        metric_names[task], scores[task] = found
-        full[task] = {k: v for k, v in out["results"][task].items() if k != "alias"}
-        log.info("%-18s %-20s %s = %.4f (%.0fs)", name, task, found[0], found[1],
-                 time.perf_counter() - started)
-    write_json(report / "results" / f"{name.replace('/', '_')}.json", {"model": str(folder), "results": full})
-    return scores, metric_names, skipped
-
-
-# ---------------------------------------------------------------------------------------------
-# the table
-
-
-def markdown(table: dict[str, dict[str, float]], columns: list[str], metric_names: dict[str, str],
-             skipped: dict[str, str], seen: dict[str, dict[str, int]] | None = None) -> str:
-    seen = {t: s for t, s in (seen or {}).items() if s["seen"]}
-    head = "| model | " + " | ".join(f"{c} ({metric_names.get(c, '-')}){' †' if c in seen else ''}"
-                                     for c in columns) + " |"
-    lines = [head, "|" + " --- |" * (len(columns) + 1)]
-    for row, scores in table.items():
-        cells = []
-        for col in columns:
-            if col in scores:
-                cells.append(f"{scores[col]:.2f}" if col == PERPLEXITY else f"{scores[col]:.3f}")
-            else:
-                cells.append("skipped" if f"{row}/{col}" in skipped or row in skipped or col in skipped else "-")
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    if seen:
-        lines += ["", "† items found in the training data (a shared run of words): "
-                  + ", ".join(f"{t} {s['seen']} of {s['checked']}" for t, s in seen.items())]
-    if skipped:
-        lines += ["", "Skipped:", ""] + [f"- `{k}`: {v}" for k, v in skipped.items()]
-    return "\n".join(lines) + "\n"
-
-
-def bar_chart(table: dict[str, dict[str, float]], columns: list[str], out: Path) -> None:
-    """One panel per benchmark (their scales differ: perplexity is not a share), a bar per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = list(table)
-    fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.6), squeeze=False)
-    colors = plt.get_cmap("tab10").colors
-    for ax, col in zip(axes[0], columns):
-        values = [table[r].get(col, math.nan) for r in rows]
-        ax.bar(range(len(rows)), values, color=[colors[i % len(colors)] for i in range(len(rows))])
-        ax.set_xticks(range(len(rows)), rows, rotation=45, ha="right", fontsize=8)
-        ax.set_title(col + (" (lower is better)" if col == PERPLEXITY else ""), fontsize=9)
-        if col != PERPLEXITY:
-            ax.set_ylim(0, 1)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------------------------------------
 # the stage
 
 
-def run(cfg: EvaluateConfig, paths: Paths) -> dict[str, Any]:
-    from stages.common.lm import val_blocks
+def run(cfg: EvaluateConfig, paths: Paths, sft: SftConfig) -> dict[str, Any]:
+    from stages.common.lm import free
+    from stages.common.tables import bar_chart, markdown
 
     report = paths.report_dir("evaluate")
     rows = model_rows(cfg, paths)
-    manager = task_manager(cfg) if cfg.tasks else None
-    built, skipped = check_tasks(cfg, manager) if cfg.tasks else ({}, {})
-    try:
-        blocks = val_blocks(paths.tokenized, cfg.perplexity_blocks)
-    except StageError as err:
-        blocks, skipped[PERPLEXITY] = None, str(err)
+    manager = benchmarks.task_manager(cfg.task_dir, cfg.tasks) if cfg.tasks else None
+    built, skipped = benchmarks.load_tasks(manager, cfg.tasks, cfg.task_dir) if cfg.tasks else ({}, {})
+    held = held_out(cfg, paths, sft, built)
+    skipped.update(held.skipped)
     seen = contamination(built, cfg, training_ngrams(paths, cfg.contamination_ngram))
-    columns = [PERPLEXITY, *cfg.tasks]
-    table: dict[str, dict[str, float]] = {}
-    metric_names: dict[str, str] = {}
+    table: dict[str, dict[str, Cell]] = {}
+    metric_names = dict(METRIC_NAMES)
     for name, folder in rows.items():
         started = time.perf_counter()
         try:
-            scores, names, cell_skips = evaluate_model(name, folder, cfg, paths, manager, built, blocks, report)
+            cells, names, cell_skips = evaluate_model(name, folder, cfg, paths, manager, built, held, report)
         except StageError as err:
             skipped[name] = str(err)
             log.warning("row %s skipped: %s", name, err)
             continue
-        table[name], skipped = scores, {**skipped, **cell_skips}
+        finally:
+            free()
+        table[name] = cells
+        skipped.update(cell_skips)
         metric_names.update(names)
         log.info("%s done in %.0fs", name, time.perf_counter() - started)
     if not table:
         raise StageError(f"no model could be evaluated: {json.dumps(skipped)[:500]}")
-    (report / "table.md").write_text(markdown(table, columns, metric_names, skipped, seen))
-    bar_chart(table, columns, report / "chart.png")
+    if held.scorer is not None:
+        table[REWARD_ROW] = {PAIRWISE: pairwise_cell(held)}
+    columns = [c for c in (PERPLEXITY, INSTRUCTION_LOSS, REWARD_SCORE, *cfg.tasks, PAIRWISE)
+               if any(c in cells for cells in table.values()) or c in skipped]
+    comparisons = compare_rows(table, cfg)
+    for row, cells in table.items():
+        write_json(report / "items" / f"{row.replace('/', '_')}.json", {m: c.items for m, c in cells.items()})
+    values = {row: {m: round(c.value, 6) for m, c in cells.items()} for row, cells in table.items()}
+    errors = {row: {m: round(c.stderr, 6) for m, c in cells.items()} for row, cells in table.items()}
+    (report / "table.md").write_text(markdown(values, errors, columns, metric_names, skipped, seen, comparisons,
+                                              lower_is_better=LOWER_IS_BETTER))
+    bar_chart(values, errors, columns, report / "chart.png", lower_is_better=LOWER_IS_BETTER)
     log.info("\n%s", (report / "table.md").read_text())
+    cells = sum(len(v) for v in table.values())
+    # every model row has each column but the reward row's, which has that one alone
+    expected = len(rows) * len([c for c in columns if c != PAIRWISE]) + (PAIRWISE in columns)
     return {
-        "models": table,
-        "folders": {name: str(folder) for name, folder in rows.items()},
+        "models": values,
+        "stderr": errors,
+        "comparisons": comparisons,
+        "folders": {name: str(folder) for name, folder in rows.items()}
+                   | ({REWARD_ROW: str(paths.reward)} if REWARD_ROW in table else {}),
         "metric": {c: metric_names[c] for c in columns if c in metric_names},
-        "limits": {t: c.limit for t, c in cfg.tasks.items()},
+        "items": {c: max((len(cells[c].items) for cells in table.values() if c in cells), default=0)
+                  for c in columns},
         "contamination": seen,
         "skipped": skipped,
-        "cells": sum(len(v) for v in table.values()),
-        "cells_skipped": len(rows) * len(columns) - sum(len(v) for v in table.values()),
+        "cells": cells,
+        "cells_skipped": expected - cells,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("evaluate", EvaluateConfig, run, argv)
+    return run_stage("evaluate", EvaluateConfig, run, argv, reads=READS)
 
 
 if __name__ == "__main__":

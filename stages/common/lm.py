@@ -155,8 +155,9 @@ def val_blocks(tokenized: Path, max_blocks: int | None) -> Any:
     return torch.from_numpy(np.stack(val.with_format("numpy")["input_ids"]).astype(np.int64))
 
 
-def perplexity(model: Any, blocks: Any, batch_size: int = 4) -> float:
-    """exp(mean next-token loss) over `blocks`, every token weighted alike."""
+def block_losses(model: Any, blocks: Any, batch_size: int = 4) -> list[float]:
+    """Mean next-token loss of each of `blocks` (a held-out item each, for error bars and paired
+    comparisons); a StageError when the blocks hold ids outside the model's vocabulary."""
     import torch
 
     device = next(model.parameters()).device
@@ -164,16 +165,56 @@ def perplexity(model: Any, blocks: Any, batch_size: int = 4) -> float:
     if int(blocks.max()) >= vocab:
         raise StageError(f"the val blocks hold token id {int(blocks.max())} but the model's vocabulary is "
                          f"{vocab}: it was not trained on this tokenizer")
-    total, count = 0.0, 0
+    losses: list[float] = []
     with torch.no_grad():
         for i in range(0, len(blocks), batch_size):
             ids = blocks[i:i + batch_size].to(device)
             logits = model(input_ids=ids).logits[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                     ids[:, 1:].reshape(-1), reduction="sum")
-            total += float(loss)
-            count += ids[:, 1:].numel()
-    return round(math.exp(min(total / count, 50.0)), 4)
+            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            losses.extend(loss.mean(dim=1).tolist())
+    return losses
+
+
+def perplexity(model: Any, blocks: Any, batch_size: int = 4) -> float:
+    """exp(mean next-token loss) over `blocks`, every token weighted alike (blocks are equally long)."""
+    losses = block_losses(model, blocks, batch_size)
+    return round(math.exp(min(sum(losses) / len(losses), 50.0)), 4)
+
+
+def answer_losses(model: Any, tokenizer: Any, examples: list[dict[str, Any]], batch_size: int = 4) -> list[float]:
+    """Mean loss over the answer tokens of each conversational prompt/completion example (sft's
+    format), rendered with the tokenizer's chat template as the trainer renders it."""
+    import torch
+
+    device = next(model.parameters()).device
+    rows = []
+    for ex in examples:
+        prompt = tokenizer.apply_chat_template(ex["prompt"], add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"]
+        full = tokenizer.apply_chat_template(ex["prompt"] + ex["completion"], tokenize=True,
+                                             return_dict=True)["input_ids"]
+        rows.append((list(full), len(prompt)))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    losses = [0.0] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # batches of like length: little padding
+    with torch.no_grad():
+        for i in range(0, len(order), batch_size):
+            chosen = order[i:i + batch_size]
+            batch = [rows[j] for j in chosen]
+            width = max(len(ids) for ids, _ in batch)
+            ids = torch.tensor([r + [pad] * (width - len(r)) for r, _ in batch], device=device)
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r, _ in batch], device=device)
+            labels = torch.full_like(ids, -100)
+            for j, (r, start) in enumerate(batch):
+                labels[j, start:len(r)] = ids[j, start:len(r)]
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            target = labels[:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none",
+                                                     ignore_index=-100)
+            counts = (target != -100).sum(dim=1).clamp(min=1)
+            for j, value in zip(chosen, (loss.sum(dim=1) / counts).tolist()):
+                losses[j] = value
+    return losses
 
 
 def generation_speed(model: Any, tokenizer: Any, prompt: list[int], new_tokens: int, repeats: int = 1) -> float:

@@ -104,11 +104,18 @@ def test_training_stages_ran_fresh_and_left_loadable_models(tiny_project: Path) 
 def test_evaluation_table_covers_every_model_and_compares_with_dvc(tiny_project: Path) -> None:
     table = metrics(tiny_project, "evaluate")
     quantized = {f"quantized/{m}" for m in metrics(tiny_project, "quantize")["methods"]}
-    assert quantized and set(table["models"]) == {"base", "pretrain", "sft", "ppo", *quantized}
+    assert quantized and set(table["models"]) == {"base", "pretrain", "sft", "ppo", *quantized, "reward"}
     for row, scores in table["models"].items():
-        assert set(scores) == {"perplexity", "hhh_alignment", "truthful_qa_mc", "bigbench_arithmetic",
-                               "humaneval_sandbox"}, row
+        expected = {"pairwise_accuracy"} if row == "reward" else {
+            "perplexity", "instruction_loss", "reward_score", "hhh_alignment", "truthful_qa_mc",
+            "bigbench_arithmetic", "humaneval_sandbox"}
+        assert set(scores) == expected, row
+        assert set(table["stderr"][row]) == expected, row  # every cell has its error
     assert table["skipped"] == {}
+    # each row against the one before it; a quantized row against the model it was made from
+    assert table["comparisons"]["sft"]["against"] == "pretrain"
+    assert {table["comparisons"][q]["against"] for q in quantized} == {"ppo"}
+    assert table["contamination"]["hhh_alignment"]["seen"] == 0  # decontam and the split held
     # DVC reads the table as metrics, so `dvc metrics diff` compares two commits' tables
     shown = json.loads(run_in(tiny_project, "-m", "dvc", "metrics", "show", "--json").stdout)
     (revision,) = shown.values()  # the workspace (this scratch project has no git history)
@@ -119,6 +126,8 @@ def test_evaluation_table_covers_every_model_and_compares_with_dvc(tiny_project:
 
 def test_final_and_quantized_models_are_registered_and_load_by_alias(tiny_project: Path) -> None:
     import mlflow
+
+    from stages.common.lm import greedy, load_causal_lm, load_tokenizer
 
     uri = f"sqlite:///{tiny_project / 'mlflow.db'}"
     registered = metrics(tiny_project, "register")["registered"]
@@ -132,4 +141,96 @@ def test_final_and_quantized_models_are_registered_and_load_by_alias(tiny_projec
     assert "dvc.collect.outs.data/raw" in tags and "eval.hhh_alignment" in tags
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/llm-forge@candidate")
-    assert model.predict(["Human: hello\nAssistant:"], params={"max_new_tokens": 4})[0].strip()
+    chat = [{"role": "user", "content": "hello"}]
+    folder = tiny_project / "models/ppo"
+    # the registry answers a chat as the pipeline's own generator answers it from the folder
+    expected = greedy(load_causal_lm(folder), load_tokenizer(folder), [chat], 4)
+    assert model.predict([chat], params={"max_new_tokens": 4}) == expected
+
+
+# --- the parent run's headline figures (unit level: no pipeline runs) ---------------------------
+
+EVALUATION = {
+    "models": {"base": {"perplexity": 900.5, "hhh_alignment": 0.25},
+               "quantized/nf4": {"perplexity": 640.0, "hhh_alignment": 0.5}},
+    "stderr": {"base": {"perplexity": 12.0, "hhh_alignment": 0.05},
+               "quantized/nf4": {"perplexity": 9.5, "hhh_alignment": None}},
+    "skipped": {}, "cells": 4, "metric": {"hhh_alignment": "acc"},
+}
+
+
+def test_the_evaluation_table_becomes_one_metric_per_cell() -> None:
+    from flows.pipeline import evaluation_metrics
+
+    assert evaluation_metrics(EVALUATION) == {
+        "base.perplexity": 900.5, "base.hhh_alignment": 0.25,
+        "quantized/nf4.perplexity": 640.0, "quantized/nf4.hhh_alignment": 0.5,
+        "base.perplexity.stderr": 12.0, "base.hhh_alignment.stderr": 0.05,
+        "quantized/nf4.perplexity.stderr": 9.5,  # a missing error is no metric, not a zero
+    }
+    # a table without standard errors still gives its scores
+    assert evaluation_metrics({"models": {"sft": {"perplexity": 3.0}}}) == {"sft.perplexity": 3.0}
+
+
+def headline_project(root: Path) -> Path:
+    """A project folder with a params file and the reports of clean and evaluate."""
+    from stages.common.config import Paths
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump({"paths": {k: f"out/{k}" for k in Paths.model_fields}}))
+    for stage, report in (("clean", {"docs_in": 10, "docs_out": 8, "dropped": {"short": 2}, "near": True}),
+                          ("evaluate", EVALUATION)):
+        (root / "out/reports" / stage).mkdir(parents=True)
+        (root / "out/reports" / stage / "metrics.json").write_text(json.dumps(report))
+    return root
+
+
+def test_the_parent_run_gets_the_headline_figures(tmp_path: Path) -> None:
+    import mlflow
+
+    from flows.pipeline import evaluation_metrics, log_headline
+
+    root = headline_project(tmp_path / "project")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow.start_run(run_name="pipeline") as run:
+        # sft ran but wrote no report: it adds nothing and stops nothing
+        logged = log_headline(["clean", "sft", "evaluate"], root)
+    stored = mlflow.MlflowClient().get_run(run.info.run_id).data.metrics
+    assert stored == logged
+    assert stored["quantized/nf4.perplexity"] == 640.0 and stored["base.hhh_alignment.stderr"] == 0.05
+    assert evaluation_metrics(EVALUATION).items() <= stored.items()
+    # each stage's top-level numbers, not its nested ones nor its flags
+    assert {k: v for k, v in stored.items() if k.startswith("clean.")} == {"clean.docs_in": 10.0,
+                                                                          "clean.docs_out": 8.0}
+    assert stored["evaluate.cells"] == 4.0
+
+
+def test_headline_figures_never_stop_the_flow(tmp_path: Path, monkeypatch) -> None:
+    import socket
+
+    import mlflow
+
+    from flows.pipeline import evaluation_metrics, log_headline
+
+    root = headline_project(tmp_path / "project")
+    (root / "out/reports/clean/metrics.json").write_text("{not json")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(store)
+    with mlflow.start_run() as run:
+        # a report that cannot be read costs that stage's figures only
+        assert set(log_headline(["clean", "evaluate"], root)) == {*evaluation_metrics(EVALUATION), "evaluate.cells"}
+        # the store goes away before the figures are sent: a warning, no exception
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]  # closed again: nothing listens there
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
+        assert log_headline(["evaluate"], root) == {}
+        mlflow.set_tracking_uri(store)
+    assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "FINISHED"
+    # a params file that cannot be read costs the figures only
+    (root / "params.yaml").write_text("paths: [")
+    with mlflow.start_run():
+        assert log_headline(["evaluate"], root) == {}
+    # no run to log to: none is opened
+    assert log_headline(["evaluate"], root) == {} and mlflow.active_run() is None

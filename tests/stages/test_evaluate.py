@@ -17,20 +17,33 @@ import stages
 from stages.common.config import ConfigError, Paths, load_section, read_yaml
 from stages.common.io import write_jsonl
 from stages.common.sandbox import run_program
-from stages.evaluate import EvaluateConfig, markdown, run, score
-from tests.conftest import tiny_model, tiny_params
+from stages.common.tables import markdown
+from stages.evaluate import EvaluateConfig, run, score
+from tests.conftest import tiny_config, tiny_model, tiny_params
 
 ROOT = Path(stages.__file__).resolve().parent.parent
 TASK_DIR = ROOT / "configs/lm_eval"
-TASKS = {"hhh_alignment": {"limit": 2, "max_new_tokens": None},
-         "bigbench_arithmetic": {"limit": 2, "max_new_tokens": 4}}
+TASKS = {"hhh_alignment": {"limit": 2, "max_new_tokens": None, "holdout": True},
+         "bigbench_arithmetic": {"limit": 2, "max_new_tokens": 4, "holdout": False}}
 
 
 def config(**changes: object) -> EvaluateConfig:
     """The tiny profile's evaluate section with whole keys replaced (a task dict is replaced, not
-    merged, so a test names exactly the columns it wants)."""
+    merged, so a test names exactly the columns it wants; the reward metrics then use its first
+    task, or none without tasks)."""
     section = {**tiny_params()["evaluate"], **changes}
+    if "tasks" in changes and "preferences" not in changes:
+        first = next(iter(changes["tasks"]), None)
+        section["preferences"] = first and {**tiny_params()["evaluate"]["preferences"], "task": first}
     return load_section(EvaluateConfig, "evaluate", {"evaluate": section})
+
+
+def evaluate(cfg: EvaluateConfig, paths: Paths) -> dict:
+    return run(cfg, paths, sft=tiny_config("sft"))
+
+
+def limits(limit: int | None, max_new_tokens: int | None = None, holdout: bool = False) -> dict:
+    return {"limit": limit, "max_new_tokens": max_new_tokens, "holdout": holdout}
 
 
 def humaneval(n: int) -> list[dict]:
@@ -138,22 +151,24 @@ def test_score_reads_the_declared_metric_not_its_stderr_or_sample_count() -> Non
     assert score({"results": {}}, "t") is None
 
 
-def test_markdown_marks_skipped_cells() -> None:
-    text = markdown({"base": {"perplexity": 12.345, "hhh_alignment": 0.5}}, ["perplexity", "hhh_alignment", "x"],
+def test_markdown_shows_errors_and_marks_skipped_cells() -> None:
+    text = markdown({"base": {"perplexity": 12.345, "hhh_alignment": 0.5}},
+                    {"base": {"perplexity": 0.51, "hhh_alignment": 0.125}}, ["perplexity", "hhh_alignment", "x"],
                     {"perplexity": "token perplexity", "hhh_alignment": "acc"}, {"x": "no task named 'x'"})
-    assert "| base | 12.35 | 0.500 | skipped |" in text and "- `x`: no task named 'x'" in text
+    assert "| base | 12.35 ± 0.51 | 0.500 ± 0.125 | skipped |" in text and "- `x`: no task named 'x'" in text
 
 
 def test_contamination_finds_an_evaluation_item_in_the_training_data(tiny_workdir: Paths,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from lm_eval.tasks import TaskManager
 
+    from stages.common.benchmarks import item_text
     from stages.common.io import read_records, write_records
-    from stages.evaluate import contamination, item_text, training_ngrams
+    from stages.evaluate import contamination, training_ngrams
 
     monkeypatch.chdir(ROOT)
     task = TaskManager(include_path=str(TASK_DIR)).load(["hhh_alignment"])
-    cfg = config(task_dir=TASK_DIR, tasks={"hhh_alignment": {"limit": 3, "max_new_tokens": None}})
+    cfg = config(task_dir=TASK_DIR, tasks={"hhh_alignment": limits(3)})
     clean = contamination({"hhh_alignment": task["tasks"]}, cfg, set())
     assert clean == {"hhh_alignment": {"checked": 3, "seen": 0}}
     # the second item's preferred answer, reworded only in case and punctuation, as SFT data
@@ -173,25 +188,29 @@ def test_a_row_that_is_not_a_paths_key_is_a_config_error() -> None:
         config(models=["base", "policy"])
     with pytest.raises(ConfigError, match=r"evaluate\.models: .*names a row twice"):
         config(models=["base", "base"])
+    with pytest.raises(ConfigError, match=r"evaluate\.models: .*reward model is scored in a row of its own"):
+        config(models=["base", "reward"])
 
 
 # ---------------------------------------------------------------------------------------------
 # the stage on tiny models
 
 
-GOLD, OTHER = "the", "of"  # one token each (with the leading space) in the tiny tokenizer
+GOLD, OTHER = "and", "in"  # one token each, with and without a leading space, in the tiny tokenizer
 
 
 def picking_model(paths: Paths, dest: Path, word: str) -> Path:
     """The tiny base rewired to answer `word` after any text: attention and MLP outputs zeroed, so
     the last hidden state is the current token's embedding; every embedding gets a constant first
-    dimension, and `word`'s token a larger one, so with tied embeddings its logit wins everywhere."""
+    dimension, and `word`'s tokens (with and without a leading space: a chat template puts the answer
+    right after a newline) a larger one, so with tied embeddings their logits win everywhere."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tiny_model(paths, dest)
-    token = AutoTokenizer.from_pretrained(dest)(f" {word}")["input_ids"]
-    assert len(token) == 1, (word, token)
+    tok = AutoTokenizer.from_pretrained(dest)
+    tokens = [tok(w, add_special_tokens=False)["input_ids"] for w in (word, f" {word}")]
+    assert all(len(t) == 1 for t in tokens), (word, tokens)
     model = AutoModelForCausalLM.from_pretrained(dest)
     assert model.config.tie_word_embeddings
     with torch.no_grad():
@@ -200,7 +219,7 @@ def picking_model(paths: Paths, dest: Path, word: str) -> Path:
             layer.mlp.down_proj.weight.zero_()
         embed = model.model.embed_tokens.weight
         embed[:, 0] = 1.0
-        embed[token[0], 0] = 3.0
+        embed[[t[0] for t in tokens], 0] = 3.0
     model.save_pretrained(dest)
     return dest
 
@@ -219,28 +238,54 @@ def gold_task(task_dir: Path, n: int = 6) -> str:
 
 def test_a_model_that_picks_the_gold_answer_scores_1_and_one_that_does_not_0(
         tiny_workdir: Paths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three rows on one table: the random base, a model that always says GOLD (sft) and one that
+    always says OTHER (ppo), with a reward model that pays for GOLD's token: the benchmark, the
+    reward model's pairs, the reward of each row's answers and the comparisons all see it."""
+    from transformers import AutoTokenizer
+
+    from tests.stages.test_ppo import build_token_reward
+
     picking_model(tiny_workdir, tiny_workdir.sft, GOLD)
     picking_model(tiny_workdir, tiny_workdir.ppo, OTHER)
+    tok = AutoTokenizer.from_pretrained(tiny_workdir.sft)
+    build_token_reward(tiny_workdir.sft, tiny_workdir.reward,
+                       [tok(w, add_special_tokens=False)["input_ids"][0] for w in (GOLD, f" {GOLD}")])
     monkeypatch.chdir(ROOT)  # the task YAMLs name their data relative to the project
     task_dir = tmp_path / "tasks"
     shutil.copytree(TASK_DIR, task_dir)
-    tasks = {gold_task(task_dir): {"limit": None, "max_new_tokens": None},
-             "bigbench_arithmetic": {"limit": 2, "max_new_tokens": 4}}
-    cfg = config(models=["base", "sft", "ppo"], task_dir=task_dir, tasks=tasks, perplexity_blocks=2)
-    metrics = run(cfg, tiny_workdir)
-    assert metrics["models"]["sft"]["pick"] == 1.0 and metrics["models"]["ppo"]["pick"] == 0.0
-    assert list(metrics["models"]) == ["base", "sft", "ppo"]  # the order of evaluate.models
-    assert metrics["folders"] == {row: str(getattr(tiny_workdir, row)) for row in ("base", "sft", "ppo")}
-    assert metrics["metric"] == {"perplexity": "token perplexity", "pick": "acc", "bigbench_arithmetic": "exact_match"}
-    assert metrics["limits"] == {"pick": None, "bigbench_arithmetic": 2}
-    assert metrics["skipped"] == {} and metrics["cells"] == 9 and metrics["cells_skipped"] == 0
+    tasks = {gold_task(task_dir): limits(None), "bigbench_arithmetic": limits(2, 4)}
+    cfg = config(models=["base", "sft", "ppo"], task_dir=task_dir, tasks=tasks, perplexity_blocks=2,
+                 preferences={"task": "pick", "prompts": 6, "answer_tokens": 4})
+    metrics = evaluate(cfg, tiny_workdir)
+    models = metrics["models"]
+    assert models["sft"]["pick"] == 1.0 and models["ppo"]["pick"] == 0.0
+    assert list(models) == ["base", "sft", "ppo", "reward"]  # the order of evaluate.models, then the reward model
+    assert metrics["folders"] == {row: str(getattr(tiny_workdir, row)) for row in ("base", "sft", "ppo", "reward")}
+    assert metrics["metric"] == {"perplexity": "token perplexity", "instruction_loss": "answer-token loss",
+                                 "reward_score": "mean reward", "pick": "acc", "bigbench_arithmetic": "exact_match",
+                                 "pairwise_accuracy": "pairwise acc"}
+    assert metrics["skipped"] == {} and metrics["cells"] == 16 and metrics["cells_skipped"] == 0
+    # every cell has its error; a share of 6 items that are all 1 has none
+    assert set(metrics["stderr"]["base"]) == set(models["base"]) and metrics["stderr"]["sft"]["pick"] == 0.0
     # the rewired models predict one token everywhere: far worse than the random base on real text
-    assert metrics["models"]["sft"]["perplexity"] > metrics["models"]["base"]["perplexity"]
+    assert models["sft"]["perplexity"] > models["base"]["perplexity"]
+    assert metrics["comparisons"]["sft"]["perplexity"]["better"] is False
+    # the reward model prefers the gold answer of every pair, beyond chance
+    assert models["reward"] == {"pairwise_accuracy": 1.0}
+    assert metrics["comparisons"]["reward"]["pairwise_accuracy"]["better"]
+    # GOLD's answers earn more reward than OTHER's on every prompt: ppo loses to sft, beyond the interval
+    assert models["sft"]["reward_score"] > models["ppo"]["reward_score"]
+    against_sft = metrics["comparisons"]["ppo"]
+    assert against_sft["against"] == "sft" and against_sft["win_rate"]["value"] == 0.0
+    assert against_sft["reward_score"]["high"] < 0 and not against_sft["reward_score"]["better"]
     report = tiny_workdir.report_dir("evaluate")
     assert (report / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| sft | " in (report / "table.md").read_text() and "| 1.000 |" in (report / "table.md").read_text()
+    table = (report / "table.md").read_text()
+    assert "| sft | " in table and "| 1.000 ± 0.000 |" in table and "| ppo | sft | win_rate | 0.000 |" in table
     results = json.loads((report / "results/ppo.json").read_text())["results"]
     assert results["pick"]["acc,none"] == 0.0
+    items = json.loads((report / "items/sft.json").read_text())
+    assert len(items["pick"]) == 6 and len(items["perplexity"]) == 2
 
 
 def test_quantized_folders_become_one_row_each(tiny_workdir: Paths, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -248,17 +293,17 @@ def test_quantized_folders_become_one_row_each(tiny_workdir: Paths, monkeypatch:
         tiny_model(tiny_workdir, tiny_workdir.quantized / method)
     (tiny_workdir.quantized / ".quantized.tmp-x").mkdir()  # a half-written folder is no row
     monkeypatch.chdir(ROOT)
-    metrics = run(config(models=["quantized"], tasks={}, perplexity_blocks=1), tiny_workdir)
+    metrics = evaluate(config(models=["quantized"], tasks={}, perplexity_blocks=2), tiny_workdir)
     assert list(metrics["models"]) == ["quantized/int8", "quantized/nf4"]
     assert metrics["folders"]["quantized/nf4"] == str(tiny_workdir.quantized / "nf4")
 
 
 def test_bad_task_files_and_a_broken_model_are_recorded_skips(tiny_workdir: Paths, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    for stage in ("sft", "ppo", "reward"):
+    for stage in ("sft", "ppo", "pretrain"):
         tiny_model(tiny_workdir, getattr(tiny_workdir, stage))
     (tiny_workdir.sft / "config.json").write_text("{ not json")
-    config_file = tiny_workdir.reward / "config.json"  # a sequence classifier: no causal LM to score
+    config_file = tiny_workdir.pretrain / "config.json"  # a sequence classifier: no causal LM to score
     config_file.write_text(config_file.read_text().replace("LlamaForCausalLM", "LlamaForSequenceClassification"))
     quantized = tiny_workdir.quantized / "int8"  # a quantized folder that is not a model
     quantized.mkdir(parents=True)
@@ -269,21 +314,21 @@ def test_bad_task_files_and_a_broken_model_are_recorded_skips(tiny_workdir: Path
         (TASK_DIR / "hhh_alignment.yaml").read_text().replace("hhh_alignment.jsonl", "missing.jsonl"))
     (task_dir / "truthful_qa_mc.yaml").write_text("task: truthful_qa_mc\ndataset_path: [unclosed\n")
     monkeypatch.chdir(ROOT)
-    tasks = {**TASKS, "truthful_qa_mc": {"limit": 2, "max_new_tokens": None},
-             "no_such_task": {"limit": 2, "max_new_tokens": None}}
-    cfg = config(models=["base", "sft", "ppo", "reward", "quantized"], task_dir=task_dir, tasks=tasks,
+    tasks = {**TASKS, "truthful_qa_mc": limits(2), "no_such_task": limits(2)}
+    cfg = config(models=["base", "sft", "ppo", "pretrain", "quantized"], task_dir=task_dir, tasks=tasks,
                  perplexity_blocks=2)
-    metrics = run(cfg, tiny_workdir)
+    metrics = evaluate(cfg, tiny_workdir)
     skipped = metrics["skipped"]
     assert set(metrics["models"]) == {"base", "ppo"}
     assert "does not load" in skipped["sft"]
-    assert "LlamaForSequenceClassification, not a causal LM" in skipped["reward"]
+    assert "LlamaForSequenceClassification, not a causal LM" in skipped["pretrain"]
     assert "no config.json" in skipped["quantized/int8"]
     assert "does not load" in skipped["hhh_alignment"]
     assert "truthful_qa_mc" in skipped and "no_such_task" in skipped
     # the good task still ran on every model that loads
     for row in ("base", "ppo"):
-        assert set(metrics["models"][row]) == {"perplexity", "bigbench_arithmetic"}
+        assert set(metrics["models"][row]) == {"perplexity", "instruction_loss", "bigbench_arithmetic"}
+    assert "preference task hhh_alignment did not load" in skipped["reward_score"]
     table = (tiny_workdir.report_dir("evaluate") / "table.md").read_text()
     assert "| sft |" not in table and "- `sft`:" in table
 
