@@ -52,7 +52,9 @@ def examples(src: BigBenchSource, where: str, stats: Counter[str],
             raise StageError(f"{where}: {file} is not a BIG-bench task file (no 'examples')")
         for i, ex in enumerate(task["examples"]):
             ex_id = f"{file.parent.name}/{i}"
-            if src.holdout and holdout is not None and holdout.for_evaluation(ex):
+            # an example without the key is not an evaluation item: it goes on to be dropped as malformed
+            if src.holdout and holdout is not None and isinstance(ex.get(holdout.key), str) \
+                    and holdout.for_evaluation(ex):
                 stats[f"held_out_for_evaluation.{src.name}"] += 1  # collect reports it per kind
                 continue
             yield ex_id, ex
