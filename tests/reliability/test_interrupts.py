@@ -134,8 +134,9 @@ def test_kill_9_then_rerun_is_identical(reference: tuple, stage: str) -> None:
     # right after the kill: every output is either gone or complete, never half-written
     for out, expected in outputs[stage].items():
         assert snapshot(out) in (None, expected), f"{stage} killed {moment}: {out} is half-written"
-    # nothing partial was cached or locked
-    assert lock_entry(project, stage) == locked
+    # nothing partial was cached or locked (a kill just after DVC locked a finished run leaves the
+    # lock of a complete output: the same hashes, but for the metrics file's wall time)
+    assert without_metrics(lock_entry(project, stage)) == without_metrics(locked)
     cached = cache_objects(project)
     assert {k for k in cached if k.endswith(".dir")} <= manifests, f"{stage} killed {moment}: a partial .dir"
 
