@@ -44,12 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(prompts)} prompts of {task}; mean reward {stats.mean_stderr(list(scores[base].values()))[0]:.3f} "
           f"for {base}")
     for folder in args.folders[1:]:
-        a, b = stats.paired(scores[base], scores[folder])
-        wins = [1.0 if y > x else 0.5 if y == x else 0.0 for x, y in zip(a, b)]
-        w = stats.paired_bootstrap([0.5] * len(wins), wins, iters=cfg.bootstrap_iters, seed=cfg.seed,
-                                   level=cfg.confidence)
-        print(f"{folder}: mean reward {sum(b) / len(b):.3f}, win rate against {base} {0.5 + w.diff:.3f} "
-              f"[{0.5 + w.low:.3f}, {0.5 + w.high:.3f}]")
+        w = stats.win_rate(scores[base], scores[folder], iters=cfg.bootstrap_iters, seed=cfg.seed,
+                           level=cfg.confidence)
+        mean = stats.mean_stderr(list(scores[folder].values()))[0]
+        print(f"{folder}: mean reward {mean:.3f}, win rate against {base} {w['value']:.3f} "
+              f"[{w['low']:.3f}, {w['high']:.3f}]")
     return 0
 
 

@@ -28,7 +28,7 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from stages.common.benchmarks import Holdout
+from stages.common.benchmarks import HELD_OUT, Holdout
 from stages.common.config import Paths, StageConfig, StageError
 from stages.common.io import KINDS, Drop, Tally, atomic_dir, content_id, write_jsonl, write_records
 from stages.common.runner import run_stage
@@ -80,7 +80,6 @@ READERS: dict[str, dict[str, Reader]] = {
     "preferences": {"pairs": chat.read_pairs, "bigbench": bigbench.read_preferences, "hf": hub.read_preferences},
 }
 SECTIONS = {"corpus": "sources", "instructions": "instructions", "preferences": "preferences"}
-HELD_OUT = "held_out_for_evaluation"  # a reader's count of the examples a benchmark source keeps back
 
 
 def repair_strings(record: dict[str, Any], stats: Counter[str]) -> dict[str, Any]:

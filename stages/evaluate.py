@@ -389,12 +389,8 @@ def compare_rows(table: dict[str, dict[str, Cell]], cfg: EvaluateConfig) -> dict
             better = c.high < 0 if metric in LOWER_IS_BETTER else c.low > 0
             found[metric] = {**c.as_dict(), "better": better}
             if metric == REWARD_SCORE:
-                a, b = stats.paired(before.items, cell.items)
-                wins = [1.0 if y > x else 0.5 if y == x else 0.0 for x, y in zip(a, b)]
-                w = stats.paired_bootstrap([0.5] * len(wins), wins, iters=cfg.bootstrap_iters, seed=cfg.seed,
-                                           level=cfg.confidence)
-                found["win_rate"] = {"value": 0.5 + w.diff, "low": 0.5 + w.low, "high": 0.5 + w.high, "n": w.n,
-                                     "better": w.low > 0}
+                found["win_rate"] = stats.win_rate(before.items, cell.items, iters=cfg.bootstrap_iters,
+                                                   seed=cfg.seed, level=cfg.confidence)
         out[row] = found
     return out
 

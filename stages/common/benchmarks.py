@@ -29,6 +29,9 @@ from stages.common.text import CJK
 
 log = logging.getLogger("llm_forge.benchmarks")
 
+HELD_OUT = "held_out_for_evaluation"
+"""collect's metric (per kind and source) of the examples a benchmark source kept for evaluation."""
+
 TOKEN = re.compile(rf"[{CJK}]|(?:(?![{CJK}])\w)+")
 
 

@@ -81,3 +81,13 @@ def compare(a: Mapping[str, float], b: Mapping[str, float], *, iters: int, seed:
             level: float = 0.95) -> Comparison:
     """`paired_bootstrap` over the items (id -> value) both models were scored on."""
     return paired_bootstrap(*paired(a, b), iters=iters, seed=seed, level=level)
+
+
+def win_rate(a: Mapping[str, float], b: Mapping[str, float], *, iters: int, seed: int,
+             level: float = 0.95) -> dict[str, Any]:
+    """Share of the common items where b scores above a (a tie counts half), with its bootstrap
+    interval; `better` when the interval lies above one half."""
+    x, y = paired(a, b)
+    wins = [1.0 if v > u else 0.5 if v == u else 0.0 for u, v in zip(x, y)]
+    w = paired_bootstrap([0.5] * len(wins), wins, iters=iters, seed=seed, level=level)
+    return {"value": 0.5 + w.diff, "low": 0.5 + w.low, "high": 0.5 + w.high, "n": w.n, "better": w.low > 0}

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from stages.common.benchmarks import Holdout
+from stages.common.benchmarks import HELD_OUT, Holdout
 from stages.common.config import StageError
 from stages.common.io import Drop
 from stages.readers.base import Item, Source, existing
@@ -55,7 +55,7 @@ def examples(src: BigBenchSource, where: str, stats: Counter[str],
             # an example without the key is not an evaluation item: it goes on to be dropped as malformed
             if src.holdout and holdout is not None and isinstance(ex.get(holdout.key), str) \
                     and holdout.for_evaluation(ex):
-                stats[f"held_out_for_evaluation.{src.name}"] += 1  # collect reports it per kind
+                stats[f"{HELD_OUT}.{src.name}"] += 1  # collect reports it per kind
                 continue
             yield ex_id, ex
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from stages.common.config import Paths
-from stages.common.stats import compare, mean_stderr, paired_bootstrap
+from stages.common.stats import compare, mean_stderr, paired_bootstrap, win_rate
 from tests.conftest import tiny_config
 
 
@@ -43,6 +43,13 @@ def test_compare_pairs_items_by_id_and_refuses_no_common_item() -> None:
     assert c.n == 2 and c.diff == 1.0
     with pytest.raises(ValueError, match="no items in common"):
         compare({"x": 1.0}, {"y": 1.0}, iters=200, seed=0)
+
+
+def test_win_rate_counts_ties_half_and_needs_its_interval_above_one_half() -> None:
+    always = win_rate({str(i): 0.0 for i in range(20)}, {str(i): 1.0 for i in range(20)}, iters=500, seed=0)
+    assert (always["value"], always["low"], always["n"], always["better"]) == (1.0, 1.0, 20, True)
+    ties = win_rate({"a": 1.0, "b": 1.0}, {"a": 1.0, "b": 1.0}, iters=500, seed=0)
+    assert ties["value"] == 0.5 and not ties["better"]
 
 
 def test_a_trained_tiny_model_differs_from_the_untrained_one_and_a_copy_does_not(
