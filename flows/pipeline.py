@@ -10,17 +10,33 @@ Before any stage runs, the whole params file is checked against every stage's ty
 every problem is named at once (exit code 2). A tracking server that cannot be reached does not
 stop the pipeline: each stage keeps what it could not send (see `stages.common.tracking`).
 
-    python -m flows.pipeline [--stage tokenize]
+One pipeline run per project at a time: the flow holds a lock file (`.dvc/tmp/llm-forge.lock`)
+from before the first stage to after the last; a second run stops with one sentence naming the
+run that holds it (exit code 3), before it writes anything. A stage is retried once when it
+failed in a way that can pass (a crash, a kill, a tracking server that dropped a call), never
+when it exited with a bad-input error (exit code 2: the same input fails the same way). The run
+publishes Prefect artifacts: the evaluation table and the links to its MLflow runs.
+
+`--params FILE` runs on FILE's values: a whole params file or a profile (only the keys that
+differ, like `profiles/tiny.yaml`). They are merged into `params.yaml` before anything runs,
+because `params.yaml` is what DVC tracks and every stage reads (`dvc exp run -S` changes it the
+same way); `git diff params.yaml` shows what the run used and `git checkout params.yaml` undoes it.
+
+    python -m flows.pipeline [--stage tokenize] [--params FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +53,63 @@ ROOT = Path(__file__).resolve().parent.parent
 # The stage whose metrics hold the evaluation table (`models`: row -> metric -> value, and
 # `stderr` of the same shape).
 EVALUATION = "evaluate"
+REGISTER = "register"  # its metrics name each registered model's version
+BAD_INPUT = 2  # a stage's exit code for bad input (stages.common.runner): rerunning cannot help
+LOCK = Path(".dvc/tmp/llm-forge.lock")  # DVC's own scratch folder: never committed
+
+
+class Busy(RuntimeError):
+    """Another pipeline run of this project holds the lock."""
+
+
+_held = 0  # how deep this process is inside `project_lock` (the retraining flow runs the pipeline)
+
+
+@contextlib.contextmanager
+def project_lock(root: Path = ROOT) -> Iterator[None]:
+    """Hold the project's pipeline lock, or raise Busy naming who holds it. An OS lock (flock):
+    a run that dies, even by kill -9, releases it. Re-entrant within one process."""
+    global _held
+    if _held:
+        _held += 1
+        try:
+            yield
+        finally:
+            _held -= 1
+        return
+    path = root / LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise Busy(f"another pipeline run of this project is running ({holder}, holding {path}): "
+                       "this one stops without writing anything") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        _held = 1
+        try:
+            yield
+        finally:
+            _held = 0
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, code: int) -> None:
+        self.stage, self.code = stage, code
+        kind = "bad input, not retried" if code == BAD_INPUT else f"exit {code}"
+        super().__init__(f"stage {stage} failed ({kind}): see its error above")
+
+
+def transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry condition: retry a stage unless it exited with a bad-input error."""
+    err = state.result(raise_on_failure=False)
+    return not (isinstance(err, StageFailed) and err.code == BAD_INPUT)
 
 
 def dvc_command() -> list[str]:
@@ -69,13 +142,22 @@ def stage_order(target: str | None = None, root: Path = ROOT) -> list[str]:
     return order
 
 
-@task(name="dvc-repro", retries=1, retry_delay_seconds=5, task_run_name="{stage}")
-def repro(stage: str, parent_run_id: str | None) -> None:
+@task(name="dvc-repro", retries=1, retry_delay_seconds=5, retry_condition_fn=transient, task_run_name="{stage}")
+def repro(stage: str, parent_run_id: str | None, force: bool = False) -> None:
     logger = get_run_logger()
-    logger.info("dvc repro --single-item %s", stage)
-    done = subprocess.run([*dvc_command(), "repro", "--single-item", stage], cwd=ROOT, env=stage_env(parent_run_id))
-    if done.returncode != 0:
-        raise RuntimeError(f"stage {stage} failed (exit {done.returncode}): see its error above")
+    flags = ["--force"] if force else []
+    logger.info("dvc repro %s", " ".join([*flags, "--single-item", stage]))
+    # DVC exits 255 whatever the stage's command exited with, and names that code in its last
+    # error line: stderr passes through as it comes, and its tail is kept to read the code from.
+    with subprocess.Popen([*dvc_command(), "repro", *flags, "--single-item", stage], cwd=ROOT,
+                          env=stage_env(parent_run_id), stderr=subprocess.PIPE, text=True, errors="replace") as proc:
+        tail: list[str] = []
+        for line in proc.stderr or ():
+            sys.stderr.write(line)
+            tail = [*tail[-19:], line]
+    if proc.returncode != 0:
+        codes = re.findall(r"exited with (-?\d+)", "".join(tail))
+        raise StageFailed(stage, int(codes[-1]) if codes else proc.returncode)
 
 
 def check(root: Path = ROOT) -> None:
@@ -138,6 +220,14 @@ def log_headline(stages: Iterable[str], root: Path = ROOT, logger: Any = None) -
         figures = headline(stages, paths)
         if figures:
             mlflow.log_metrics(figures)
+        table = paths.report_dir(EVALUATION)
+        if EVALUATION in stages:  # the table and chart open on the pipeline run itself
+            for name in ("table.md", "chart.png"):
+                if (table / name).is_file():
+                    mlflow.log_artifact(str(table / name), artifact_path=EVALUATION)
+        if REGISTER in stages:  # which registry versions this pipeline made or pointed at
+            registered = json.loads((paths.report_dir(REGISTER) / "metrics.json").read_text()).get("registered", {})
+            mlflow.set_tags({f"registered.{name}": f"version {r['version']}" for name, r in registered.items()})
         return figures
     except Exception as err:
         (logger or logging.getLogger(__name__)).warning("the pipeline run got no headline figures: %s",
@@ -145,52 +235,123 @@ def log_headline(stages: Iterable[str], root: Path = ROOT, logger: Any = None) -
         return {}
 
 
+def run_link(experiment_id: str, run_id: str) -> str:
+    """Where a run opens in the MLflow UI: the tracking server's own page, or `make ui`'s for the
+    project's local store (the default port; the Makefile's UI_PORT changes it)."""
+    from urllib.parse import urlsplit
+
+    uri = tracking.tracking_uri_shown()
+    base = uri.rstrip("/") if urlsplit(uri).scheme in ("http", "https") else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def publish(done: list[str], experiment_id: str | None, parent_id: str | None, logger: Any) -> None:
+    """Prefect artifacts of a pipeline run: the evaluation table (when evaluate ran) and the links
+    to its MLflow runs. Never raises: they show what the stages already wrote."""
+    from prefect.artifacts import create_markdown_artifact
+
+    try:
+        paths = load_section(Paths, "paths", read_yaml(ROOT / "params.yaml"))
+        table = ROOT / paths.reports / EVALUATION / "table.md"
+        if EVALUATION in done and table.is_file():
+            create_markdown_artifact(key="evaluation", markdown=table.read_text(encoding="utf-8"),
+                                     description="The evaluation table of this pipeline run")
+        if parent_id and experiment_id:
+            import mlflow
+
+            runs = mlflow.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+                                      output_format="list")
+            lines = [f"- [pipeline]({run_link(experiment_id, parent_id)}) (parent run `{parent_id}`)"]
+            lines += [f"- [{r.info.run_name}]({run_link(experiment_id, r.info.run_id)})"
+                      for r in sorted(runs, key=lambda r: r.info.start_time or 0)]
+            local = not tracking.tracking_uri_shown().startswith(("http://", "https://"))
+            note = "\n\nThe project's local store: `make ui` serves these pages." if local else ""
+            create_markdown_artifact(key="mlflow-runs", markdown="## MLflow runs\n\n" + "\n".join(lines) + note,
+                                     description="This pipeline run in MLflow")
+    except Exception as err:
+        logger.warning("the run's Prefect artifacts were not published: %s", tracking.describe(err))
+
+
+@dataclass
+class PipelineRun:
+    stages: list[str]
+    """The stages run, in order."""
+    parent_run_id: str | None
+    """The MLflow parent run (None: the tracking store was unreachable)."""
+    experiment_id: str | None
+
+
 @flow(name="llm-forge-pipeline", log_prints=True)
-def pipeline(target: str | None = None) -> list[str]:
-    """Run the DVC pipeline up to `target` (all stages by default); returns the stages run."""
+def pipeline(target: str | None = None, force: Iterable[str] = ()) -> PipelineRun:
+    """Run the DVC pipeline up to `target` (all stages by default), rerunning the stages in
+    `force` even when DVC finds them up to date, under the project lock."""
     import mlflow
 
-    check()
-    order = stage_order(target)
-    logger = get_run_logger()
-    commit = tracking.git_commit(ROOT)
-    tags = {"llm_forge.stage": "pipeline", **({"git.commit": commit} if commit else {})}
-    parent_id = None
-    try:
-        experiment_id = tracking.setup(ROOT)
-        parent_id = mlflow.start_run(experiment_id=experiment_id, run_name="pipeline", tags=tags).info.run_id
-        mlflow.log_param("stages", ",".join(order))
-    except Exception as err:  # the stages still run, each keeping what it could not send
-        logger.warning("MLflow at %s is unreachable (%s): the stages run without a parent run",
-                       tracking.tracking_uri_shown(), tracking.describe(err))
-    status = "FAILED"
-    done: list[str] = []  # the stages whose outputs are now current (a failed run stops early)
-    try:
-        for stage in order:
-            repro(stage, parent_id)
-            done.append(stage)
-        status = "FINISHED"
-    finally:
-        if parent_id is not None and mlflow.active_run() is not None:
-            log_headline(done, ROOT, logger)
-            try:
-                mlflow.end_run(status=status)
-            except Exception as err:
-                logger.warning("MLflow at %s is unreachable (%s): the pipeline run stays open there",
-                               tracking.tracking_uri_shown(), tracking.describe(err))
-    return order
+    with project_lock():
+        check()
+        order = stage_order(target)
+        logger = get_run_logger()
+        commit = tracking.git_commit(ROOT)
+        tags = {"llm_forge.stage": "pipeline", **({"git.commit": commit} if commit else {})}
+        parent_id = experiment_id = None
+        try:
+            experiment_id = tracking.setup(ROOT)
+            parent_id = mlflow.start_run(experiment_id=experiment_id, run_name="pipeline", tags=tags).info.run_id
+            # the whole params file, so that two pipeline runs compare param by param in the UI
+            mlflow.log_params({"stages": ",".join(order), **tracking.flatten(read_yaml(ROOT / "params.yaml"))})
+        except Exception as err:  # the stages still run, each keeping what it could not send
+            logger.warning("MLflow at %s is unreachable (%s): the stages run without a parent run",
+                           tracking.tracking_uri_shown(), tracking.describe(err))
+        status = "FAILED"
+        done: list[str] = []  # the stages whose outputs are now current (a failed run stops early)
+        try:
+            for stage in order:
+                repro(stage, parent_id, force=stage in force)
+                done.append(stage)
+            status = "FINISHED"
+        finally:
+            if parent_id is not None and mlflow.active_run() is not None:
+                log_headline(done, ROOT, logger)
+                try:
+                    mlflow.end_run(status=status)
+                except Exception as err:
+                    logger.warning("MLflow at %s is unreachable (%s): the pipeline run stays open there",
+                                   tracking.tracking_uri_shown(), tracking.describe(err))
+            publish(done, experiment_id, parent_id, logger)
+    return PipelineRun(order, parent_id, experiment_id)
+
+
+def use_params(path: Path, root: Path = ROOT) -> None:
+    """Merge `path` (a params file or a profile) into the project's params.yaml."""
+    from stages.common.profile import apply
+
+    target = root / "params.yaml"
+    if path.resolve() != target.resolve():
+        apply(path, target, target)
+        print(f"params.yaml now holds {path}'s values (`git diff params.yaml` shows them)", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
     ap.add_argument("--stage", help="run only this stage and what it depends on")
+    ap.add_argument("--params", type=Path, help="run on this params file's values (merged into params.yaml)")
     args = ap.parse_args(argv)
     try:
-        check()  # before Prefect starts: a bad params file costs a second, not a server start
+        # before Prefect starts: a busy project or a bad params file costs a second, not a server start
+        with project_lock():
+            if args.params:
+                use_params(args.params)
+            check()
+            pipeline(args.stage)
+    except Busy as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    pipeline(args.stage)
+    except StageFailed as err:  # its own error is above; Prefect has logged the run as failed
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

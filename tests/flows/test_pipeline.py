@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import ROOT, run_in
+from tests.conftest import ROOT, make_project, run_in
 
 # The graph's stages, from the one place that lists them.
 ALL_STAGES = tuple(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
@@ -234,3 +234,37 @@ def test_headline_figures_never_stop_the_flow(tmp_path: Path, monkeypatch) -> No
         assert log_headline(["evaluate"], root) == {}
     # no run to log to: none is opened
     assert log_headline(["evaluate"], root) == {} and mlflow.active_run() is None
+
+
+def test_a_stage_that_failed_on_bad_input_is_not_retried(tmp_path: Path) -> None:
+    from prefect.states import Failed
+
+    from flows.pipeline import StageFailed, transient
+
+    assert not transient(None, None, Failed(data=StageFailed("collect", 2)))
+    assert transient(None, None, Failed(data=StageFailed("collect", 1)))  # a crash may pass next time
+    assert transient(None, None, Failed(data=RuntimeError("tracking server busy")))
+
+    # for real: a source with nothing readable is bad input (exit 2); the flow runs collect once
+    project = make_project(tmp_path / "project")
+    (project / "empty.txt").write_text("")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    source = next(s for s in params["collect"]["sources"] if s["type"] == "text")
+    source["path"] = str(project / "empty.txt")
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    done = run_in(project, "-m", "flows.pipeline", "--stage", "collect", check=False)
+    assert done.returncode != 0
+    out = done.stdout + done.stderr
+    assert "no readable record" in out and "bad input, not retried" in out
+    assert out.count("Running stage 'collect'") == 1, out[-3000:]
+
+
+def test_the_flow_published_the_evaluation_table_and_mlflow_links_as_prefect_artifacts(tiny_project: Path) -> None:
+    import sqlite3
+
+    # the flow's temporary Prefect server kept its database in the project's PREFECT_HOME
+    with sqlite3.connect(tiny_project / ".prefect/prefect.db") as db:
+        found = {key: json.loads(data) for key, data in db.execute("select key, data from artifact")}
+    assert found["evaluation"] == (tiny_project / "reports/evaluate/table.md").read_text()
+    links = found["mlflow-runs"]
+    assert all(f"[{stage}](http" in links for stage in ("pipeline", "collect", "evaluate", "register")), links
