@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= true
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup run test bench lock clean-outputs ui FORCE
+.PHONY: setup run test bench lock clean-outputs ui serve retrain FORCE
 
 setup: $(VENV)/.installed assets/lm_eval/.complete .dvc/config.local
 
@@ -60,8 +60,22 @@ test: setup
 UI_PORT ?= 5000
 ui: $(VENV)/.installed
 	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT) (Ctrl-C stops it)"
+	@$(BIN)/python -c "import urllib.request as u; u.urlopen('$(PREFECT_API_URL)/health', timeout=2); \
+	  print('Prefect UI: $(PREFECT_API_URL)'.removesuffix('/api'))" 2>/dev/null || true
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 	  --artifacts-destination $(CURDIR)/mlartifacts --host 127.0.0.1 --port $(UI_PORT) --workers 1
+
+# The Prefect server the deployment talks to: `.venv/bin/prefect server start` in another
+# terminal serves it (and its UI, one level up from /api) on this default address.
+PREFECT_API_URL ?= http://127.0.0.1:4200/api
+
+# The retraining deployment (flows/retrain.py) on `retrain.schedule`, served to that server by this
+# process, which also runs the flow runs (Ctrl-C stops it). `make retrain` runs it once, now.
+serve: setup
+	PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/python -m flows.retrain --serve
+
+retrain: setup
+	$(BIN)/python -m flows.retrain
 
 bench: setup
 	$(BIN)/python -m bench.dedup_bench

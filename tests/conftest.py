@@ -53,7 +53,7 @@ def paths(tmp_path: Path) -> Paths:
                  dedup=tmp_path / "data/dedup", base=tmp_path / "models/base", tokenized=tmp_path / "data/tokenized",
                  pretrain=tmp_path / "models/pretrain", sft=tmp_path / "models/sft",
                  reward=tmp_path / "models/reward", ppo=tmp_path / "models/ppo",
-                 quantized=tmp_path / "models/quantized", reports=tmp_path / "reports")
+                 quantized=tmp_path / "models/quantized", reports=tmp_path / "reports", gate=tmp_path / "models/gate")
 
 
 def make_project(dest: Path, profile: str = "tiny") -> Path:

@@ -74,6 +74,9 @@ class Paths(StageConfig):
     """One folder per quantization method of the final model (`quantized/<method>/`)."""
     reports: Path
     """One folder per stage: `metrics.json`, samples, reports."""
+    gate: Path
+    """The registry's `candidate` and `champion` (`gate/candidate/`, `gate/champion/`), downloaded
+    by the retraining flow to be scored side by side; not a DVC output."""
 
     def report_dir(self, stage: str) -> Path:
         return self.reports / stage
@@ -148,6 +151,11 @@ def config_class(stage: str) -> type[BaseModel]:
     return next(v for k, v in vars(module).items() if k.lower() == f"{stage}config" and isinstance(v, type))
 
 
+# Flows that read a params section of their own (`flows/<name>.py`, class `<Name>Config`): a
+# flow is not a `dvc.yaml` stage, so the graph does not name it.
+FLOWS = ("retrain",)
+
+
 def stage_sections(dvc_file: Path = DVC_FILE) -> dict[str, type[BaseModel]]:
     """Every params section a `dvc.yaml` stage reads -> its typed config: the stage's own section
     (module `stages.<name>`, class `<Name>Config`), the sections its module `READS`, and the
@@ -166,6 +174,8 @@ def stage_sections(dvc_file: Path = DVC_FILE) -> dict[str, type[BaseModel]]:
                 if top in reads:
                     sections.setdefault(top, reads[top])
         sections.setdefault(name, own)
+    for name in FLOWS:
+        sections[name] = getattr(importlib.import_module(f"flows.{name}"), f"{name.capitalize()}Config")
     return sections
 
 
