@@ -271,9 +271,15 @@ def held_out(cfg: EvaluateConfig, paths: Paths, sft: SftConfig, built: dict[str,
 
 
 def pairwise_cell(held: Held) -> Cell:
-    """1 for each held-out pair whose gold answer the reward model scores above the other, else 0."""
-    chosen = held.scorer([m for _, m, _, _ in held.pairs], [c for _, _, c, _ in held.pairs])
-    rejected = held.scorer([m for _, m, _, _ in held.pairs], [r for _, _, _, r in held.pairs])
+    """1 for each held-out pair whose gold answer the reward model scores above the other, else 0.
+    Every (prompt, answer) the model scores goes in one call, shortest first, so that a batch is not
+    padded to one long prompt (the scores come back in the pairs' order)."""
+    texts = [(m, c) for _, m, c, _ in held.pairs] + [(m, r) for _, m, _, r in held.pairs]
+    order = sorted(range(len(texts)), key=lambda i: sum(len(x["content"]) for x in texts[i][0]) + len(texts[i][1]))
+    scores = [0.0] * len(texts)
+    for i, value in zip(order, held.scorer([texts[i][0] for i in order], [texts[i][1] for i in order])):
+        scores[i] = value
+    chosen, rejected = scores[:len(held.pairs)], scores[len(held.pairs):]
     return mean_cell({pid: float(c > r) for (pid, *_), c, r in zip(held.pairs, chosen, rejected)})
 
 

@@ -169,10 +169,33 @@ def block_losses(model: Any, blocks: Any, batch_size: int = 4) -> list[float]:
     with torch.no_grad():
         for i in range(0, len(blocks), batch_size):
             ids = blocks[i:i + batch_size].to(device)
-            logits = model(input_ids=ids).logits[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-            losses.extend(loss.mean(dim=1).tolist())
+            hidden = last_hidden(model, ids)
+            if hidden is None:
+                logits = model(input_ids=ids).logits[:, :-1].float()
+                loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+                losses.extend(loss.mean(dim=1).tolist())
+                continue
+            head = model.get_output_embeddings()
+            for row, target in zip(hidden[:, :-1], ids[:, 1:]):  # one block's logits at a time: less memory
+                losses.append(torch.nn.functional.cross_entropy(head(row).float(), target).item())
     return losses
+
+
+def last_hidden(model: Any, ids: Any, mask: Any = None) -> Any:
+    """The decoder's last hidden states (the output layer's input) of `ids`, for a model whose
+    logits are just its output layer applied to them, position by position; None for one whose
+    forward does more after the output layer (logit scaling or soft-capping) or that does not
+    expose its decoder and output layer (the caller then takes the full forward's logits)."""
+    config = getattr(model, "config", None)
+    if any(getattr(config, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale")):
+        return None
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or head is None or decoder is model:
+        return None
+    return decoder(input_ids=ids, attention_mask=mask).last_hidden_state
 
 
 def perplexity(model: Any, blocks: Any, batch_size: int = 4) -> float:
@@ -207,14 +230,26 @@ def answer_losses(model: Any, tokenizer: Any, examples: list[dict[str, Any]], ba
             labels = torch.full_like(ids, -100)
             for j, (r, start) in enumerate(batch):
                 labels[j, start:len(r)] = ids[j, start:len(r)]
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             target = labels[:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none",
-                                                     ignore_index=-100)
-            counts = (target != -100).sum(dim=1).clamp(min=1)
-            for j, value in zip(chosen, (loss.sum(dim=1) / counts).tolist()):
+            scored = target != -100
+            logits = answer_logits(model, ids, mask, scored)
+            if logits is None:  # the whole sequence's logits; only the answer positions count
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][scored]
+            loss = torch.nn.functional.cross_entropy(logits.float(), target[scored], reduction="none")
+            counts = scored.sum(dim=1)
+            sums = torch.zeros(len(batch), dtype=loss.dtype).index_add_(
+                0, scored.nonzero()[:, 0].cpu(), loss.cpu())
+            for j, value in zip(chosen, (sums / counts.cpu().clamp(min=1)).tolist()):
                 losses[j] = value
     return losses
+
+
+def answer_logits(model: Any, ids: Any, mask: Any, scored: Any) -> Any:
+    """Logits of the positions `scored` marks (those predicting an answer token) only: the output
+    layer (a vocabulary-wide matmul) and the loss skip every prompt and padding position. The same
+    numbers as the full forward's logits there; None where `last_hidden` gives none."""
+    hidden = last_hidden(model, ids, mask)
+    return None if hidden is None else model.get_output_embeddings()(hidden[:, :-1][scored])
 
 
 def generation_speed(model: Any, tokenizer: Any, prompt: list[int], new_tokens: int, repeats: int = 1) -> float:
@@ -241,8 +276,10 @@ def greedy(model: Any, tokenizer: Any, prompts: list[Any], max_new_tokens: int, 
            stop_id: int | None = None, pad_id: int | None = None, batch_size: int = 8) -> list[str]:
     """Greedy answers to `prompts`, decoded without special tokens: the one generator of the
     pipeline's samples and checks. A prompt is text, a chat (a list of messages, rendered with the
-    tokenizer's chat template and a generation prompt) or token ids. Batches are left-padded, so
-    an answer does not depend on its batch-mates; each stops at `stop_id` (default: EOS)."""
+    tokenizer's chat template and a generation prompt) or token ids. Prompts are batched by length
+    (shortest first; answers come back in the prompts' order) and left-padded, with an attention
+    mask, so padding does not enter an answer (in bfloat16 the kernels a batch's shape picks can
+    still move a near-tie token); each stops at `stop_id` (default: EOS)."""
     import torch
     from transformers import GenerationConfig
 
@@ -260,18 +297,22 @@ def greedy(model: Any, tokenizer: Any, prompts: list[Any], max_new_tokens: int, 
     gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_id, pad_token_id=pad_id)
     was_training = model.training
     model.eval()
-    out: list[str] = []
     encoded = [ids_of(p) for p in prompts]
-    for start in range(0, len(encoded), batch_size):
-        batch = encoded[start:start + batch_size]
+    # Batches of like length (the order given back is the prompts'): a batch is padded to its
+    # longest prompt, and one long prompt among short ones made every row of its batch pay for it.
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out: list[str] = [""] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        chosen = order[start:start + batch_size]
+        batch = [encoded[i] for i in chosen]
         width = max(map(len, batch))
         ids = torch.tensor([[pad_id] * (width - len(b)) + b for b in batch], device=device)
         mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch], device=device)
         with torch.no_grad():
             seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
-        for row in seqs[:, width:].tolist():
+        for i, row in zip(chosen, seqs[:, width:].tolist()):
             if stop_id in row:
                 row = row[:row.index(stop_id)]
-            out.append(tokenizer.decode(row, skip_special_tokens=True))
+            out[i] = tokenizer.decode(row, skip_special_tokens=True)
     model.train(was_training)
     return out

@@ -345,3 +345,48 @@ def test_rows_name_every_quantized_folder_or_one_of_them(paths: Paths) -> None:
     assert one == {"ppo": paths.ppo, "quantized/int8": paths.quantized / "int8"}
     with pytest.raises(ConfigError, match="not `paths` keys"):
         config(models=["quantised/int8"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the cells' arithmetic: the fast paths give the full forward's numbers
+
+
+def test_losses_and_answers_are_those_of_the_full_forward_one_item_at_a_time(
+        tiny_workdir: Paths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """block_losses and answer_losses take the output layer at the positions they score only, and
+    greedy batches prompts by length: the same losses as the whole model's logits, item by item,
+    and the same answers, in the prompts' order, as each prompt generated alone."""
+    import torch
+
+    from stages.common import lm
+
+    folder = tiny_model(tiny_workdir, tmp_path / "model")
+    model, tok = lm.load_causal_lm(folder), lm.load_tokenizer(folder)
+    blocks = lm.val_blocks(tiny_workdir.tokenized, 3)
+    with torch.no_grad():
+        full = [torch.nn.functional.cross_entropy(model(input_ids=b[None]).logits[0, :-1], b[1:]).item()
+                for b in blocks]
+    assert lm.block_losses(model, blocks, 2) == pytest.approx(full, abs=1e-5)
+
+    words = ["alpha", "beta gamma delta", "epsilon", "zeta eta theta iota kappa lambda"]
+    examples = [{"id": str(i), "prompt": [{"role": "user", "content": f"Say {w}, please."}],
+                 "completion": [{"role": "assistant", "content": " ".join(words[-1 - i:])}]}
+                for i, w in enumerate(words)]
+    expected = []
+    with torch.no_grad():
+        for ex in examples:
+            start = len(tok.apply_chat_template(ex["prompt"], add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"])
+            ids = torch.tensor([tok.apply_chat_template(ex["prompt"] + ex["completion"], tokenize=True,
+                                                        return_dict=True)["input_ids"]])
+            logits = model(input_ids=ids).logits[0, start - 1:-1]
+            expected.append(torch.nn.functional.cross_entropy(logits, ids[0, start:]).item())
+    assert lm.answer_losses(model, tok, examples, 3) == pytest.approx(expected, abs=1e-4)
+    monkeypatch.setattr(model, "get_decoder", lambda: None)  # no decoder to call: the full logits
+    assert lm.last_hidden(model, blocks[:1]) is None
+    assert lm.answer_losses(model, tok, examples, 3) == pytest.approx(expected, abs=1e-4)
+    assert lm.block_losses(model, blocks, 2) == pytest.approx(full, abs=1e-5)
+
+    prompts = [[{"role": "user", "content": f"Tell me about {w}."}] for w in words]
+    alone = [lm.greedy(model, tok, [p], 5)[0] for p in prompts]
+    assert lm.greedy(model, tok, prompts, 5, batch_size=2) == alone
