@@ -48,9 +48,10 @@ class GateConfig(StageConfig):
     """The rule that moves `champion`."""
 
     primary: PrimaryConfig
-    guards: dict[str, float] = Field(default_factory=dict)
-    """metric -> how much worse than the champion the challenger may be (>= 0, the metric's units)."""
-    floors: dict[str, float] = Field(default_factory=dict)
+    guards: dict[str, float]
+    """metric -> how much worse than the champion the challenger may be (>= 0, the metric's units;
+    `{}`: no guard)."""
+    floors: dict[str, float]
     """metric -> the value a model must reach to be champion at all: at least this (higher is
     better) or at most this (lower is better, e.g. perplexity)."""
 

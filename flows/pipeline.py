@@ -282,9 +282,8 @@ class PipelineRun:
 
 
 @flow(name="llm-forge-pipeline", log_prints=True)
-def pipeline(target: str | None = None, force: Iterable[str] = ()) -> PipelineRun:
-    """Run the DVC pipeline up to `target` (all stages by default), rerunning the stages in
-    `force` even when DVC finds them up to date, under the project lock."""
+def pipeline(target: str | None = None) -> PipelineRun:
+    """Run the DVC pipeline up to `target` (all stages by default) under the project lock."""
     import mlflow
 
     with project_lock():
@@ -306,7 +305,7 @@ def pipeline(target: str | None = None, force: Iterable[str] = ()) -> PipelineRu
         done: list[str] = []  # the stages whose outputs are now current (a failed run stops early)
         try:
             for stage in order:
-                repro(stage, parent_id, force=stage in force)
+                repro(stage, parent_id)
                 done.append(stage)
             status = "FINISHED"
         finally:

@@ -151,7 +151,7 @@ def test_the_served_deployment_promotes_a_better_model_and_keeps_the_champion_ag
     # the run pushed what dvc.lock names to the project's remote: a fresh pull needs nothing else
     assert any((project.parent / "remote").rglob("*")), "dvc push sent nothing"
     status = run_in(project, "-m", "dvc", "status", "--cloud")
-    assert "up to date" in status.stdout, status.stdout
+    assert "in sync" in status.stdout, status.stdout
 
     # the untrained model comes back as the candidate: worse on the primary metric, refused
     client(project).set_registered_model_alias(NAME, "candidate", untrained)

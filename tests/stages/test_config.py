@@ -7,9 +7,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.common.config import ConfigError, Paths, config_class, load_section, overlay, read_yaml
+from stages.common.config import (
+    FLOWS,
+    ConfigError,
+    Paths,
+    config_class,
+    load_section,
+    overlay,
+    read_yaml,
+    stage_sections,
+)
 from stages.common.profile import apply
-from stages.common.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = {name: cfg for name, cfg in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items()}
@@ -23,10 +31,10 @@ def test_every_section_loads_into_its_config(tmp_path: Path, profile: str | None
         apply(ROOT / "profiles" / f"{profile}.yaml", ROOT / "params.yaml", params_file)
     params = read_yaml(params_file)
     load_section(Paths, "paths", params)
-    for stage in STAGES:
-        load_section(config_class(stage), stage, params)
-    # every section is read by a stage: no orphan values
-    assert set(params) == {"paths", "train", *STAGES}
+    for section, cls in stage_sections(ROOT / "dvc.yaml").items():
+        load_section(cls, section, params)
+    # every section is read by a stage or a flow: no orphan values
+    assert set(params) == {"paths", "train", *STAGES, *FLOWS}
 
 
 def test_unknown_key_is_named() -> None:
@@ -89,7 +97,8 @@ def test_no_code_default_for_a_key_params_sets() -> None:
     default in code (DVC only sees params.yaml, so a code default would be invisible to it)."""
     params = read_yaml(ROOT / "params.yaml")
     found = _defaults_for_set_keys(load_section(Paths, "paths", params), params["paths"], "paths")
-    for section in (*STAGES, "train"):
-        cls = config_class(section) if section in STAGES else TrainConfig
+    sections = stage_sections(ROOT / "dvc.yaml")
+    for section in (*STAGES, "train", *FLOWS):
+        cls = sections[section]
         found += _defaults_for_set_keys(load_section(cls, section, params), params[section], section)
     assert not found, f"code defaults for keys params.yaml sets: {found}"
