@@ -35,7 +35,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -335,22 +335,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage", help="run only this stage and what it depends on")
     ap.add_argument("--params", type=Path, help="run on this params file's values (merged into params.yaml)")
     args = ap.parse_args(argv)
-    try:
+
+    def run() -> None:
         # before Prefect starts: a busy project or a bad params file costs a second, not a server start
         with project_lock():
             if args.params:
                 use_params(args.params)
             check()
             pipeline(args.stage)
-    except Busy as err:
+
+    return exit_code(run)
+
+
+def exit_code(command: Callable[[], Any]) -> int:
+    """Run a flow's command line: 0, or one sentence on stderr and the code of what stopped it:
+    3 another run holds the project, 2 a bad params file, 1 a stage failed (its own error is
+    above; Prefect has logged the run as failed)."""
+    try:
+        command()
+    except (Busy, ConfigError, StageFailed) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 3
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except StageFailed as err:  # its own error is above; Prefect has logged the run as failed
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 3 if isinstance(err, Busy) else 2 if isinstance(err, ConfigError) else 1
     return 0
 
 

@@ -40,19 +40,9 @@ from pydantic import Field
 
 from flows import gate
 from flows.gate import GateConfig
-from flows.pipeline import (
-    ROOT,
-    Busy,
-    StageFailed,
-    check,
-    dvc_command,
-    pipeline,
-    project_lock,
-    repro,
-    use_params,
-)
+from flows.pipeline import ROOT, check, dvc_command, exit_code, pipeline, project_lock, repro, use_params
 from stages.common import tracking
-from stages.common.config import ConfigError, Paths, StageConfig, load_section, read_yaml
+from stages.common.config import Paths, StageConfig, load_section, read_yaml
 from stages.common.io import write_json
 from stages.evaluate import EvaluateConfig
 from stages.register import RegisterConfig
@@ -316,25 +306,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="judge the candidate even when nothing changed")
     ap.add_argument("--serve", action="store_true", help="serve the scheduled deployment instead of running once")
     args = ap.parse_args(argv)
-    try:
+
+    def run() -> None:
         if not args.params:
             check()  # before Prefect starts (with --params, the flow checks the merged file)
         if args.serve:
             serve()
-            return 0
+            return
         with project_lock():
             result = retrain(args.params, args.force)
-    except Busy as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
-    except StageFailed as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(result.get("message") or result["decision"]["reason"])
-    return 0
+        print(result.get("message") or result["decision"]["reason"])
+
+    return exit_code(run)
 
 
 if __name__ == "__main__":
