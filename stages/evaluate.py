@@ -258,9 +258,13 @@ def held_out(cfg: EvaluateConfig, paths: Paths, sft: SftConfig, built: dict[str,
             import torch
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-            model = AutoModelForSequenceClassification.from_pretrained(paths.reward, num_labels=1,
-                                                                       dtype=torch.float32).eval()
-            held.scorer = RewardScorer(model, AutoTokenizer.from_pretrained(paths.reward), cfg.batch_size)
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(paths.reward, num_labels=1,
+                                                                           dtype=torch.float32).eval()
+                held.scorer = RewardScorer(model, AutoTokenizer.from_pretrained(paths.reward), cfg.batch_size)
+            except (OSError, ValueError, RuntimeError) as err:  # a folder that is there but does not load
+                held.skipped[PAIRWISE] = held.skipped[REWARD_SCORE] = (
+                    f"the reward model in {paths.reward} does not load: {type(err).__name__}: {str(err)[:200]}")
     for metric, reason in held.skipped.items():
         log.warning("%s skipped: %s", metric, reason)
     return held

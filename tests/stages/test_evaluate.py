@@ -333,6 +333,19 @@ def test_bad_task_files_and_a_broken_model_are_recorded_skips(tiny_workdir: Path
     assert "| sft |" not in table and "- `sft`:" in table
 
 
+def test_a_reward_model_that_does_not_load_skips_its_two_cells(tiny_workdir: Paths,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny_model(tiny_workdir, tiny_workdir.sft)
+    tiny_workdir.reward.mkdir(parents=True, exist_ok=True)
+    (tiny_workdir.reward / "config.json").write_text("{ not json")  # there, but not a model
+    monkeypatch.chdir(ROOT)
+    metrics = evaluate(config(models=["sft"], tasks=TASKS, perplexity_blocks=2), tiny_workdir)
+    for cell in ("reward_score", "pairwise_accuracy"):
+        assert f"the reward model in {tiny_workdir.reward} does not load" in metrics["skipped"][cell]
+    assert "reward" not in metrics["models"] and "reward_score" not in metrics["models"]["sft"]
+    assert {"perplexity", "instruction_loss", "hhh_alignment"} <= set(metrics["models"]["sft"])
+
+
 def test_rows_name_every_quantized_folder_or_one_of_them(paths: Paths) -> None:
     from stages.evaluate import model_rows
 
