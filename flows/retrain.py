@@ -156,12 +156,10 @@ def side_by_side(params: dict[str, Any], paths: Paths) -> Path:
     return ROOT / paths.reports / "retrain" / "evaluate"
 
 
-def side_items(report: Path, side: str) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    """(per-item values, table row) of `gate/<side>` in evaluate's report."""
-    metrics = json.loads((report / "metrics.json").read_text())
+def side_items(report: Path, side: str) -> dict[str, dict[str, float]]:
+    """Per-item values (metric -> item -> value) of row `gate/<side>` in evaluate's report."""
     items_file = report / "items" / f"gate_{side}.json"
-    items = json.loads(items_file.read_text()) if items_file.is_file() else {}
-    return items, metrics.get("models", {}).get(f"gate/{side}", {})
+    return json.loads(items_file.read_text()) if items_file.is_file() else {}
 
 
 def gate_markdown(result: dict[str, Any]) -> str:
@@ -218,8 +216,9 @@ def judge(cfg: RetrainConfig, params: dict[str, Any], paths: Paths, parent_run_i
         else:
             shutil.rmtree(gate_dir / CHAMPION, ignore_errors=True)
         report = side_by_side(params, paths)
-        challenger, values = side_items(report, "candidate")
-        held = side_items(report, CHAMPION)[0] if champion is not None else None
+        values = json.loads((report / "metrics.json").read_text()).get("models", {}).get("gate/candidate", {})
+        challenger = side_items(report, "candidate")
+        held = side_items(report, CHAMPION) if champion is not None else None
         boot = gate.Bootstrap(evaluate.bootstrap_iters, evaluate.confidence, evaluate.seed)
         decision = gate.decide(cfg.gate, boot, challenger, values, held)
     logger.info("gate: %s", decision.reason)
@@ -269,11 +268,11 @@ def retrain(params_file: str | None = None, force: bool = False) -> dict[str, An
             import mlflow
 
             tracking.setup(ROOT)
-            name = load_section(RegisterConfig, "register", params)
-            candidate = version_by_alias(mlflow.MlflowClient(), name.name, name.alias)
+            register = load_section(RegisterConfig, "register", params)
+            candidate = version_by_alias(mlflow.MlflowClient(), register.name, register.alias)
             if candidate is not None and judged(candidate):
                 message = (f"the data did not change ({', '.join(f'{p} {m}' for p, m in after.items())}) and "
-                           f"{name.name} version {candidate.version} was already judged "
+                           f"{register.name} version {candidate.version} was already judged "
                            f"({candidate.tags[f'{TAG}.decision']}): nothing to retrain")
                 logger.info(message)
                 from prefect.artifacts import create_markdown_artifact
