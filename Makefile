@@ -81,6 +81,7 @@ bench: setup
 	$(BIN)/python -m bench.dedup_bench
 	$(BIN)/python -m bench.tokenize_bench
 	$(BIN)/python -m bench.pretrain_bench
+	$(BIN)/python -m bench.scale_bench --ray
 
 # Re-pin requirements.lock from the current .venv after changing pyproject.toml.
 lock:

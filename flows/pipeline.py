@@ -45,6 +45,7 @@ from typing import Any
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_progress_artifact, update_progress_artifact  # noqa: E402
 
 from stages.common import tracking  # noqa: E402
 from stages.common.config import ConfigError, Paths, check_params, load_section, read_yaml  # noqa: E402
@@ -142,6 +143,33 @@ def stage_order(target: str | None = None, root: Path = ROOT) -> list[str]:
     return order
 
 
+class Progress:
+    """A data stage's progress lines (`stages.common.shards`: shards done, docs/s, ETA) in the
+    Prefect UI: in the task's log, and as a progress artifact of the flow run."""
+
+    LINE = re.compile(r"llm_forge\.shards: progress (?P<what>[\w ]+): (?P<done>\d+)/(?P<total>\d+) shards(?P<rest>.*)")
+
+    def __init__(self, stage: str, logger: Any) -> None:
+        self.stage, self.logger = stage, logger
+        self.artifact: Any = None  # the artifact's id, once created
+
+    def read(self, line: str) -> None:
+        found = self.LINE.search(line)
+        if not found:
+            return
+        what, done, total = found["what"], int(found["done"]), int(found["total"])
+        said = f"{what}: {done}/{total} shards{found['rest']}"
+        self.logger.info(said)
+        percent = 100.0 * done / max(total, 1)
+        try:
+            if self.artifact is None:
+                self.artifact = create_progress_artifact(percent, key=f"progress-{self.stage}", description=said)
+            else:
+                update_progress_artifact(self.artifact, percent, description=said)
+        except Exception as err:  # the UI is a view: a failed update must not fail the stage
+            self.logger.warning("progress not shown in the UI: %s", err)
+
+
 @task(name="dvc-repro", retries=1, retry_delay_seconds=5, retry_condition_fn=transient, task_run_name="{stage}")
 def repro(stage: str, parent_run_id: str | None, force: bool = False) -> None:
     logger = get_run_logger()
@@ -152,8 +180,10 @@ def repro(stage: str, parent_run_id: str | None, force: bool = False) -> None:
     with subprocess.Popen([*dvc_command(), "repro", *flags, "--single-item", stage], cwd=ROOT,
                           env=stage_env(parent_run_id), stderr=subprocess.PIPE, text=True, errors="replace") as proc:
         tail: list[str] = []
+        shown = Progress(stage, logger)
         for line in proc.stderr or ():
             sys.stderr.write(line)
+            shown.read(line)
             tail = [*tail[-19:], line]
     if proc.returncode != 0:
         codes = re.findall(r"exited with (-?\d+)", "".join(tail))

@@ -1,7 +1,7 @@
 """clean: repair, de-markup, redact and filter every record before dedup.
 
-Reads `corpus.parquet`, `instructions.parquet` and `preferences.parquet` from `paths.raw` and,
-record by record:
+Reads the corpus, instructions and preferences shards of `paths.raw`, shard by shard on the
+executor of the `data` section (`stages.common.shards`), and, record by record:
 
 1. repairs the text (`stages.common.text.repair`): lone surrogates replaced, mojibake fixed
    (ftfy), Unicode normal form, NUL and other control characters removed (tabs and newlines stay);
@@ -16,9 +16,9 @@ record by record:
 5. instructions and preferences: size and light checks (no answer, empty answer,
    identical preference pair).
 
-Every rule returns `None` (keep) or a `Drop(reason, detail)`. Kept records go to `paths.clean`
-(same layout; the corpus gains a `lang` column), every dropped record to
-`paths.quarantine/<kind>.parquet` (id, source, reason, detail, record as JSON).
+Every rule returns `None` (keep) or a `Drop(reason, detail)`. Shard N's kept records go to shard N
+of `paths.clean` (same layout; the corpus gains a `lang` column), its dropped records to shard N of
+`paths.quarantine/<kind>/` (id, source, reason, detail, record as JSON).
 `reports/clean/` gets `samples_kept.jsonl`, `samples_dropped.jsonl` and `samples_lines_removed.jsonl`.
 
     python -m stages.clean [--params params.yaml]
@@ -26,9 +26,10 @@ Every rule returns `None` (keep) or a `Drop(reason, detail)`. Kept records go to
 
 from __future__ import annotations
 
+import functools
 import logging
+import shutil
 import sys
-import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,18 +44,29 @@ from stages.common.io import (
     Tally,
     atomic_dir,
     quarantine_row,
-    read_records,
+    quarantine_table,
+    records_table,
     write_jsonl,
-    write_quarantine,
-    write_records,
 )
 from stages.common.markup import Markup, strip_markup
 from stages.common.pii import redact
 from stages.common.quality import Doc, LineRule, Rule, corpus_rules, line_rules, remove_lines, too_little_left
 from stages.common.runner import run_stage
+from stages.common.shards import (
+    DataConfig,
+    ShardTask,
+    parts_dir,
+    publish,
+    read_shard,
+    run_shards,
+    tasks_for,
+    write_table,
+)
 from stages.common.text import repair, tidy
 
 log = logging.getLogger("llm_forge.clean")
+
+READS = {"data": DataConfig}  # how the shards run (no dvc.yaml param: it never changes the output)
 
 
 class CleanConfig(StageConfig):
@@ -138,8 +150,6 @@ class CleanConfig(StageConfig):
     """Kept records written to reports/clean/samples_kept.jsonl."""
     samples_per_reason: int
     """Dropped records per reason written to reports/clean/samples_dropped.jsonl."""
-    log_every: int = Field(gt=0)
-    """Log a progress line every this many records."""
 
 
 # --- the steps -------------------------------------------------------------------------------
@@ -275,77 +285,103 @@ def _preview(kind: str, record: dict[str, Any], limit: int = 500) -> str:
 # --- the stage -------------------------------------------------------------------------------
 
 
-def run(cfg: CleanConfig, paths: Paths) -> dict:
-    cleaner = Cleaner(cfg, LanguageId())
+@functools.cache
+def _langid() -> LanguageId:
+    return LanguageId()  # loads its model once per worker process
+
+
+def clean_shard(task: ShardTask, cfg: CleanConfig) -> dict[str, Any]:
+    """Clean one shard: kept records to its `clean` output, dropped ones to its `quarantine`
+    output; returns its counts and the first samples of each group."""
+    cleaner = Cleaner(cfg, _langid())
+    clean_one = getattr(cleaner, task.kind)
+    tally, kept, quarantined = Tally(), [], []
+    languages: Counter[str] = Counter()
+    kept_samples: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    dropped_samples: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in read_shard(task.source).to_pylist():
+        tally.docs_in += 1
+        result = clean_one(record)
+        if isinstance(result, Drop):
+            tally.drop(result.reason)
+            row = quarantine_row(record, result)
+            quarantined.append(row)
+            if len(dropped_samples[result.reason]) < cfg.samples_per_reason:
+                where = {k: v for k, v in row.items() if k != "record"}
+                dropped_samples[result.reason].append({"kind": task.kind, **where, "text": _preview(task.kind, record)})
+            continue
+        tally.docs_out += 1
+        kept.append(result)
+        if task.kind == "corpus":
+            languages[result["lang"]] += 1
+        group = kept_samples[record.get("source") or ""]
+        if len(group) < cfg.samples:
+            group.append({"kind": task.kind, "id": result.get("id"), "source": result.get("source"),
+                          **({"lang": result["lang"]} if task.kind == "corpus" else {}),
+                          "text": _preview(task.kind, result)})
+    tally.check(f"clean {task.label}")
+    write_table(task.out("clean"), records_table(task.kind, kept, extra=("lang",) if task.kind == "corpus" else ()))
+    write_table(task.out("quarantine"), quarantine_table(quarantined))
+    return {**tally.as_metrics(), "languages": dict(languages), "redacted": dict(cleaner.redacted),
+            "lines_removed": dict(cleaner.lines_removed), "line_samples": dict(cleaner.line_samples),
+            "kept_samples": dict(kept_samples), "dropped_samples": dict(dropped_samples)}
+
+
+def run(cfg: CleanConfig, paths: Paths, data: DataConfig) -> dict:
     report = paths.report_dir("clean")
     report.mkdir(parents=True, exist_ok=True)
+    parts = parts_dir(paths.clean)
+    tasks = tasks_for(paths.raw, parts, KINDS)
+    results = run_shards("clean", clean_shard, tasks, data, cfg, key=cfg.model_dump_json())
 
     total = Tally()
     kinds: dict[str, Any] = {}
-    kept: dict[str, list[dict[str, Any]]] = {}
-    quarantined: dict[str, list[dict[str, Any]]] = {}
-    languages: Counter[str] = Counter()
+    languages, redacted, lines_removed = Counter(), Counter(), Counter()
     kept_samples: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     dropped_samples: dict[str, list[dict[str, Any]]] = defaultdict(list)
-
+    line_samples: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for kind in KINDS:
-        records = read_records(paths.raw, kind)
-        clean_one = getattr(cleaner, kind)
         tally = Tally()
-        kept[kind], quarantined[kind] = [], []
-        started = time.perf_counter()
-        for i, record in enumerate(records, 1):
-            tally.docs_in += 1
-            result = clean_one(record)
-            if isinstance(result, Drop):
-                tally.drop(result.reason)
-                row = quarantine_row(record, result)
-                quarantined[kind].append(row)
-                if len(dropped_samples[result.reason]) < cfg.samples_per_reason:
-                    where = {k: v for k, v in row.items() if k != "record"}
-                    dropped_samples[result.reason].append({"kind": kind, **where, "text": _preview(kind, record)})
-            else:
-                tally.docs_out += 1
-                kept[kind].append(result)
-                if kind == "corpus":
-                    languages[result["lang"]] += 1
-                group = kept_samples[(kind, record.get("source") or "")]
-                if len(group) < cfg.samples:
-                    group.append({"kind": kind, "id": result.get("id"), "source": result.get("source"),
-                                  **({"lang": result["lang"]} if kind == "corpus" else {}),
-                                  "text": _preview(kind, result)})
-            if i % cfg.log_every == 0 or i == len(records):
-                rate = i / max(time.perf_counter() - started, 1e-9)
-                log.info("clean %s: %d/%d records (%.0f/s, ETA %.0fs), kept %d", kind, i, len(records), rate,
-                         (len(records) - i) / rate, tally.docs_out)
+        for task, result in zip(tasks, results):
+            if task.kind != kind:
+                continue
+            tally.merge(Tally.from_metrics(result))
+            languages.update(result["languages"])
+            redacted.update(result["redacted"])
+            lines_removed.update(result["lines_removed"])
+            # samples in shard order: the same whichever worker finished first
+            for source, found in result["kept_samples"].items():
+                kept_samples[(kind, source)].extend(found[: cfg.samples - len(kept_samples[(kind, source)])])
+            for reason, found in result["dropped_samples"].items():
+                dropped_samples[reason].extend(found[: cfg.samples_per_reason - len(dropped_samples[reason])])
+            for reason, found in result["line_samples"].items():
+                line_samples[reason].extend(found[: cfg.samples_per_reason - len(line_samples[reason])])
         tally.check(f"clean {kind}")
         kinds[kind] = tally.as_metrics()
         total.merge(tally)
 
     with atomic_dir(paths.clean) as tmp:
-        for kind in KINDS:
-            write_records(tmp, kind, kept[kind], extra=("lang",) if kind == "corpus" else ())
+        publish(parts, "clean", tmp)
     with atomic_dir(paths.quarantine) as tmp:
-        for kind in KINDS:
-            write_quarantine(tmp, kind, quarantined[kind])
+        publish(parts, "quarantine", tmp)
+    shutil.rmtree(parts, ignore_errors=True)
 
     # Kept samples spread over every (kind, source), round robin.
     groups = list(kept_samples.values())
     spread = [g[i] for i in range(cfg.samples) for g in groups if i < len(g)][: cfg.samples]
     write_jsonl(report / "samples_kept.jsonl", spread)
     write_jsonl(report / "samples_dropped.jsonl", [s for r in sorted(dropped_samples) for s in dropped_samples[r]])
-    line_samples = cleaner.line_samples
     write_jsonl(report / "samples_lines_removed.jsonl", [s for r in sorted(line_samples) for s in line_samples[r]])
 
     total.check("clean")
-    return {**total.as_metrics(), "kinds": kinds,
-            "redacted": dict(sorted(cleaner.redacted.items())),
-            "lines_removed": dict(sorted(cleaner.lines_removed.items())),
+    return {**total.as_metrics(), "kinds": kinds, "shards": len(tasks),
+            "redacted": dict(sorted(redacted.items())),
+            "lines_removed": dict(sorted(lines_removed.items())),
             "languages": dict(languages.most_common())}
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("clean", CleanConfig, run, argv)
+    return run_stage("clean", CleanConfig, run, argv, reads=READS)
 
 
 if __name__ == "__main__":

@@ -3,16 +3,18 @@
 Reads the sources listed in `params.yaml` (`collect.sources` for the pretraining corpus,
 `collect.instructions` for SFT data, `collect.preferences` for reward-model pairs) with the
 readers of `stages.readers` (files, folders, archives, JSONL/Parquet, MediaWiki dumps, datasets,
-URLs) and writes `corpus.parquet`, `instructions.parquet` and
-`preferences.parquet` into `paths.raw`. Records keep their source's own id where it has one
-(else a stable content id). Nothing is lost silently: a record that cannot be read (malformed
-line, wrong type, binary file, a symlink leaving its folder, a file over `max_file_bytes`, an
-unsafe archive member...) is counted under a reason in `metrics.json` and sampled in
-`reports/collect/`; a line that is not UTF-8 is decoded or dropped on its own, never changing how
-the rest of its file is read. A source that is also a benchmark (`holdout: true`: hhh_alignment)
-gives only the part `evaluate.holdout` leaves for training; the examples held out are counted per kind
-and source (`kinds.<kind>.held_out_for_evaluation`). A missing source path, a source with no
-readable record, or an empty corpus stop the stage with one sentence naming the source.
+URLs) and writes them to `paths.raw` as Parquet shards of at most `collect.shard_bytes` of text
+(`corpus/part-00000.parquet`, ..., and the same for `instructions` and `preferences`), record
+by record as the readers stream them: a source larger than memory passes through. Records keep
+their source's own id where it has one (else a stable content id). Nothing is lost silently: a
+record that cannot be read (malformed line, wrong type, binary file, a symlink leaving its
+folder, a file over `max_file_bytes`, an unsafe archive member...) is counted under a reason in
+`metrics.json` and sampled in `reports/collect/`; a line that is not UTF-8 is decoded or dropped
+on its own, never changing how the rest of its file is read. A source that is also a benchmark
+(`holdout: true`: hhh_alignment) gives only the part `evaluate.holdout` leaves for training; the
+examples held out are counted per kind and source (`kinds.<kind>.held_out_for_evaluation`). A
+missing source path, a source with no readable record, or an empty corpus stop the stage with one
+sentence naming the source.
 
     python -m stages.collect [--params params.yaml]
 """
@@ -30,8 +32,9 @@ from pydantic import Field
 
 from stages.common.benchmarks import HELD_OUT, Holdout
 from stages.common.config import Paths, StageConfig, StageError
-from stages.common.io import KINDS, Drop, Tally, atomic_dir, content_id, write_jsonl, write_records
+from stages.common.io import KINDS, Drop, Tally, atomic_dir, content_id, record_bytes, records_table, write_jsonl
 from stages.common.runner import run_stage
+from stages.common.shards import ShardWriter
 from stages.common.text import SURROGATE, fix_surrogates
 from stages.evaluate import EvaluateConfig
 from stages.readers import archive, bigbench, chat, files, hub, jsonl, mediawiki, parquet
@@ -65,6 +68,9 @@ class CollectConfig(StageConfig):
     `max_file_bytes` overrides it); anything bigger is dropped and named, never read whole."""
     samples: int = Field(ge=0)
     """Records of each kind written to the report as samples (and five times as many dropped ones)."""
+    shard_bytes: int = Field(ge=1)
+    """Text per Parquet shard of `data/raw` (UTF-8 bytes): the unit every data stage holds in memory
+    and hands to one worker."""
 
 
 # --- the steps -------------------------------------------------------------------------------
@@ -98,15 +104,14 @@ def repair_strings(record: dict[str, Any], stats: Counter[str]) -> dict[str, Any
 
 
 def collect_kind(kind: str, sources: list[Any], cfg: CollectConfig, stats: Counter[str],
-                 drops: list[dict[str, str]], tally: Tally, holdout: Holdout) -> list[dict[str, Any]]:
-    """Every record of one kind from its sources, with unique ids and fixed surrogates; a source
-    that is also a benchmark (`holdout: true`) without its evaluation part."""
-    records: list[dict[str, Any]] = []
+                 drops: list[dict[str, str]], tally: Tally, holdout: Holdout,
+                 emit: Callable[[dict[str, Any]], None]) -> None:
+    """Every record of one kind from its sources to `emit`, with unique ids and fixed surrogates;
+    a source that is also a benchmark (`holdout: true`) without its evaluation part."""
     seen: set[str] = set()
     for i, src in enumerate(sources):
         where = f"collect.{SECTIONS[kind]}[{i}] ({src.name})"
-        kept_before = len(records)
-        taken = 0
+        kept = taken = 0
         cap = min(n for n in (src.max_docs, cfg.limit, sys.maxsize) if n is not None)
         if src.max_file_bytes is None:
             src = src.model_copy(update={"max_file_bytes": cfg.max_file_bytes})
@@ -118,7 +123,8 @@ def collect_kind(kind: str, sources: list[Any], cfg: CollectConfig, stats: Count
             tally.docs_in += 1
             if isinstance(item, Drop):
                 tally.drop(item.reason)
-                drops.append({"kind": kind, "source": src.name, "reason": item.reason, "detail": item.detail})
+                if len(drops) < cfg.samples * 5:
+                    drops.append({"kind": kind, "source": src.name, "reason": item.reason, "detail": item.detail})
                 continue
             rec = repair_strings(item, stats)
             body = json.dumps({k: v for k, v in rec.items() if k != "id"}, ensure_ascii=False, sort_keys=True)
@@ -130,12 +136,12 @@ def collect_kind(kind: str, sources: list[Any], cfg: CollectConfig, stats: Count
                     rid += "+"
             seen.add(rid)
             rec["id"], rec["source"] = rid, src.name
-            records.append(rec)
+            emit(rec)
+            kept += 1
             tally.docs_out += 1
-        if len(records) == kept_before:
+        if not kept:
             raise StageError(f"{where}: no readable record in {src.path}")
-        log.info("%s: %d records", where, len(records) - kept_before)
-    return records
+        log.info("%s: %d records", where, kept)
 
 
 # --- the stage -------------------------------------------------------------------------------
@@ -144,30 +150,37 @@ def collect_kind(kind: str, sources: list[Any], cfg: CollectConfig, stats: Count
 def run(cfg: CollectConfig, paths: Paths, evaluate: EvaluateConfig) -> dict[str, Any]:
     stats: Counter[str] = Counter()
     drops: list[dict[str, str]] = []
-    total, per_kind, collected = Tally(), {}, {}
-    for kind in KINDS:
-        sources = getattr(cfg, SECTIONS[kind])
-        tally, counts = Tally(), Counter()
-        collected[kind] = collect_kind(kind, sources, cfg, counts, drops, tally, evaluate.holdout)
-        tally.check(f"collect {kind}")
-        held = {k.partition(".")[2]: counts.pop(k) for k in sorted(counts) if k.startswith(HELD_OUT)}
-        per_kind[kind] = {**tally.as_metrics(), **({HELD_OUT: held} if held else {})}
-        total.merge(tally)
-        stats.update(counts)
-    if not collected["corpus"]:
-        raise StageError("the corpus sources yielded no document")
-
+    total, per_kind, samples, sources, shards = Tally(), {}, {}, {}, {}
     with atomic_dir(paths.raw) as tmp:
         for kind in KINDS:
-            write_records(tmp, kind, collected[kind])
+            tally, counts, samples[kind], sources[kind] = Tally(), Counter(), [], Counter()
+            writer = ShardWriter(tmp, kind, cfg.shard_bytes, lambda rs, k=kind: records_table(k, rs),
+                                 lambda r, k=kind: record_bytes(k, r))
+
+            def emit(rec: dict[str, Any], kind: str = kind, writer: ShardWriter = writer) -> None:
+                writer.add(rec)
+                sources[kind][rec["source"]] += 1
+                if len(samples[kind]) < cfg.samples:
+                    samples[kind].append(rec)
+
+            collect_kind(kind, getattr(cfg, SECTIONS[kind]), cfg, counts, drops, tally, evaluate.holdout, emit)
+            writer.close()
+            shards[kind] = writer.shards
+            tally.check(f"collect {kind}")
+            held = {k.partition(".")[2]: counts.pop(k) for k in sorted(counts) if k.startswith(HELD_OUT)}
+            per_kind[kind] = {**tally.as_metrics(), "shards": writer.shards, **({HELD_OUT: held} if held else {})}
+            total.merge(tally)
+            stats.update(counts)
+        if not sources["corpus"]:
+            raise StageError("the corpus sources yielded no document")
 
     report = paths.report_dir("collect")
     report.mkdir(parents=True, exist_ok=True)
     for kind in KINDS:
-        write_jsonl(report / f"samples_{kind}.jsonl", collected[kind][: cfg.samples])
-    write_jsonl(report / "samples_dropped.jsonl", drops[: cfg.samples * 5])
+        write_jsonl(report / f"samples_{kind}.jsonl", samples[kind])
+    write_jsonl(report / "samples_dropped.jsonl", drops)
     return {**total.as_metrics(), "kinds": per_kind, "repairs": dict(sorted(stats.items())),
-            "sources": {k: dict(Counter(r["source"] for r in collected[k])) for k in KINDS}}
+            "sources": {k: dict(sources[k]) for k in KINDS}}
 
 
 def main(argv: list[str] | None = None) -> int:

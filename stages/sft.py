@@ -1,6 +1,6 @@
 """sft: supervised fine-tuning of the pretrained model on instruction data (TRL `SFTTrainer`).
 
-Reads the model and tokenizer of `models/pretrain/` and `data/dedup/instructions.parquet`
+Reads the model and tokenizer of `models/pretrain/` and `data/dedup/instructions/`
 (records `{id, source, messages}`). Each record becomes a conversational prompt-completion pair:
 the prompt is every message before the last assistant turn, the completion that turn, both
 rendered with the tokenizer's chat template, so the loss is on the answer only. Records go to
@@ -213,7 +213,7 @@ def build_trainer(cfg: SftConfig, model: Any, tokenizer: Any, train_examples: li
 
 
 def run(cfg: SftConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
-    source = Path(paths.dedup) / "instructions.parquet"
+    source = Path(paths.dedup) / "instructions"
     if not Path(paths.pretrain).is_dir():
         raise StageError(f"{paths.pretrain} does not exist: run the pretrain stage first")
     main = os.environ.get("RANK", "0") == "0"

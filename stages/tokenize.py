@@ -1,21 +1,27 @@
 """tokenize: split the deduplicated corpus, encode it, and pack it into fixed-length blocks.
 
-Reads `data/dedup/corpus.parquet` and the tokenizer of `models/base/`; when the base model has
-none (a from-scratch model), trains a byte-level BPE of the model's vocabulary size on the
-train split. Documents go to train or val by a salted hash of their id (stable when documents
-are added or removed), are encoded by the tokenizer's batch encoder, joined with EOS between
-them and cut into `block_size` blocks. Writes `data/tokenized/` as a `datasets.DatasetDict`
-(`train`, `val`; column `input_ids`) plus `tokenizer/`, so any HF tool opens it, and
-`llm_forge.yaml`, the resolved config.
+Reads the corpus shards of `data/dedup/` and the tokenizer of `models/base/`; when the base model
+has none (a from-scratch model), trains a byte-level BPE of the model's vocabulary size on the
+train split, streamed shard by shard. Documents go to train or val by a salted hash of their id
+(stable when documents are added or removed) and are encoded by the tokenizer's batch encoder, a
+shard per task on the `data` section's executor; then, in shard order, joined with EOS between
+them and cut into `block_size` blocks (token ids only are held, not the text). Writes
+`data/tokenized/` as a `datasets.DatasetDict` (`train`, `val`; column `input_ids`) plus
+`tokenizer/`, so any HF tool opens it, and `llm_forge.yaml`, the resolved config.
 
     python -m stages.tokenize [--params params.yaml]
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
+import shutil
 import sys
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +30,22 @@ import yaml
 from pydantic import Field
 
 from stages.common.config import Paths, StageConfig, StageError
-from stages.common.io import Tally, atomic_dir, is_val, read_records
+from stages.common.io import Tally, atomic_dir, is_val
 from stages.common.runner import run_stage
+from stages.common.shards import (
+    DataConfig,
+    ShardTask,
+    file_digest,
+    iter_records,
+    parts_dir,
+    read_shard,
+    run_shards,
+    tasks_for,
+)
 
 log = logging.getLogger("llm_forge.tokenize")
+
+READS = {"data": DataConfig}  # how the shards run (no dvc.yaml param: it never changes the output)
 
 
 class BpeConfig(StageConfig):
@@ -55,7 +73,7 @@ class TokenizeConfig(StageConfig):
 # --- the steps -------------------------------------------------------------------------------
 
 
-def train_bpe(texts: list[str], vocab_size: int, cfg: BpeConfig) -> Any:
+def train_bpe(texts: Iterable[str], vocab_size: int, cfg: BpeConfig) -> Any:
     """A byte-level BPE trained on `texts`, wrapped as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -105,22 +123,64 @@ def pack(docs: list[np.ndarray], eos_id: int, block_size: int) -> tuple[np.ndarr
 # --- the stage -------------------------------------------------------------------------------
 
 
-def run(cfg: TokenizeConfig, paths: Paths) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Encoding:
+    """What every worker encodes with: the tokenizer's folder and the split."""
+
+    tokenizer: Path
+    cfg: TokenizeConfig
+
+
+@functools.cache
+def _tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)  # once per worker process
+
+
+def encode_shard(task: ShardTask, enc: Encoding) -> dict[str, Any]:
+    """One shard's documents, split and encoded: token ids and lengths per split to
+    `tokens/corpus/part-N.npz`; returns the counts and the encoder's seconds."""
+    records = read_shard(task.source, columns=["id", "text"]).to_pylist()
+    tokenizer = _tokenizer(enc.tokenizer)
+    splits: dict[str, list[str]] = {"train": [], "val": []}
+    for doc in records:
+        splits["val" if is_val(doc["id"], enc.cfg.split_salt, enc.cfg.val_fraction) else "train"].append(doc["text"])
+    started = time.perf_counter()
+    arrays, docs = {}, {}
+    for name, texts in splits.items():
+        ids = encode(tokenizer, texts, enc.cfg.batch_size)
+        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+        arrays[f"{name}_tokens"] = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+        arrays[f"{name}_lengths"] = lengths
+        docs[name] = len(texts)
+    seconds = time.perf_counter() - started
+    path = task.out("tokens").with_suffix(".npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    tmp.replace(path)
+    return {"docs_in": len(records), "docs": docs, "seconds": seconds}
+
+
+def _shard_docs(path: Path, split: str) -> list[np.ndarray]:
+    """The encoded documents of one split of one shard, empty ones left out."""
+    saved = np.load(path)
+    lengths = saved[f"{split}_lengths"]
+    return [d for d in np.split(saved[f"{split}_tokens"], np.cumsum(lengths)[:-1]) if len(d)] if lengths.size else []
+
+
+def run(cfg: TokenizeConfig, paths: Paths, data: DataConfig) -> dict[str, Any]:
     import datasets
     import pyarrow as pa
+    import pyarrow.parquet as pq
     from transformers import AutoConfig, AutoTokenizer
 
-    docs = read_records(paths.dedup, "corpus")
-    if not docs:
-        raise StageError(f"{paths.dedup}/corpus.parquet holds no document")
-    tally = Tally()
-    tally.docs_in = len(docs)
-    splits = {"train": [], "val": []}
-    for doc in docs:
-        splits["val" if is_val(doc["id"], cfg.split_salt, cfg.val_fraction) else "train"].append(doc)
-    if cfg.val_fraction > 0 and not splits["val"]:
-        raise StageError(f"no document fell into the val split ({len(docs)} documents, "
-                         f"val_fraction {cfg.val_fraction}): raise tokenize.val_fraction")
+    parts = parts_dir(paths.tokenized)
+    tasks = tasks_for(paths.dedup, parts, ["corpus"])
+    if not sum(pq.ParquetFile(t.source).metadata.num_rows for t in tasks):
+        raise StageError(f"{paths.dedup}/corpus holds no document")
 
     model_config = AutoConfig.from_pretrained(paths.base)
     vocab = model_config.vocab_size
@@ -128,20 +188,29 @@ def run(cfg: TokenizeConfig, paths: Paths) -> dict[str, Any]:
         tokenizer, trained = AutoTokenizer.from_pretrained(paths.base), False
     else:
         log.info("base model has no tokenizer: training a %d-token BPE on the train split", vocab)
-        tokenizer, trained = train_bpe([d["text"] for d in splits["train"]], vocab, cfg.bpe), True
+        train_texts = (d["text"] for d in iter_records(paths.dedup, "corpus")
+                       if not is_val(d["id"], cfg.split_salt, cfg.val_fraction))
+        tokenizer, trained = train_bpe(train_texts, vocab, cfg.bpe), True
     if tokenizer.eos_token_id is None:
         raise StageError(f"the tokenizer of {paths.base} has no EOS token to put between documents")
     if len(tokenizer) > vocab:
         raise StageError(f"the tokenizer has {len(tokenizer)} tokens but the model in {paths.base} "
                          f"has {vocab} embedding rows")
+    tokenizer.save_pretrained(str(parts / "tokenizer"))  # what the workers load
+    key = json.dumps([cfg.model_dump(mode="json"),
+                      [file_digest(f) for f in sorted((parts / "tokenizer").iterdir()) if f.is_file()]])
+    results = run_shards("tokenize", encode_shard, tasks, data, Encoding(parts / "tokenizer", cfg), key=key)
 
-    encode_s, metrics, blocks = 0.0, {}, {}
-    for name, split_docs in splits.items():
-        started = time.perf_counter()
-        ids = encode(tokenizer, [d["text"] for d in split_docs], cfg.batch_size)
-        encode_s += time.perf_counter() - started
-        kept = [x for x in ids if len(x)]
-        tally.drop("no_tokens", len(ids) - len(kept))
+    tally = Tally()
+    tally.docs_in = sum(r["docs_in"] for r in results)
+    counted = {name: sum(r["docs"][name] for r in results) for name in ("train", "val")}
+    if cfg.val_fraction > 0 and not counted["val"]:
+        raise StageError(f"no document fell into the val split ({tally.docs_in} documents, "
+                         f"val_fraction {cfg.val_fraction}): raise tokenize.val_fraction")
+    metrics, blocks = {}, {}
+    for name in ("train", "val"):
+        kept = [d for t in tasks for d in _shard_docs(t.out("tokens").with_suffix(".npz"), name)]
+        tally.drop("no_tokens", counted[name] - len(kept))
         tally.docs_out += len(kept)
         blocks[name], leftover = pack(kept, tokenizer.eos_token_id, cfg.block_size)
         metrics[name] = {"docs": len(kept), "tokens": int(sum(len(x) for x in kept) + len(kept)),
@@ -162,14 +231,17 @@ def run(cfg: TokenizeConfig, paths: Paths) -> dict[str, Any]:
         datasets.DatasetDict({k: as_dataset(v) for k, v in blocks.items()}).save_to_disk(str(tmp))
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         (tmp / "llm_forge.yaml").write_text(yaml.safe_dump({"tokenize": cfg.model_dump(mode="json")}, sort_keys=False))
+    shutil.rmtree(parts, ignore_errors=True)
 
     total_tokens = metrics["train"]["tokens"] + metrics["val"]["tokens"]
-    return {**tally.as_metrics(), **metrics, "tokenizer_trained": trained, "vocab_size": len(tokenizer),
-            "tokens": total_tokens, "tokens_per_second": round(total_tokens / max(encode_s, 1e-9))}
+    encode_s = sum(r["seconds"] for r in results)
+    return {**tally.as_metrics(), **metrics, "shards": len(tasks), "tokenizer_trained": trained,
+            "vocab_size": len(tokenizer), "tokens": total_tokens,
+            "tokens_per_second": round(total_tokens / max(encode_s, 1e-9))}
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("tokenize", TokenizeConfig, run, argv)
+    return run_stage("tokenize", TokenizeConfig, run, argv, reads=READS)
 
 
 if __name__ == "__main__":

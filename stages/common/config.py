@@ -146,7 +146,11 @@ def _problems(err: ValidationError, section: str) -> list[str]:
 
 
 def config_class(stage: str) -> type[BaseModel]:
-    """The typed config of `stages/<stage>.py`: the class named `<Stage>Config`."""
+    """The typed config of `stages/<stage>.py`: the class named `<Stage>Config` (or of a `HOW`
+    section)."""
+    if stage in HOW:
+        module_name, _, cls = HOW[stage].partition(":")
+        return getattr(importlib.import_module(module_name), cls)
     module = importlib.import_module(f"stages.{stage}")
     return next(v for k, v in vars(module).items() if k.lower() == f"{stage}config" and isinstance(v, type))
 
@@ -155,11 +159,16 @@ def config_class(stage: str) -> type[BaseModel]:
 # flow is not a `dvc.yaml` stage, so the graph does not name it.
 FLOWS = ("retrain",)
 
+# Sections that say how stages run, never what they write (`data`: the executor of the data
+# stages): the stages read them, but no `dvc.yaml` stage lists them, so another executor or worker
+# count keeps DVC's cache. Section -> "module:Class" of its typed config.
+HOW = {"data": "stages.common.shards:DataConfig"}
+
 
 def stage_sections(dvc_file: Path = DVC_FILE) -> dict[str, type[BaseModel]]:
     """Every params section a `dvc.yaml` stage reads -> its typed config: the stage's own section
     (module `stages.<name>`, class `<Name>Config`), the sections its module `READS`, and the
-    shared `train` section of the training stages."""
+    shared `train` section of the training stages; then the flows' sections and the `HOW` ones."""
     from stages.common.training import TrainConfig
 
     stages = (yaml.safe_load(Path(dvc_file).read_text(encoding="utf-8")) or {}).get("stages") or {}
@@ -176,6 +185,8 @@ def stage_sections(dvc_file: Path = DVC_FILE) -> dict[str, type[BaseModel]]:
         sections.setdefault(name, own)
     for name in FLOWS:
         sections[name] = getattr(importlib.import_module(f"flows.{name}"), f"{name.capitalize()}Config")
+    for name in HOW:
+        sections[name] = config_class(name)
     return sections
 
 

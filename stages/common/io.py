@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-# The three kinds of data the pipeline carries, each one Parquet file per data folder.
+from stages.common.shards import read_shard, shard_path, shard_paths, write_table
+
+# The three kinds of data the pipeline carries, each a folder of Parquet shards in every data
+# folder (`stages.common.shards`).
 # `corpus` feeds pretraining, `instructions` SFT (and PPO prompts), `preferences` the reward model.
 KINDS = ("corpus", "instructions", "preferences")
 
@@ -166,28 +168,33 @@ def _alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
-def write_records(folder: Path, kind: str, records: list[dict[str, Any]], extra: tuple[str, ...] = ()) -> Path:
-    """Write `records` of `kind` as `folder/<kind>.parquet`: the kind's schema plus the extra
-    string columns the records carry or `extra` names (clean adds `lang` to the corpus; naming
-    it keeps the column when there is no record)."""
+def records_table(kind: str, records: list[dict[str, Any]], extra: tuple[str, ...] = ()) -> pa.Table:
+    """`records` of `kind` as a table: the kind's schema plus the extra string columns the
+    records carry or `extra` names (clean adds `lang` to the corpus; naming it keeps the column
+    when there is no record)."""
     schema = SCHEMAS[kind]
     for name in dict.fromkeys([*extra, *(records[0] if records else ())]):
         if name in schema.names:
             continue
         schema = schema.append(pa.field(name, pa.string()))
-    table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in records], schema=schema)
-    path = Path(folder) / f"{kind}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path, compression="zstd")
-    return path
+    return pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in records], schema=schema)
+
+
+def record_bytes(kind: str, record: Mapping[str, Any]) -> int:
+    """The UTF-8 size of a record's text: what a shard's size is counted in."""
+    return len(record_text(kind, record).encode("utf-8", "surrogatepass"))
+
+
+def write_records(folder: Path, kind: str, records: list[dict[str, Any]], extra: tuple[str, ...] = (),
+                  index: int = 0) -> Path:
+    """Write `records` of `kind` as shard `index` of `folder/<kind>/`."""
+    return write_table(shard_path(folder, kind, index), records_table(kind, records, extra))
 
 
 def read_records(folder: Path, kind: str) -> list[dict[str, Any]]:
-    """The records of `kind` in `folder`; a folder without that kind holds none."""
-    path = Path(folder) / f"{kind}.parquet"
-    if not path.exists():
-        return []
-    return pq.read_table(path).to_pylist()
+    """Every record of `kind` in `folder`, all shards in order (for the small kinds and the
+    stages that need them whole); a folder without that kind holds none."""
+    return [r for path in shard_paths(folder, kind) for r in read_shard(path).to_pylist()]
 
 
 @dataclass(frozen=True)
@@ -216,6 +223,14 @@ class Tally:
         if n:
             self.dropped[reason] += n
 
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, Any]) -> Tally:
+        """The tally `as_metrics` described (a shard's result, back in the stage's process)."""
+        tally = cls()
+        tally.docs_in, tally.docs_out = int(metrics["docs_in"]), int(metrics["docs_out"])
+        tally.dropped.update(metrics["dropped"])
+        return tally
+
     def merge(self, other: Tally) -> None:
         self.docs_in += other.docs_in
         self.docs_out += other.docs_out
@@ -241,10 +256,13 @@ def quarantine_row(record: Mapping[str, Any], drop: Drop) -> dict[str, Any]:
             "record": json.dumps(dict(record), ensure_ascii=False, default=str)}
 
 
-def write_quarantine(folder: Path, kind: str, rows: list[dict[str, Any]]) -> None:
-    """`folder/<kind>.parquet`: every dropped record of `kind` with its reason (clean, decontam)."""
-    schema = pa.schema([(name, pa.string()) for name in QUARANTINE_FIELDS])
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), Path(folder) / f"{kind}.parquet", compression="zstd")
+def quarantine_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=pa.schema([(name, pa.string()) for name in QUARANTINE_FIELDS]))
+
+
+def write_quarantine(folder: Path, kind: str, rows: list[dict[str, Any]], index: int = 0) -> None:
+    """Shard `index` of `folder/<kind>/`: dropped records of `kind` with their reasons (clean, decontam)."""
+    write_table(shard_path(folder, kind, index), quarantine_table(rows))
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -14,6 +14,7 @@ import functools
 import logging
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from stages.common.text import CJK, CJK_RANGES
@@ -236,16 +237,29 @@ def near_duplicates(norms: list[str], cfg: Any) -> tuple[list[tuple[int, int, fl
             sigs[lo: lo + part.size] = np.array(matrix.to_rows(), dtype=np.uint32).reshape(part.size, perms)
         pairs = flagged[candidate_pairs(sigs, bands, rows, cfg.max_bucket)]
 
+    def shingle_set(i: int) -> Any:
+        return np.unique(shingles[offsets[i]: offsets[i + 1]])
+
+    dropped, checked, confirmed = verify(pairs, shingle_set, n, cfg.verify_threshold)
+    stats = {"bands": bands, "rows": rows, "lsh_flagged": int(flagged.size), "candidate_pairs": int(len(pairs)),
+             "checked_pairs": checked, "confirmed_pairs": confirmed}
+    return dropped, stats
+
+
+def verify(pairs: Any, shingle_set: Callable[[int], Any], n: int,
+           threshold: float) -> tuple[list[tuple[int, int, float]], int, int]:
+    """Near-duplicate groups from candidate `pairs` of rank positions (0 is the best; pairs sorted,
+    i < j): a pair joins two groups when the exact Jaccard similarity of its shingle sets
+    (`shingle_set(i)`: sorted unique hashes) reaches `threshold`; a pair already inside one group
+    is not checked. Returns (duplicate, the survivor of its group, their similarity) for every
+    duplicate, and the counts of checked and confirmed pairs."""
+    import numpy as np
+
     sets: dict[int, Any] = {}
 
-    def shingle_set(i: int) -> Any:
-        s = sets.get(i)
-        if s is None:
-            s = sets[i] = np.unique(shingles[offsets[i]: offsets[i + 1]])
-        return s
-
     def jaccard(a: int, b: int) -> float:
-        sa, sb = shingle_set(a), shingle_set(b)
+        sa = sets[a] if a in sets else sets.setdefault(a, shingle_set(a))
+        sb = sets[b] if b in sets else sets.setdefault(b, shingle_set(b))
         inter = np.intersect1d(sa, sb, assume_unique=True).size
         return inter / (sa.size + sb.size - inter)
 
@@ -255,7 +269,7 @@ def near_duplicates(norms: list[str], cfg: Any) -> tuple[list[tuple[int, int, fl
         if uf.find(a) == uf.find(b):
             continue  # already one group: this pair's verdict could not change it
         checked += 1
-        if jaccard(a, b) >= cfg.verify_threshold:
+        if jaccard(a, b) >= threshold:
             confirmed += 1
             uf.union(a, b)
     dropped = []
@@ -263,28 +277,41 @@ def near_duplicates(norms: list[str], cfg: Any) -> tuple[list[tuple[int, int, fl
         root = uf.find(i)
         if root != i:
             dropped.append((i, root, round(jaccard(i, root), 4)))
-    stats = {"bands": bands, "rows": rows, "lsh_flagged": int(flagged.size), "candidate_pairs": int(len(pairs)),
-             "checked_pairs": checked, "confirmed_pairs": confirmed}
-    return dropped, stats
+    return dropped, checked, confirmed
 
 
 def candidate_pairs(sigs: Any, bands: int, rows: int, max_bucket: int) -> Any:
-    """Pairs (i < j) of rows of `sigs` that share all `rows` values of at least one band.
+    """Pairs (i < j) of rows of `sigs` that share all `rows` values of at least one band."""
+    return pairs_from_keys(band_keys(sigs, bands, rows), max_bucket)
 
-    A bucket of at most `max_bucket` rows gives all its pairs; a bigger one (thousands of
-    near-identical pages) gives each member with its neighbour and with the bucket's first
-    member, which keeps the work linear and still joins a true group into one component."""
+
+def band_keys(sigs: Any, bands: int, rows: int) -> Any:
+    """One 64-bit key per band of each signature (rows x bands): equal keys, equal band."""
     import numpy as np
 
     n = sigs.shape[0]
-    found: list[Any] = []
+    keys = np.empty((n, bands), np.uint64)
     mult = np.uint64(0x9E3779B97F4A7C15)
     for b in range(bands):
         block = sigs[:, b * rows: (b + 1) * rows].astype(np.uint64)
         key = np.full(n, np.uint64(b + 1))
         for t in range(rows):
             key = (key ^ block[:, t]) * mult
-        key = fmix64(key)
+        keys[:, b] = fmix64(key)
+    return keys
+
+
+def pairs_from_keys(keys: Any, max_bucket: int) -> Any:
+    """Pairs (i < j) of rows of `keys` (documents x bands) that share a band's key: the LSH
+    buckets. A bucket of at most `max_bucket` rows gives all its pairs; a bigger one (thousands of
+    near-identical pages) gives each member with its neighbour and with the bucket's first
+    member, which keeps the work linear and still joins a true group into one component."""
+    import numpy as np
+
+    n = keys.shape[0]
+    found: list[Any] = []
+    for b in range(keys.shape[1]):
+        key = keys[:, b]
         order = np.argsort(key, kind="stable")
         ks = key[order]
         same = ks[1:] == ks[:-1]
@@ -313,3 +340,26 @@ def candidate_pairs(sigs: Any, bands: int, rows: int, max_bucket: int) -> Any:
     return np.stack([code // n, code % n], axis=1)
 
 
+def signatures(norms: list[str], cfg: Any) -> tuple[Any, Any, Any]:
+    """Shingles and MinHash band keys of normalized texts, for the sharded dedup: (shingles laid
+    end to end, shingles per text, band keys of the texts that have shingles). The signatures are
+    the ones `near_duplicates` computes (rensa's R-MinHash over the same shingles and seed)."""
+    import numpy as np
+    from rensa import RMinHash
+
+    bands, rows = lsh_bands(cfg.threshold, cfg.num_perm)
+    perms = bands * rows
+    sh, counts = shingle_texts(norms, cfg.word_ngram, cfg.char_ngram, cfg.cjk_share)
+    has = counts[counts > 0]
+    keys = np.zeros((has.size, bands), np.uint64)
+    start = 0
+    for lo in range(0, has.size, cfg.batch_size):  # rensa hands rows back as Python lists
+        part = has[lo: lo + cfg.batch_size]
+        offsets = np.zeros(part.size + 1, np.uint64)
+        np.cumsum(part, out=offsets[1:])
+        matrix = RMinHash.digest_matrix_from_flat_token_hashes(sh[start: start + int(offsets[-1])], offsets,
+                                                               perms, cfg.seed)
+        sigs = np.array(matrix.to_rows(), dtype=np.uint32).reshape(part.size, perms)
+        keys[lo: lo + part.size] = band_keys(sigs, bands, rows)
+        start += int(offsets[-1])
+    return sh, counts, keys

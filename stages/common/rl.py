@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.common.config import Paths, StageError
+from stages.common.shards import shard_paths
 from stages.common.training import Checkpoints, Curves
 
 log = logging.getLogger("llm_forge.rl")
@@ -82,9 +83,9 @@ def check_inputs(paths: Paths) -> Path:
                              f"run the {what.split()[0]} stage first")
     if not (Path(paths.reward) / "tokenizer_config.json").is_file():
         raise StageError(f"the reward model {paths.reward} has no tokenizer (tokenizer_config.json)")
-    prompts_file = Path(paths.dedup) / "instructions.parquet"
-    if not prompts_file.is_file():
-        raise StageError(f"the prompt file {prompts_file} does not exist")
+    prompts_file = Path(paths.dedup) / "instructions"
+    if not shard_paths(paths.dedup, "instructions"):
+        raise StageError(f"the prompt shards {prompts_file} do not exist")
     return prompts_file
 
 

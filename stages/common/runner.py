@@ -11,7 +11,8 @@ it as `run(cfg, paths, <section>=...)`: one value stays in one place. The runner
 report folder, calls `run(cfg, paths)`, writes the metrics it returns to `reports/<stage>/metrics.json`
 (the DVC metrics file) and logs everything to MLflow. Bad input ends the process with exit code 2
 and one sentence on stderr, not a traceback; so does an output that cannot be written (a full disk,
-a read-only folder), which names the folder and leaves its previous contents as they were.
+a read-only folder), which names the folder and leaves its previous contents as they were. A data
+stage whose worker died says so in one sentence and exits 1: a rerun may pass.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import importlib
 import logging
 import os
 import shutil
@@ -34,6 +36,7 @@ from pydantic import BaseModel
 from stages.common import tracking
 from stages.common.config import Paths, StageError, load_section, read_yaml
 from stages.common.io import write_json
+from stages.common.shards import ShardFailed
 
 C = TypeVar("C", bound=BaseModel)
 log = logging.getLogger("llm_forge")
@@ -46,6 +49,11 @@ def run_stage(name: str, cfg_cls: type[C], run: Callable[..., dict[str, Any]],
     arguments; a training stage (`training=True`) also gets the shared `train` section as
     `run(cfg, paths, train=...)` and may relaunch itself under `accelerate launch`, where only
     the main process writes reports and logs to MLflow."""
+    if getattr(run, "__module__", None) == "__main__":
+        # `python -m stages.<name>` runs the module as __main__: take its functions and classes
+        # from the module under its own name, which a worker process (Ray's) can import.
+        own = importlib.import_module(f"stages.{name}")
+        run, cfg_cls = getattr(own, run.__name__), getattr(own, cfg_cls.__name__)
     module = sys.modules.get(f"stages.{name}") or sys.modules.get("__main__")
     doc = (module.__doc__ or "").strip().splitlines()[0] if module and module.__doc__ else None
     ap = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=doc)
@@ -82,6 +90,9 @@ def run_stage(name: str, cfg_cls: type[C], run: Callable[..., dict[str, Any]],
 
     try:
         return _run_and_report(name, cfg, paths, run, extra, training=training, mlflow_on=not args.no_mlflow)
+    except ShardFailed as err:  # not bad input: exit 1, which the pipeline flow retries
+        print(f"error: {name}: {err}", file=sys.stderr)
+        return 1
     except OSError as err:
         message = write_failure(err)
         if message is None:

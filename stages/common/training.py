@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,9 +41,15 @@ class TrainConfig(StageConfig):
     """The `train` section: how (not what) every training stage trains."""
 
     num_processes: int = Field(ge=1)
-    """Processes (GPUs); above 1 the stage reruns itself under `accelerate launch`."""
-    distributed: Literal["fsdp", "deepspeed"]
-    """Sharding used when num_processes > 1: `configs/accelerate/<name>.yaml`."""
+    """Processes (GPUs) on all machines together; above 1 the stage reruns itself under
+    `accelerate launch`."""
+    num_machines: int = Field(ge=1)
+    """Machines the processes are spread over. Above 1, every machine runs the same stage command
+    with NODE_RANK (0 on the main machine), MASTER_ADDR and MASTER_PORT (the main machine's
+    address and a free port) set, the names torchrun and SLURM scripts use."""
+    distributed: Literal["fsdp", "deepspeed", "deepspeed_zero2"]
+    """Sharding used when num_processes > 1: `configs/accelerate/<name>.yaml` (FSDP, DeepSpeed
+    ZeRO-3, DeepSpeed ZeRO-2)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"]
     """Compute precision; auto is bf16 where the hardware has it (CUDA with bf16), else fp32."""
     checkpoints: Path
@@ -224,11 +231,27 @@ def relaunch_if_distributed(stage: str, train: TrainConfig, argv: list[str]) -> 
     if not torch.cuda.is_available():
         # accelerate would start N independent CPU copies racing on one output folder.
         raise StageError("train.num_processes > 1 needs CUDA GPUs; set it to 1 on this machine")
-    config = ACCELERATE_CONFIGS / f"{train.distributed}.yaml"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-           "--num_processes", str(train.num_processes), "-m", f"stages.{stage}", *argv]
+    cmd = launch_command(stage, train, argv)
     log.info("launching %d processes: %s", train.num_processes, " ".join(cmd))
     return subprocess.call(cmd)
+
+
+def launch_command(stage: str, train: TrainConfig, argv: list[str],
+                   env: Mapping[str, str] = os.environ) -> list[str]:
+    """The `accelerate launch` command of a distributed run of `stages.<stage>`: the accelerate
+    config of `train.distributed`, all machines' processes, and on several machines this machine's
+    rank and the main machine's address from NODE_RANK, MASTER_ADDR and MASTER_PORT."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(ACCELERATE_CONFIGS / f"{train.distributed}.yaml"),
+           "--num_processes", str(train.num_processes)]
+    if train.num_machines > 1:
+        missing = [k for k in ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
+        if missing:
+            raise StageError(f"train.num_machines is {train.num_machines}: set {', '.join(missing)} on every "
+                             "machine (NODE_RANK 0 on the main one, MASTER_ADDR and MASTER_PORT its address)")
+        cmd += ["--num_machines", str(train.num_machines), "--machine_rank", env["NODE_RANK"],
+                "--main_process_ip", env["MASTER_ADDR"], "--main_process_port", env["MASTER_PORT"]]
+    return [*cmd, "-m", f"stages.{stage}", *argv]
 
 
 def fingerprint(*parts: Any) -> str:

@@ -43,7 +43,7 @@ def test_outputs_open_with_standard_tools(tiny_project: Path) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_project / "data/tokenized/tokenizer")
     model = AutoModelForCausalLM.from_pretrained(tiny_project / "models/base")
     assert len(tok) <= model.config.vocab_size
-    quarantine = pq.read_table(tiny_project / "data/quarantine/corpus.parquet").to_pylist()
+    quarantine = pq.read_table(tiny_project / "data/quarantine/corpus").to_pylist()  # a folder of shards
     assert all(q["reason"] for q in quarantine)
 
 
@@ -268,3 +268,5 @@ def test_the_flow_published_the_evaluation_table_and_mlflow_links_as_prefect_art
     assert found["evaluation"] == (tiny_project / "reports/evaluate/table.md").read_text()
     links = found["mlflow-runs"]
     assert all(f"[{stage}](http" in links for stage in ("pipeline", "collect", "evaluate", "register")), links
+    for stage in ("clean", "decontam", "dedup", "tokenize"):  # each data stage's progress bar, full at the end
+        assert found[f"progress-{stage}"] == 100.0, stage

@@ -130,7 +130,8 @@ def test_collect_on_a_full_and_then_read_only_disk(tmp_path: Path, small_disk: P
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     old = small_disk / "raw"
     old.mkdir()
-    (old / "corpus.parquet").write_bytes(b"the previous output")
+    (old / "corpus").mkdir()
+    (old / "corpus" / "part-00000.parquet").write_bytes(b"the previous output")
     before = snapshot(old)
 
     def collect() -> subprocess.CompletedProcess:

@@ -8,10 +8,10 @@ import json
 import os
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from stages.common.config import Paths
+from stages.common.io import read_records
 from stages.common.profile import apply
 from stages.common.runner import run_in_process
 from stages.common.tracking import flatten, scrub
@@ -114,10 +114,10 @@ def planted_run(tmp_path_factory: pytest.TempPathFactory) -> Paths:
 def test_planted_pii_never_reaches_a_stage_after_clean(planted_run: Paths) -> None:
     from transformers import AutoTokenizer
 
-    raw = pq.read_table(planted_run.raw / "corpus.parquet").to_pylist()
+    raw = read_records(planted_run.raw, "corpus")
     assert all(s in " ".join(r["text"] for r in raw) for s in PLANTED.values())  # they were planted
     for folder in (planted_run.clean, planted_run.dedup):
-        rows = pq.read_table(folder / "corpus.parquet").to_pylist()
+        rows = read_records(folder, "corpus")
         planted = [r["text"] for r in rows if r["source"] == "planted"]
         assert len(planted) >= 3, folder  # the documents passed, redacted
         assert all("<EMAIL>" in t for t in planted), folder

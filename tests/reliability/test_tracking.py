@@ -138,7 +138,7 @@ def test_no_server_at_all_costs_a_real_stage_nothing(tmp_path: Path) -> None:
     took = time.monotonic() - started
     assert done.returncode == 0, done.stderr[-3000:]
     assert took < 90, took
-    assert (tmp_path / "data/raw/corpus.parquet").exists()
+    assert (tmp_path / "data/raw/corpus/part-00000.parquet").exists()
     report = tmp_path / "reports/collect"
     metrics = json.loads((report / "metrics.json").read_text())
     kept = json.loads((report / OFFLINE_FILE).read_text())

@@ -17,6 +17,7 @@ from stages.common import markup, quality
 from stages.common.config import Paths
 from stages.common.io import Drop, read_records, write_records
 from stages.common.quality import Doc
+from stages.common.shards import shard_paths
 from stages.common.text import tidy
 from tests.conftest import tiny_config, tiny_params
 
@@ -305,7 +306,7 @@ def stage_run(tmp_path_factory: pytest.TempPathFactory, langid: clean.LanguageId
     mp = pytest.MonkeyPatch()
     mp.setattr(clean, "LanguageId", lambda: langid)  # load the model once for the module
     try:
-        metrics = clean.run(CFG, paths)
+        metrics = clean.run(CFG, paths, data=tiny_config("data"))
     finally:
         mp.undo()
     return paths, metrics
@@ -316,7 +317,7 @@ def test_stage_keeps_good_and_quarantines_the_rest(stage_run: tuple[Paths, dict]
     raw = raw_records()
     for kind, records in raw.items():
         kept = {r["id"] for r in read_records(paths.clean, kind)}
-        quarantined = pq.read_table(paths.quarantine / f"{kind}.parquet").to_pylist()
+        quarantined = read_records(paths.quarantine, kind)
         reasons = {q["id"]: q["reason"] for q in quarantined}
         assert reasons == EXPECTED_DROPS[kind]
         assert kept | set(reasons) == {r["id"] for r in records} and not kept & set(reasons)
@@ -331,7 +332,7 @@ def test_stage_keeps_good_and_quarantines_the_rest(stage_run: tuple[Paths, dict]
 def test_stage_output_is_clean(stage_run: tuple[Paths, dict]) -> None:
     paths, metrics = stage_run
     corpus = {r["id"]: r for r in read_records(paths.clean, "corpus")}
-    assert pq.read_schema(paths.clean / "corpus.parquet").names == ["id", "source", "text", "lang"]
+    assert pq.read_schema(shard_paths(paths.clean, "corpus")[0]).names == ["id", "source", "text", "lang"]
     assert corpus["en"]["text"].endswith("Contact <EMAIL> for details.") and corpus["en"]["lang"] == "en"
     assert corpus["zh"]["lang"] == "zh"
     assert "\x00" not in corpus["dirty"]["text"] and "library" in corpus["dirty"]["text"]
@@ -358,11 +359,13 @@ def test_stage_reports_samples(stage_run: tuple[Paths, dict]) -> None:
 
 def test_empty_input_writes_every_kind(paths: Paths, langid: clean.LanguageId, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(clean, "LanguageId", lambda: langid)
-    metrics = clean.run(CFG, paths)
+    for kind in ("corpus", "instructions", "preferences"):
+        write_records(paths.raw, kind, [])  # what collect writes for a kind with no record: one empty shard
+    metrics = clean.run(CFG, paths, data=tiny_config("data"))
     assert metrics["docs_in"] == metrics["docs_out"] == 0
     for kind in ("corpus", "instructions", "preferences"):
-        assert (paths.clean / f"{kind}.parquet").exists() and (paths.quarantine / f"{kind}.parquet").exists()
-    assert "lang" in pq.read_schema(paths.clean / "corpus.parquet").names
+        assert shard_paths(paths.clean, kind) and shard_paths(paths.quarantine, kind)
+    assert "lang" in pq.read_schema(shard_paths(paths.clean, "corpus")[0]).names
 
 
 def test_main_reads_its_params_section(tmp_path: Path, paths: Paths, monkeypatch: pytest.MonkeyPatch,
@@ -371,7 +374,8 @@ def test_main_reads_its_params_section(tmp_path: Path, paths: Paths, monkeypatch
     write_records(paths.raw, "corpus", [{"id": "en", "source": "abc_news", "text": ENGLISH}])
     params = tmp_path / "params.yaml"
     section = tiny_params()["clean"]
-    params.write_text(yaml.safe_dump({"paths": paths.model_dump(mode="json"), "clean": {**section, "min_words": 10}}))
+    params.write_text(yaml.safe_dump({"paths": paths.model_dump(mode="json"), "clean": {**section, "min_words": 10},
+                                      "data": tiny_params()["data"]}))
     assert clean.main(["--params", str(params), "--no-mlflow"]) == 0
     metrics = json.loads((paths.report_dir("clean") / "metrics.json").read_text())
     assert metrics["docs_out"] == 1

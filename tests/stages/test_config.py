@@ -9,6 +9,7 @@ import yaml
 
 from stages.common.config import (
     FLOWS,
+    HOW,
     ConfigError,
     Paths,
     config_class,
@@ -34,7 +35,7 @@ def test_every_section_loads_into_its_config(tmp_path: Path, profile: str | None
     for section, cls in stage_sections(ROOT / "dvc.yaml").items():
         load_section(cls, section, params)
     # every section is read by a stage or a flow: no orphan values
-    assert set(params) == {"paths", "train", *STAGES, *FLOWS}
+    assert set(params) == {"paths", "train", *STAGES, *FLOWS, *HOW}
 
 
 def test_unknown_key_is_named() -> None:
@@ -98,7 +99,7 @@ def test_no_code_default_for_a_key_params_sets() -> None:
     params = read_yaml(ROOT / "params.yaml")
     found = _defaults_for_set_keys(load_section(Paths, "paths", params), params["paths"], "paths")
     sections = stage_sections(ROOT / "dvc.yaml")
-    for section in (*STAGES, "train", *FLOWS):
+    for section in (*STAGES, "train", *FLOWS, *HOW):
         cls = sections[section]
         found += _defaults_for_set_keys(load_section(cls, section, params), params[section], section)
     assert not found, f"code defaults for keys params.yaml sets: {found}"

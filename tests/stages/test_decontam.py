@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from stages.common.benchmarks import ngrams, tokens
 from stages.common.config import Paths, load_section
 from stages.common.io import read_records, write_jsonl, write_records
 from stages.decontam import DecontamConfig, run
 from stages.evaluate import EvaluateConfig
-from tests.conftest import tiny_params
+from tests.conftest import tiny_config, tiny_params
 
 QUESTION = "Which ocean current carries warm water from the Gulf of Mexico across the Atlantic toward northern Europe?"
 ANSWER = "The Gulf Stream"
@@ -65,7 +63,7 @@ def test_a_planted_item_is_removed_from_each_training_set_and_quarantined_with_i
         {"id": "leak", "source": "test", "prompt": QUESTION, "chosen": ANSWER, "rejected": "No idea."},
         {"id": "ok", "source": "test", "prompt": "Say hello.", "chosen": "Hello!", "rejected": "Go away."}])
 
-    metrics = run(DecontamConfig(samples=10), paths, evaluate_config(task_dir, quiz={}))
+    metrics = run(DecontamConfig(samples=10), paths, evaluate_config(task_dir, quiz={}), tiny_config("data"))
 
     assert len(tokens(CHINESE)) >= 13 and not ngrams(cut, 13)
     assert metrics["kinds"]["corpus"]["dropped"] == {"overlaps_quiz": 2}
@@ -75,7 +73,7 @@ def test_a_planted_item_is_removed_from_each_training_set_and_quarantined_with_i
     assert [r["id"] for r in read_records(paths.decontam, "instructions")] == ["ok"]
     assert [r["id"] for r in read_records(paths.decontam, "preferences")] == ["ok"]
     assert read_records(paths.decontam, "corpus")[0]["lang"] == "en"  # the schema passes through
-    quarantined = {kind: pq.read_table(paths.contaminated / f"{kind}.parquet").to_pylist()
+    quarantined = {kind: read_records(paths.contaminated, kind)
                    for kind in ("corpus", "instructions", "preferences")}
     by_id = {r["id"]: r for r in quarantined["corpus"]}
     assert by_id["article"]["reason"] == "overlaps_quiz" and "quiz/en" in by_id["article"]["detail"]
@@ -94,7 +92,7 @@ def test_a_held_out_task_guards_only_its_evaluation_part(paths: Paths, tmp_path:
     scored = {i for i, q in (("en", QUESTION), ("zh", CHINESE)) if cfg.holdout.for_evaluation({"q": q})}
     write_records(paths.clean, "corpus", [{"id": "en", "source": "t", "text": QUESTION + " " + ANSWER, "lang": "en"},
                                           {"id": "zh", "source": "t", "text": CHINESE, "lang": "zh"}])
-    metrics = run(DecontamConfig(samples=0), paths, cfg)
+    metrics = run(DecontamConfig(samples=0), paths, cfg, tiny_config("data"))
     assert {r["id"] for r in read_records(paths.decontam, "corpus")} == {"en", "zh"} - scored
     assert metrics["eval_items"] == {"quiz": len(scored)}
 
@@ -106,6 +104,7 @@ def test_a_missing_evaluation_set_is_a_recorded_skip(paths: Paths, tmp_path: Pat
     (task_dir / "gone.yaml").write_text((task_dir / "quiz.yaml").read_text().replace("quiz", "gone")
                                         .replace("gone.jsonl", "missing.jsonl"))
     write_records(paths.clean, "corpus", [{"id": "a", "source": "t", "text": QUESTION, "lang": "en"}])
-    metrics = run(DecontamConfig(samples=0), paths, evaluate_config(task_dir, quiz={}, gone={}, nothing={}))
+    metrics = run(DecontamConfig(samples=0), paths, evaluate_config(task_dir, quiz={}, gone={}, nothing={}),
+                  tiny_config("data"))
     assert set(metrics["skipped"]) == {"gone", "nothing"} and "does not load" in metrics["skipped"]["gone"]
     assert metrics["dropped"] == {"overlaps_quiz": 1}

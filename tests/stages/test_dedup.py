@@ -13,6 +13,7 @@ import yaml
 
 from stages.common.config import ConfigError, Paths
 from stages.common.io import KINDS, read_records, write_records
+from stages.common.shards import shard_paths
 from stages.dedup import dedup_texts, main, normalize, normalize_all, run
 from tests.conftest import tiny_config, tiny_params
 
@@ -71,7 +72,7 @@ def corpus_rec(i: str, text: str, **extra: str) -> dict:
 
 def run_corpus(paths: Paths, records: list[dict], **cfg: object) -> tuple[dict, set[str]]:
     write_records(paths.decontam, "corpus", records)
-    metrics = run(tiny_config("dedup", **cfg), paths)
+    metrics = run(tiny_config("dedup", **cfg), paths, data=tiny_config("data"))
     return metrics, {r["id"] for r in read_records(paths.dedup, "corpus")}
 
 
@@ -171,15 +172,15 @@ def test_tally_adds_up_and_every_kind_is_written(paths: Paths, english: list[str
         {"id": "i2", "source": "t", "messages": msgs("what is  two plus two?", "Four.")},
         {"id": "i3", "source": "t", "messages": msgs("What is three plus three?", "Six.")},
     ])
-    # no preferences.parquet at all: an empty kind
-    metrics = run(CFG, paths)
+    # no preferences at all: an empty kind
+    metrics = run(CFG, paths, data=tiny_config("data"))
 
     assert metrics["docs_in"] == metrics["docs_out"] + sum(metrics["dropped"].values()) == 6
     assert metrics["dropped"] == {"exact_duplicate": 2}
     for kind in KINDS:
         k = metrics["kinds"][kind]
         assert k["docs_in"] == k["docs_out"] + sum(k["dropped"].values())
-        assert (paths.dedup / f"{kind}.parquet").exists()
+        assert bool(shard_paths(paths.dedup, kind)) == (kind != "preferences")  # no input shard, no output shard
     assert metrics["kinds"]["preferences"] == {"docs_in": 0, "docs_out": 0, "dropped": {}}
     assert read_records(paths.dedup, "preferences") == []
     corpus = read_records(paths.dedup, "corpus")
@@ -191,7 +192,7 @@ def test_tally_adds_up_and_every_kind_is_written(paths: Paths, english: list[str
 
 def test_empty_input_writes_empty_kinds(paths: Paths) -> None:
     paths.decontam.mkdir(parents=True)
-    metrics = run(CFG, paths)
+    metrics = run(CFG, paths, data=tiny_config("data"))
     assert metrics["docs_in"] == metrics["docs_out"] == 0
     assert all(read_records(paths.dedup, kind) == [] for kind in KINDS)
     assert (paths.report_dir("dedup") / "samples_dropped.jsonl").read_text() == ""
@@ -219,7 +220,34 @@ def test_command_line_runs_the_stage(tmp_path: Path, paths: Paths, chinese: list
     write_records(paths.decontam, "corpus", [corpus_rec("a", chinese[0]), corpus_rec("b", chinese[0] + "。")])
     params = tmp_path / "params.yaml"
     section = {**tiny_params()["dedup"], "num_perm": 64}
-    params.write_text(yaml.safe_dump({"paths": json.loads(paths.model_dump_json()), "dedup": section}))
+    params.write_text(yaml.safe_dump({"paths": json.loads(paths.model_dump_json()), "dedup": section,
+                                      "data": tiny_params()["data"]}))
     assert main(["--params", str(params), "--no-mlflow"]) == 0
     metrics = json.loads((paths.report_dir("dedup") / "metrics.json").read_text())
     assert metrics["dropped"] == {"near_duplicate": 1} and metrics["num_perm"] == 64
+
+
+def test_sharded_dedup_keeps_what_one_process_keeps(paths: Paths, english: list[str], chinese: list[str]) -> None:
+    """The stage (shards sketched by two worker processes, buckets and verification over all of
+    them) keeps exactly the records `dedup_texts` keeps over one list in one process."""
+    docs = []
+    for n, text in enumerate(english + chinese):
+        cjk = n >= len(english)
+        docs.append(corpus_rec(f"d{n:03d}", text))
+        docs.append(corpus_rec(f"n{n:03d}", edit_chars(text, 40) if cjk else edit_words(text, 40)))  # near copy
+        docs.append(corpus_rec(f"f{n:03d}", edit_chars(text, 4) if cjk else edit_words(text, 4)))  # too far: kept
+        if n % 3 == 0:
+            docs.append(corpus_rec(f"x{n:03d}", "  " + text.upper()))  # exact copy after normalization
+    random.Random(0).shuffle(docs)  # a group's members land in different shards
+    for shard in range(4):
+        write_records(paths.decontam, "corpus", docs[shard::4], index=shard)
+    expected = dedup_texts([d["text"] for d in docs], [d["id"] for d in docs], CFG, near=True)
+    assert expected.tally.dropped["near_duplicate"] >= 20 and expected.tally.dropped["exact_duplicate"] >= 8
+
+    metrics = run(CFG, paths, data=tiny_config("data", workers=2))
+
+    kept = {d["id"] for d, keep in zip(docs, expected.keep) if keep}
+    assert {r["id"] for r in read_records(paths.dedup, "corpus")} == kept
+    assert metrics["shards"] == 4 and metrics["kinds"]["corpus"]["dropped"] == dict(expected.tally.dropped)
+    assert metrics["kinds"]["corpus"]["confirmed_pairs"] == expected.stats["confirmed_pairs"]
+    assert not paths.dedup.with_name(".dedup.parts").exists()  # the parts are gone once published

@@ -333,7 +333,7 @@ def test_missing_models_are_named(rl_paths: Paths) -> None:
 
 
 def test_missing_empty_or_too_long_prompts_are_named(rl_paths: Paths) -> None:
-    prompts = rl_paths.dedup / "instructions.parquet"
+    prompts = rl_paths.dedup / "instructions"
     with pytest.raises(StageError, match="no usable prompt.*too_long"):
         run(tiny_config("ppo", max_prompt_length=8), rl_paths, train_config(rl_paths))
     write_records(rl_paths.dedup, "instructions", [])

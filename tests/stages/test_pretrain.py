@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from stages.common.config import Paths, StageError
-from stages.common.training import TrainConfig
+from stages.common.training import TrainConfig, launch_command
 from stages.pretrain import PretrainConfig, run
 from tests.conftest import tiny_config, tiny_params
 
@@ -168,3 +168,28 @@ def test_blocks_longer_than_the_model_takes_fail_before_training(tiny_workdir: P
 def test_config_rejects_unknown_keys() -> None:
     with pytest.raises(ValueError, match="max_stepz"):
         PretrainConfig.model_validate({"max_stepz": 3})
+
+
+@pytest.mark.parametrize("distributed", ["fsdp", "deepspeed", "deepspeed_zero2"])
+def test_every_accelerate_config_loads_and_launches_all_processes(distributed: str) -> None:
+    """Each `train.distributed` names a config accelerate reads; one machine needs no address."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    train = tiny_config("train", TrainConfig, num_processes=8, distributed=distributed)
+    cmd = launch_command("sft", train, ["--params", "p.yaml"], env={})
+    config = Path(cmd[cmd.index("--config_file") + 1])
+    assert load_config_from_file(str(config)).distributed_type.value.lower() == distributed.split("_")[0]
+    assert cmd[cmd.index("--num_processes") + 1] == "8" and "--num_machines" not in cmd
+    assert cmd[-4:] == ["-m", "stages.sft", "--params", "p.yaml"]
+
+
+def test_several_machines_take_rank_and_address_from_the_environment() -> None:
+    train = tiny_config("train", TrainConfig, num_processes=16, num_machines=2)
+    with pytest.raises(StageError, match="train.num_machines is 2: set MASTER_ADDR, MASTER_PORT on every machine"):
+        launch_command("pretrain", train, [], env={"NODE_RANK": "1"})
+    env = {"NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    cmd = launch_command("pretrain", train, [], env=env)
+    flags = dict(zip(cmd[3:-2:2], cmd[4:-2:2]))
+    assert flags["--num_machines"] == "2" and flags["--machine_rank"] == "1"
+    assert flags["--main_process_ip"] == "10.0.0.1" and flags["--main_process_port"] == "29500"
+    assert flags["--num_processes"] == "16"

