@@ -13,6 +13,9 @@ runs it), with the `data` section set per run:
   clean's output: `paths.decontam` is pointed at `paths.clean`, since the evaluation sets play no
   part in the cost);
 - the same on 1x with one worker, for the speed-up of the workers;
+- with `--demo`: only the demo's own corpus (the sources of params.yaml), local against ray: the
+  Ray executor's overhead where the data is small;
+- with `--one`: only the first run, on a corpus of `--mb` (`--mb 2000`: the 2 GB corpus);
 - with `--ray`: the same on 1x with `data.executor: ray` (a Ray started by each stage on this
   machine, as a user without a cluster gets it), and whether every output file is byte-identical
   to the local run's.
@@ -43,6 +46,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from stages.common.shards import iter_records
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("collect", "clean", "dedup")
@@ -83,13 +88,16 @@ def write_corpus(path: Path, mb: float, seed: int, pools: dict[str, list[str]]) 
     return n
 
 
-def params_for(work: Path, corpus: Path, data: dict[str, Any]) -> Path:
+def params_for(work: Path, corpus: Path | None, data: dict[str, Any]) -> Path:
+    """The demo's params with this run's folders and `data` section, and the corpus as the one
+    source (None: the demo's own sources)."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["paths"] = {**params["paths"], **{k: str(work / "data" / k) for k in OUTS},
                        "decontam": str(work / "data" / "clean"), "reports": str(work / "reports")}
-    params["collect"] = {**params["collect"], "instructions": [], "preferences": [], "sources": [
-        {"name": "bench", "type": "jsonl", "path": str(corpus), "text_field": "text", "id_field": "id",
-         "max_docs": None, "max_file_bytes": None}]}
+    if corpus is not None:
+        params["collect"] = {**params["collect"], "instructions": [], "preferences": [], "sources": [
+            {"name": "bench", "type": "jsonl", "path": str(corpus), "text_field": "text", "id_field": "id",
+             "max_docs": None, "max_file_bytes": None}]}
     params["data"] = {**params["data"], **data}
     path = work / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
@@ -120,10 +128,11 @@ def run_stage(stage: str, params: Path, log: Path) -> tuple[float, int]:
 
 def snapshot(work: Path) -> dict[str, str]:
     return {str(p.relative_to(work)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for out in ("clean", "quarantine", "dedup") for p in sorted((work / "data" / out).rglob("*")) if p.is_file()}
+            for out in ("clean", "quarantine", "dedup")
+            for p in sorted((work / "data" / out).rglob("*")) if p.is_file()}
 
 
-def measure(name: str, corpus: Path, data: dict[str, Any], out: Path) -> dict[str, Any]:
+def measure(name: str, corpus: Path | None, data: dict[str, Any], out: Path) -> dict[str, Any]:
     work = out / name
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -135,7 +144,9 @@ def measure(name: str, corpus: Path, data: dict[str, Any], out: Path) -> dict[st
         print(f"{name} {stage}: {seconds:.1f} s, peak {peak / 2**20:.0f} MiB", flush=True)
     metrics = {s: json.loads((work / "reports" / s / "metrics.json").read_text()) for s in STAGES}
     seconds = sum(s["seconds"] for s in stages.values())
-    mb = corpus.stat().st_size / 1e6
+    raw = work / "data" / "raw"  # the demo has no JSONL: its records as JSONL would hold them
+    mb = corpus.stat().st_size / 1e6 if corpus else sum(
+        len(json.dumps(r, ensure_ascii=False).encode()) + 1 for r in iter_records(raw, "corpus")) / 1e6
     return {"corpus_mb": round(mb, 1), "data": data, "stages": stages, "seconds": round(seconds, 1),
             "peak_mb": max(s["peak_mb"] for s in stages.values()), "mb_per_s": round(mb / seconds, 2),
             "docs": metrics["collect"]["docs_out"], "kept": metrics["dedup"]["docs_out"],
@@ -149,19 +160,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", type=int, default=4)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--ray", action="store_true", help="also run the 1x corpus on a Ray started per stage")
+    ap.add_argument("--one", action="store_true",
+                    help="only the 1x corpus with --workers (for a corpus as large as memory allows: --mb 2000)")
+    ap.add_argument("--demo", action="store_true",
+                    help="only the demo's own corpus (params.yaml's sources), local against ray")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/scale")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
     pools = paragraphs(args.seed)
+    local = {"executor": "local", "workers": args.workers, "ray_address": None}
+    if args.demo:
+        runs = {"demo, local": measure("demo-local", None, local, args.out),
+                "demo, ray": measure("demo-ray", None, {**local, "executor": "ray"}, args.out)}
+        same = runs["demo, local"].pop("files") == runs["demo, ray"].pop("files")
+        (args.out / "scale-demo.json").write_text(json.dumps({"runs": runs, "same_output_ray": same}, indent=2) + "\n")
+        print(json.dumps({"runs": runs, "same_output_ray": same}, indent=2))
+        return 0
+    if args.one:
+        corpus = args.out / f"corpus-{args.mb:g}mb.jsonl"
+        n = write_corpus(corpus, args.mb, args.seed, pools)
+        print(f"corpus: {corpus.stat().st_size / 1e6:.1f} MB, {n} documents", flush=True)
+        run = measure(f"{args.mb:g}mb-local", corpus, local, args.out)
+        corpus.unlink()
+        (args.out / f"scale-{args.mb:g}mb.json").write_text(json.dumps(
+            {key: v for key, v in run.items() if key != "files"}, indent=2) + "\n")
+        print(json.dumps({key: v for key, v in run.items() if key != "files"}, indent=2))
+        return 0
     corpora = {}
     for label, mb in (("1x", args.mb), (f"{args.scale}x", args.mb * args.scale)):
         corpora[label] = args.out / f"corpus-{label}.jsonl"
         n = write_corpus(corpora[label], mb, args.seed, pools)
         print(f"corpus {label}: {corpora[label].stat().st_size / 1e6:.1f} MB, {n} documents", flush=True)
 
-    local = {"executor": "local", "workers": args.workers, "ray_address": None}
     runs = {
         f"1x, {args.workers} workers": measure("1x-local", corpora["1x"], local, args.out),
         f"{args.scale}x, {args.workers} workers": measure(f"{args.scale}x-local", corpora[f"{args.scale}x"],

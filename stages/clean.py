@@ -361,9 +361,9 @@ def run(cfg: CleanConfig, paths: Paths, data: DataConfig) -> dict:
         total.merge(tally)
 
     with atomic_dir(paths.clean) as tmp:
-        publish(parts, "clean", tmp)
+        publish(tasks, "clean", tmp)
     with atomic_dir(paths.quarantine) as tmp:
-        publish(parts, "quarantine", tmp)
+        publish(tasks, "quarantine", tmp)
     shutil.rmtree(parts, ignore_errors=True)
 
     # Kept samples spread over every (kind, source), round robin.

@@ -163,8 +163,8 @@ def run(cfg: DecontamConfig, paths: Paths, evaluate: EvaluateConfig, data: DataC
         log.info("decontam %s: %d in, %d out, dropped %s", kind, tally.docs_in, tally.docs_out, dict(tally.dropped))
     total.check("decontam")
     with atomic_dir(paths.decontam) as kept_dir, atomic_dir(paths.contaminated) as removed_dir:
-        publish(parts, "decontam", kept_dir)
-        publish(parts, "contaminated", removed_dir)
+        publish(tasks, "decontam", kept_dir)
+        publish(tasks, "contaminated", removed_dir)
     shutil.rmtree(parts, ignore_errors=True)
     write_jsonl(paths.report_dir("decontam") / "samples_dropped.jsonl", samples)
     return {**total.as_metrics(), "kinds": kinds, "shards": len(tasks), "ngram": n,

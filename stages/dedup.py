@@ -349,7 +349,7 @@ def run(cfg: DedupConfig, paths: Paths, data: DataConfig) -> dict[str, Any]:
     shown = run_shards("dedup", filter_shard, tasks, data, plan, key=json.dumps([key, plan.drop, plan.show]))
     texts = {f"{t.kind}/{t.index}": r["texts"] for t, r in zip(tasks, shown)}
     with atomic_dir(paths.dedup) as tmp:
-        publish(parts, "dedup", tmp)
+        publish(tasks, "dedup", tmp)
     shutil.rmtree(parts, ignore_errors=True)
 
     def text(kind: str, where: tuple[int, int]) -> str:

@@ -328,22 +328,45 @@ def top_ngrams(doc: Doc, max_fractions: dict[int, float], cjk_scale: int = 1) ->
 
 def dup_ngrams(doc: Doc, max_fractions: dict[int, float], cjk_scale: int = 1) -> Drop | None:
     """Gopher: word characters inside repeated n-grams (non-overlapping) may be at most a share."""
-    words = doc.words
     for n, max_frac, total in _ngram_sizes(doc, max_fractions, cjk_scale):
-        seen: set[tuple[str, ...]] = set()
+        keys, chars = _ngram_keys(doc, n)
+        if keys is None:
+            continue  # no n-gram occurs twice: nothing repeated
+        seen: set[int] = set()
         repeated = i = 0
-        while i <= len(words) - n:
-            gram = tuple(words[i:i + n])
-            if gram in seen:
-                repeated += sum(len(w) for w in gram)
+        last = len(keys) - 1
+        while i <= last:  # the scan skips a repeated n-gram whole, so it runs in order
+            key = keys[i]
+            if key in seen:
+                repeated += chars[i]
                 i += n
             else:
-                seen.add(gram)
+                seen.add(key)
                 i += 1
         frac = repeated / total
         if frac > max_frac:
             return Drop("dup_ngrams", f"chars in repeated {n}-grams {frac:.2f} > {max_frac:.2f}")
     return None
+
+
+def _ngram_keys(doc: Doc, n: int) -> tuple[list[int] | None, list[int]]:
+    """A 64-bit key of each n-gram of the document's words (equal n-grams, equal keys; two
+    different n-grams share one with a chance of about one in 2^64 per pair), and its word
+    characters; computed on arrays, so no n-gram becomes a tuple. Keys None: all distinct."""
+    import numpy as np
+
+    ids: dict[str, int] = {}
+    word_ids = np.fromiter((ids.setdefault(w, len(ids) + 1) for w in doc.words), np.uint64, len(doc.words))
+    lengths = np.cumsum([0, *map(len, doc.words)])
+    m = len(doc.words) - n + 1
+    key = np.zeros(m, np.uint64)
+    with np.errstate(over="ignore"):  # the arithmetic wraps around on purpose
+        for k in range(n):
+            key = (key ^ word_ids[k: k + m]) * np.uint64(0x9E3779B97F4A7C15)
+            key ^= key >> np.uint64(29)
+    if np.unique(key).size == m:
+        return None, []
+    return key.tolist(), (lengths[n:] - lengths[:m]).tolist()
 
 
 def corpus_rules(cfg: Any) -> list[Rule]:

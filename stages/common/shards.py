@@ -181,13 +181,14 @@ def tasks_for(source: Path, parts: Path, kinds: Sequence[str]) -> list[ShardTask
             for i, path in enumerate(shard_paths(source, kind))]
 
 
-def publish(parts: Path, name: str, tmp: Path) -> None:
-    """Move the shards of output `name` from the parts folder into the stage's temporary output
-    folder (`io.atomic_dir`)."""
-    built = Path(parts) / name
-    if built.exists():
-        for kind in sorted(p.name for p in built.iterdir() if p.is_dir()):
-            os.replace(built / kind, Path(tmp) / kind)
+def publish(tasks: Sequence[ShardTask], name: str, tmp: Path) -> None:
+    """Move each task's shard of output `name` from the parts folder into the stage's temporary
+    output folder (`io.atomic_dir`); a shard an earlier run left for another input is not one of
+    them."""
+    for task in tasks:
+        dest = shard_path(tmp, task.kind, task.index)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(task.out(name), dest)  # every finished task wrote it: a missing one is a bug, raised
 
 
 def _marker(stage: str, task: ShardTask) -> Path:
@@ -278,7 +279,7 @@ class Progress:
     def show(self) -> None:
         seconds = max(time.perf_counter() - self.started, 1e-9)
         ran = self.done - self.first
-        eta = (self.total - self.done) * seconds / ran if ran else float("nan")
+        eta = (self.total - self.done) * seconds / ran if ran else 0.0
         log.info("%s %s: %d/%d shards, %d docs, %.0f docs/s, ETA %.0fs", PROGRESS, self.stage, self.done,
                  self.total, self.docs, self.docs / seconds, eta)
 
@@ -355,32 +356,32 @@ def _run_ray(fn: Fn, tasks: list[ShardTask], todo: list[int], data: DataConfig, 
         _check_reachable(address)
     # Workers import this project's modules: the driver's folder goes on their path.
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}}
-    started = time.perf_counter()
-    ray.init(address=address, num_cpus=None if address else (data.workers or os.cpu_count()),
-             include_dashboard=False, log_to_driver=False, runtime_env=env, ignore_reinit_error=True)
-    log.info("ray: connected to %s in %.1fs (%s CPUs)", address or "a local Ray", time.perf_counter() - started,
-             ray.cluster_resources().get("CPU"))
-    try:
-        ref = ray.put(context)
-        # A task whose worker dies is retried by Ray (max_retries) before it counts as failed.
-        remote = ray.remote(max_retries=2)(_ray_call)
-        pending = {remote.remote(fn, tasks[i], ref): i for i in todo}
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for obj in ready:
-                i = pending.pop(obj)
-                try:
-                    finished(i, ray.get(obj))
-                except ray.exceptions.RayTaskError as err:
-                    cause = err.as_instanceof_cause()
-                    if isinstance(cause, StageError):
-                        raise StageError(str(err.cause)) from None
-                    raise
-                except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as err:
-                    raise ShardFailed(f"the Ray worker running {tasks[i].label} died ({err.__class__.__name__}); "
-                                      "rerun the stage to redo the unfinished shards") from err
-    finally:
-        ray.shutdown()
+    if not ray.is_initialized():  # once per stage process; Ray shuts down with it
+        started = time.perf_counter()
+        # no address: a Ray of this machine's own, started for the stage ("local": never another
+        # cluster that happens to run here)
+        ray.init(address=address or "local", num_cpus=None if address else (data.workers or os.cpu_count()),
+                 include_dashboard=False, log_to_driver=False, runtime_env=env)
+        log.info("ray: connected to %s in %.1fs (%s CPUs)", address or "a local Ray",
+                 time.perf_counter() - started, ray.cluster_resources().get("CPU"))
+    ref = ray.put(context)
+    # A task whose worker dies is retried by Ray (max_retries) before it counts as failed.
+    remote = ray.remote(max_retries=2)(_ray_call)
+    pending = {remote.remote(fn, tasks[i], ref): i for i in todo}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for obj in ready:
+            i = pending.pop(obj)
+            try:
+                finished(i, ray.get(obj))
+            except ray.exceptions.RayTaskError as err:
+                cause = err.as_instanceof_cause()
+                if isinstance(cause, StageError):
+                    raise StageError(str(err.cause)) from None
+                raise
+            except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as err:
+                raise ShardFailed(f"the Ray worker running {tasks[i].label} died ({err.__class__.__name__}); "
+                                  "rerun the stage to redo the unfinished shards") from err
 
 
 def _ray_call(fn: Fn, task: ShardTask, context: Any) -> dict[str, Any]:
