@@ -49,7 +49,8 @@ def run_stage(name: str, cfg_cls: type[C], run: Callable[..., dict[str, Any]],
     arguments; a training stage (`training=True`) also gets the shared `train` section as
     `run(cfg, paths, train=...)` and may relaunch itself under `accelerate launch`, where only
     the main process writes reports and logs to MLflow."""
-    if getattr(run, "__module__", None) == "__main__":
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if getattr(run, "__module__", None) == "__main__" and getattr(main_spec, "name", None) == f"stages.{name}":
         # `python -m stages.<name>` runs the module as __main__: take its functions and classes
         # from the module under its own name, which a worker process (Ray's) can import.
         own = importlib.import_module(f"stages.{name}")

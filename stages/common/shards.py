@@ -167,8 +167,9 @@ class ShardTask:
 
 
 def parts_dir(output: Path) -> Path:
-    """Where a stage keeps its finished shards until all are done: beside its first output."""
-    output = Path(output)
+    """Where a stage keeps its finished shards until all are done: beside its first output (an
+    absolute path, as every path a worker is given: a Ray worker does not start in this folder)."""
+    output = Path(output).absolute()
     return output.with_name(f".{output.name}.parts")
 
 

@@ -44,11 +44,12 @@ def outs(project: Path, stage: str) -> list[Path]:
 
 def snapshot(path: Path) -> dict[str, bytes] | None:
     """Every file's bytes under `path` (a file or a folder); None when it does not exist. A
-    stage's `metrics.json` (in `dvc.lock` as an uncached output) holds its wall time, which is
-    left out: every other byte must match."""
+    stage's `metrics.json` (in `dvc.lock` as an uncached output) holds its wall time and rates,
+    which are left out: every other byte must match."""
     if path.name == "metrics.json" and path.is_file():
         metrics = json.loads(path.read_text())
-        metrics.pop("seconds", None)
+        for timing in ("seconds", "docs_per_second", "tokens_per_second"):
+            metrics.pop(timing, None)
         return {"": json.dumps(metrics, sort_keys=True).encode()}
     if path.is_file():
         return {"": path.read_bytes()}
