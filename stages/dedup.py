@@ -49,6 +49,7 @@ from stages.common.shards import (
     read_shard,
     run_shards,
     tasks_for,
+    write_arrays,
     write_table,
 )
 
@@ -160,8 +161,6 @@ def dedup_texts(texts: list[str], ids: list[str], cfg: DedupConfig, near: bool) 
     the best-ranked record of every duplicate group survives, so the result does not depend on
     the order of the input."""
     n_docs = len(texts)
-    tally = Tally()
-    tally.docs_in = n_docs
     all_norms = normalize_all(texts)
     order = sorted(range(n_docs), key=lambda i: (-len(all_norms[i]), ids[i], texts[i]))
     # Exact: the first of each normalized text in rank order survives.
@@ -177,15 +176,21 @@ def dedup_texts(texts: list[str], ids: list[str], cfg: DedupConfig, near: bool) 
             norms.append(norm)
         else:
             duplicates.append(Duplicate(i, EXACT, s, 1.0))
-    tally.drop(EXACT, len(duplicates))
     stats: dict[str, Any] = {}
     if near and len(uniq) > 1:
         found, stats = near_duplicates(norms, cfg)
         duplicates += [Duplicate(uniq[i], NEAR, uniq[root], similarity) for i, root, similarity in found]
-        tally.drop(NEAR, len(found))
+    return _result(n_docs, duplicates, stats)
+
+
+def _result(n_docs: int, duplicates: list[Duplicate], stats: dict[str, Any]) -> DedupResult:
+    """The kept flags and the tally of `n_docs` records less `duplicates`."""
+    tally = Tally()
+    tally.docs_in = n_docs
     keep = [True] * n_docs
     for d in duplicates:
         keep[d.index] = False
+        tally.drop(d.reason)
     tally.docs_out = sum(keep)
     return DedupResult(keep=keep, duplicates=duplicates, tally=tally, stats=stats)
 
@@ -203,12 +208,7 @@ def sketch_shard(task: ShardTask, cfg: DedupConfig) -> dict[str, Any]:
     arrays = {"digests": np.frombuffer(b"".join(_digest(t) for t in norms), np.uint8).reshape(-1, 16)}
     if cfg.near and task.kind == "corpus":
         arrays["shingles"], arrays["counts"], arrays["keys"] = signatures(norms, cfg)
-    path = task.out("sketch").with_suffix(".npz")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    tmp.replace(path)
+    write_arrays(task.out("sketch").with_suffix(".npz"), arrays)
     return {"docs_in": len(records), "ids": [str(r["id"]) for r in records], "lengths": [len(t) for t in norms]}
 
 
@@ -251,8 +251,6 @@ def dedup_kind(kind: str, tasks: list[ShardTask], sketches: list[dict[str, Any]]
     lengths = [n for r in sketches for n in r["lengths"]]
     where = [(t.index, j) for t, r in zip(tasks, sketches) for j in range(len(r["ids"]))]
     n_docs = len(ids)
-    tally = Tally()
-    tally.docs_in = n_docs
     files = [t.out("sketch").with_suffix(".npz") for t in tasks]
     digests = np.concatenate([np.load(f)["digests"] for f in files]) if files else np.zeros((0, 16), np.uint8)
     # Ranked as dedup_texts ranks: longest first, then the smallest id (unique after collect),
@@ -268,17 +266,11 @@ def dedup_kind(kind: str, tasks: list[ShardTask], sketches: list[dict[str, Any]]
         else:
             duplicates.append(Duplicate(i, EXACT, s, 1.0))
     del digests
-    tally.drop(EXACT, len(duplicates))
     stats: dict[str, Any] = {}
     if cfg.near and kind == "corpus" and len(uniq) > 1:
         found, stats = _near(uniq, files, cfg)
         duplicates += [Duplicate(uniq[i], NEAR, uniq[root], similarity) for i, root, similarity in found]
-        tally.drop(NEAR, len(found))
-    keep = [True] * n_docs
-    for d in duplicates:
-        keep[d.index] = False
-    tally.docs_out = sum(keep)
-    return DedupResult(keep=keep, duplicates=duplicates, tally=tally, stats=stats), where
+    return _result(n_docs, duplicates, stats), where
 
 
 def _near(uniq: list[int], files: list[Path], cfg: DedupConfig) -> tuple[list[tuple[int, int, float]], dict[str, Any]]:

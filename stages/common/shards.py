@@ -96,6 +96,19 @@ def write_table(path: Path, table: pa.Table) -> Path:
     return path
 
 
+def write_arrays(path: Path, arrays: dict[str, Any]) -> Path:
+    """numpy arrays to `path` (.npz) through a temporary sibling: a step's per-shard working data."""
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
 def read_shard(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
     """One shard; a file that is not readable Parquet is bad input, named."""
     try:
