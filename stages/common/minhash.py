@@ -15,6 +15,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from itertools import chain
 from typing import Any
 
 from stages.common.text import CJK, CJK_RANGES
@@ -290,15 +291,12 @@ def band_keys(sigs: Any, bands: int, rows: int) -> Any:
     import numpy as np
 
     n = sigs.shape[0]
-    keys = np.empty((n, bands), np.uint64)
+    block = sigs[:, : bands * rows].astype(np.uint64).reshape(n, bands, rows)
+    key = np.tile(np.arange(1, bands + 1, dtype=np.uint64), (n, 1))  # a band's number starts its key
     mult = np.uint64(0x9E3779B97F4A7C15)
-    for b in range(bands):
-        block = sigs[:, b * rows: (b + 1) * rows].astype(np.uint64)
-        key = np.full(n, np.uint64(b + 1))
-        for t in range(rows):
-            key = (key ^ block[:, t]) * mult
-        keys[:, b] = fmix64(key)
-    return keys
+    for t in range(rows):
+        key = (key ^ block[:, :, t]) * mult
+    return fmix64(key)
 
 
 def pairs_from_keys(keys: Any, max_bucket: int) -> Any:
@@ -359,7 +357,8 @@ def signatures(norms: list[str], cfg: Any) -> tuple[Any, Any, Any]:
         np.cumsum(part, out=offsets[1:])
         matrix = RMinHash.digest_matrix_from_flat_token_hashes(sh[start: start + int(offsets[-1])], offsets,
                                                                perms, cfg.seed)
-        sigs = np.array(matrix.to_rows(), dtype=np.uint32).reshape(part.size, perms)
+        flat = np.fromiter(chain.from_iterable(matrix.to_rows()), np.uint32, part.size * perms)
+        sigs = flat.reshape(part.size, perms)
         keys[lo: lo + part.size] = band_keys(sigs, bands, rows)
         start += int(offsets[-1])
     return sh, counts, keys
