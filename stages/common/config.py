@@ -47,7 +47,7 @@ class Paths(StageConfig):
     """Where every stage reads and writes: the `paths` section, templated into `dvc.yaml`."""
 
     raw: Path
-    """Collected documents, one Parquet file per kind (corpus, instructions, preferences)."""
+    """Collected documents: per kind (corpus, instructions, preferences) a folder of Parquet shards."""
     clean: Path
     """Cleaned documents, same layout as `raw`."""
     quarantine: Path

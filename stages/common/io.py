@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from stages.common.shards import read_shard, shard_path, shard_paths, write_table
+from stages.common.shards import kind_dir, read_shard, shard_path, shard_paths, write_table
 
 # The three kinds of data the pipeline carries, each a folder of Parquet shards in every data
 # folder (`stages.common.shards`).
@@ -186,9 +186,12 @@ def record_bytes(kind: str, record: Mapping[str, Any]) -> int:
 
 
 def write_records(folder: Path, kind: str, records: list[dict[str, Any]], extra: tuple[str, ...] = (),
-                  index: int = 0) -> Path:
-    """Write `records` of `kind` as shard `index` of `folder/<kind>/`."""
-    return write_table(shard_path(folder, kind, index), records_table(kind, records, extra))
+                  index: int | None = None) -> Path:
+    """Write `records` of `kind` as shard `index` of `folder/<kind>/`; without an index, as the
+    kind's only shard (any other shard of it is removed)."""
+    if index is None:
+        shutil.rmtree(kind_dir(folder, kind), ignore_errors=True)
+    return write_table(shard_path(folder, kind, index or 0), records_table(kind, records, extra))
 
 
 def read_records(folder: Path, kind: str) -> list[dict[str, Any]]:

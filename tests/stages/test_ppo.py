@@ -339,8 +339,8 @@ def test_missing_empty_or_too_long_prompts_are_named(rl_paths: Paths) -> None:
     write_records(rl_paths.dedup, "instructions", [])
     with pytest.raises(StageError, match=f"{prompts} holds no usable prompt \\(0 records"):
         run(tiny_config("ppo"), rl_paths, train_config(rl_paths))
-    prompts.unlink()
-    with pytest.raises(StageError, match=f"prompt file {prompts} does not exist"):
+    shutil.rmtree(prompts)
+    with pytest.raises(StageError, match=f"prompt shards {prompts} do not exist"):
         run(tiny_config("ppo"), rl_paths, train_config(rl_paths))
 
 

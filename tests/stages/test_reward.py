@@ -106,7 +106,7 @@ def test_bad_pairs_are_counted_and_no_usable_pair_is_an_error(reward_paths: Path
     assert len(train) + len(val) == 20
 
     write_records(reward_paths.dedup, "preferences", records[20:22])
-    with pytest.raises(StageError, match=r"preferences\.parquet"):
+    with pytest.raises(StageError, match=r"dedup/preferences has no usable preference pair"):
         reward.run(config(backbone="sft"), reward_paths, checkpoints(reward_paths))
 
 

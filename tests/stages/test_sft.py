@@ -201,7 +201,7 @@ def test_a_long_input_loses_its_tail_never_the_answer(sft_paths: Paths) -> None:
 def test_no_usable_record_is_an_error_naming_the_file(sft_paths: Paths) -> None:
     write_records(sft_paths.dedup, "instructions",
                   [{"id": "a", "source": "t", "messages": [{"role": "user", "content": "unanswered"}]}])
-    with pytest.raises(StageError, match=r"instructions\.parquet"):
+    with pytest.raises(StageError, match=r"dedup/instructions has no usable instruction record"):
         sft.run(config(), sft_paths, checkpoints(sft_paths))
 
 
