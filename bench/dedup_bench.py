@@ -355,19 +355,15 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-# In this process, one shard: the CPU time counts all of the stage's work (bench/scale_bench.py
-# measures the workers).
-ONE_WORKER = DataConfig(executor="local", workers=1, ray_address=None, progress_seconds=60)
-
-
-def run_ours(corpus: list[Doc], out: Path, cfg: DedupConfig) -> tuple[set[str], float, float, dict[str, Any]]:
+def run_ours(corpus: list[Doc], out: Path, cfg: DedupConfig,
+             data: DataConfig) -> tuple[set[str], float, float, dict[str, Any]]:
     paths = Paths(**{name: out / name for name in Paths.model_fields})
     write_records(paths.decontam, "corpus", [{"id": d.id, "source": "bench", "text": d.text} for d in corpus])
     _char_classes.cache_clear()  # every run pays for the stage's lookup tables, as a fresh process does
     lsh_bands.cache_clear()
     gc.collect()
     started, cpu = time.perf_counter(), cpu_seconds()
-    metrics = run(cfg, paths, data=ONE_WORKER)
+    metrics = run(cfg, paths, data=data)
     seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
     kept = {r["id"] for r in read_records(paths.dedup, "corpus")}
     return kept, seconds, cpu, metrics
@@ -495,8 +491,12 @@ def main(argv: list[str] | None = None) -> int:
     import numpy  # noqa: F401  (imported before any timing, for both sides)
     import rensa  # noqa: F401
 
-    section = {**read_yaml(Path("params.yaml"))["dedup"], **dict(kv.split("=", 1) for kv in args.set)}
+    params = read_yaml(Path("params.yaml"))
+    section = {**params["dedup"], **dict(kv.split("=", 1) for kv in args.set)}
     cfg = load_section(DedupConfig, "dedup", {"dedup": section})
+    # one worker in this process: the CPU time counts all of the stage's work (bench/scale_bench.py
+    # measures the workers)
+    data = load_section(DataConfig, "data", {"data": {**params["data"], "workers": 1, "executor": "local"}})
     out = args.out / "dedup"
     if out.exists():
         shutil.rmtree(out)
@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{info['near_copy_jaccard_median']}", flush=True)
 
     # Every method once per round, rounds repeated: load from elsewhere hits all methods alike.
-    methods: list[tuple[str, Any]] = [("llm-forge dedup stage", lambda o: run_ours(corpus, o, cfg))]
+    methods: list[tuple[str, Any]] = [("llm-forge dedup stage", lambda o: run_ours(corpus, o, cfg, data))]
     if not args.no_datatrove:
         from datatrove.pipeline.dedup.minhash import MinhashConfig  # a dev dependency
 

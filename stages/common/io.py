@@ -263,11 +263,6 @@ def quarantine_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=pa.schema([(name, pa.string()) for name in QUARANTINE_FIELDS]))
 
 
-def write_quarantine(folder: Path, kind: str, rows: list[dict[str, Any]], index: int = 0) -> None:
-    """Shard `index` of `folder/<kind>/`: dropped records of `kind` with their reasons (clean, decontam)."""
-    write_table(shard_path(folder, kind, index), quarantine_table(rows))
-
-
 def write_json(path: Path, data: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

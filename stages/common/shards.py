@@ -120,6 +120,14 @@ def read_shard(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
 
 
 def file_digest(path: Path) -> str:
+    """A hash of a file's bytes, computed once per process while its size and mtime stand (a
+    stage's steps key the same input shards)."""
+    stat = os.stat(path)
+    return _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=65536)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
