@@ -31,8 +31,9 @@ metrics; `folders` names each row's model folder, which is how `register` finds 
 `table.md` (value ± error, then the comparisons), `chart.png` (one panel per metric, with error
 bars), `items/<row>.json` (every per-item value) and `results/<row>.json` (lm-eval's results). A
 model that does not load, a task file that is missing, malformed or empty, a metric a row cannot
-produce (no chat template, no reward model): a one-line reason in `skipped`, the cell left empty,
-and every other cell still evaluated.
+produce (no chat template, no reward model), a task that runs model-written code where no sandbox
+can start (`evaluate.code_sandbox`, `stages/common/sandbox.py`): a one-line reason in `skipped`, the
+cell left empty, and every other cell still evaluated.
 
     python -m stages.evaluate [--params params.yaml]
 """
@@ -49,7 +50,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from stages.common import benchmarks, stats
+from stages.common import benchmarks, sandbox, stats
 from stages.common.benchmarks import Holdout
 from stages.common.config import Paths, StageConfig, StageError
 from stages.common.io import write_json
@@ -118,6 +119,10 @@ class EvaluateConfig(StageConfig):
     """Coverage of each comparison's interval."""
     seed: int
     """Seed of the bootstrap."""
+    code_sandbox: sandbox.Sandbox
+    """Where model-written programs (HumanEval's) run: `bwrap`, in bubblewrap's sandbox (where it
+    cannot start, their cells are skipped with the reason); `unsafe_no_sandbox`, as this user with
+    the filesystem open (a warning in the metrics and the MLflow run)."""
 
     @field_validator("models")
     @classmethod
@@ -307,12 +312,13 @@ def lm_eval_cells(name: str, model: Any, tokenizer: Any, cfg: EvaluateConfig, ma
         chosen = {t: [index for *_, index, _ in benchmarks.docs({t: tasks[t]}, cfg.holdout)][: limits.limit]
                   for t in tasks} if limits.holdout else None
         try:
-            out = lm_eval.simple_evaluate(
-                model=lm, tasks=list(tasks.values()), task_manager=manager, log_samples=True,
-                limit=None if chosen else limits.limit, samples=chosen, apply_chat_template=chat,
-                gen_kwargs={"max_gen_toks": limits.max_new_tokens} if limits.max_new_tokens else None,
-                confirm_run_unsafe_code=True, bootstrap_iters=cfg.bootstrap_iters, random_seed=cfg.seed,
-                numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
+            with sandbox.using(cfg.code_sandbox):  # a code task's programs run there (run() kept the others out)
+                out = lm_eval.simple_evaluate(
+                    model=lm, tasks=list(tasks.values()), task_manager=manager, log_samples=True,
+                    limit=None if chosen else limits.limit, samples=chosen, apply_chat_template=chat,
+                    gen_kwargs={"max_gen_toks": limits.max_new_tokens} if limits.max_new_tokens else None,
+                    confirm_run_unsafe_code=True, bootstrap_iters=cfg.bootstrap_iters, random_seed=cfg.seed,
+                    numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
         except Exception as err:  # one task failing on one model is a cell, not the table
             skipped[f"{name}/{task}"] = f"{type(err).__name__}: {str(err)[:300]}"
             log.warning("%s / %s failed: %s", name, task, skipped[f"{name}/{task}"], exc_info=True)
@@ -452,6 +458,10 @@ def run(cfg: EvaluateConfig, paths: Paths, sft: SftConfig) -> dict[str, Any]:
     rows = model_rows(cfg, paths)
     manager = benchmarks.task_manager(cfg.task_dir, cfg.tasks) if cfg.tasks else None
     built, skipped = benchmarks.load_tasks(manager, cfg.tasks, cfg.task_dir) if cfg.tasks else ({}, {})
+    for task, reason in sandbox.refusals(built, cfg.code_sandbox).items():  # no sandbox: model code never runs
+        del built[task]
+        skipped[task] = reason
+    unsafe = sandbox.warning(built, cfg.code_sandbox)
     held = held_out(cfg, paths, sft, built)
     skipped.update(held.skipped)
     seen = contamination(built, cfg, training_ngrams(paths, cfg.contamination_ngram))
@@ -502,6 +512,7 @@ def run(cfg: EvaluateConfig, paths: Paths, sft: SftConfig) -> dict[str, Any]:
         "skipped": skipped,
         "cells": cells,
         "cells_skipped": expected - cells,
+        **unsafe,
     }
 
 

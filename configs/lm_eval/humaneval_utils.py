@@ -1,4 +1,5 @@
-"""Scores a HumanEval completion by running its unit tests in the sandbox (humaneval_sandbox.yaml)."""
+"""Scores a HumanEval completion by running its unit tests in the sandbox (humaneval_sandbox.yaml):
+bubblewrap's, or none where evaluate's `code_sandbox` says unsafe_no_sandbox (`sandbox.using`)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,12 @@
-"""evaluate: the HumanEval sandbox, the lm-eval task files over the real sets, and the stage on
-tiny models: a model built to pick the gold answer scores 1, one built to pick the other 0, in one
-table; and a recorded skip (never a lost table) for each kind of bad input."""
+"""evaluate: the lm-eval task files over the real sets, and the stage on tiny models: a model built
+to pick the gold answer scores 1, one built to pick the other 0, in one table; and a recorded skip
+(never a lost table) for each kind of bad input. (The HumanEval sandbox:
+tests/reliability/test_sandbox.py.)"""
 
 from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,6 @@ import pytest
 import stages
 from stages.common.config import ConfigError, Paths, load_section, read_yaml
 from stages.common.io import write_jsonl
-from stages.common.sandbox import run_program
 from stages.common.tables import markdown
 from stages.evaluate import EvaluateConfig, run, score
 from tests.conftest import tiny_config, tiny_model, tiny_params
@@ -44,83 +41,6 @@ def evaluate(cfg: EvaluateConfig, paths: Paths) -> dict:
 
 def limits(limit: int | None, max_new_tokens: int | None = None, holdout: bool = False) -> dict:
     return {"limit": limit, "max_new_tokens": max_new_tokens, "holdout": holdout}
-
-
-def humaneval(n: int) -> list[dict]:
-    lines = (ROOT / "assets/lm_eval/humaneval.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines[:n]]
-
-
-# ---------------------------------------------------------------------------------------------
-# the sandbox
-
-
-def test_sandbox_passes_good_code_and_fails_bad_code() -> None:
-    assert run_program("assert sum([1, 2]) == 3").outcome == "passed"
-    failed = run_program("assert sum([1, 2]) == 4")
-    assert not failed.passed and failed.outcome == "failed" and "AssertionError" in failed.detail
-
-
-def test_sandbox_stops_an_infinite_loop_in_time() -> None:
-    started = time.perf_counter()
-    result = run_program("while True:\n    pass\n", timeout=1.0)
-    assert result.outcome == "timeout" and not result.passed
-    assert time.perf_counter() - started < 5
-
-
-def test_sandbox_stops_a_memory_hog() -> None:
-    result = run_program("blocks = [bytearray(64 * 1024 * 1024) for _ in range(64)]", memory_mb=256)
-    assert result.outcome == "memory" and not result.passed
-
-
-def test_sandbox_code_cannot_reach_the_network() -> None:
-    """A server listens on this machine's loopback; the sandboxed program tries to send to it
-    through the socket module and through the raw _socket module: nothing arrives."""
-    received: list[bytes] = []
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(3)
-    port = server.getsockname()[1]
-
-    def accept() -> None:
-        try:
-            conn, _ = server.accept()
-            received.append(conn.recv(100))
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=accept)
-    thread.start()
-    for code in (f"import socket\nsocket.create_connection(('127.0.0.1', {port})).sendall(b'leak')\n",
-                 f"import _socket\ns = _socket.socket()\ns.connect(('127.0.0.1', {port}))\ns.send(b'leak')\n"):
-        result = run_program(code)
-        assert result.outcome == "network" and not result.passed, result
-    thread.join()
-    server.close()
-    assert received == []
-
-
-def test_sandbox_code_cannot_run_commands_or_delete_files(tmp_path: Path) -> None:
-    victim = tmp_path / "keep.txt"
-    victim.write_text("still here")
-    for code in (f"import os\nos.remove({str(victim)!r})", f"import shutil\nshutil.rmtree({str(tmp_path)!r})",
-                 "import os\nos.system('true')", "import subprocess\nsubprocess.run(['true'])"):
-        assert not run_program(code).passed, code
-    assert victim.read_text() == "still here"
-
-
-def test_humaneval_scores_the_reference_solutions_as_passing_and_a_wrong_one_as_failing() -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("humaneval_utils", TASK_DIR / "humaneval_utils.py")
-    utils = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(utils)
-    problems = humaneval(3)
-    assert len(problems) == 3
-    for doc in problems:
-        assert utils.process_results(doc, [doc["canonical_solution"]]) == {"pass@1": 1.0}, doc["task_id"]
-        assert utils.process_results(doc, ["    return None\n"]) == {"pass@1": 0.0}, doc["task_id"]
-    loop = utils.process_results(problems[0], ["    while True:\n        pass\n"])
-    assert loop == {"pass@1": 0.0}
 
 
 # ---------------------------------------------------------------------------------------------
