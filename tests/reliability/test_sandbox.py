@@ -68,7 +68,8 @@ def test_humaneval_outcomes_are_those_of_the_runner_before_bubblewrap() -> None:
     cases.append((problems[0], "loop", "    while True:\n        pass\n"))
     for doc, kind, completion in cases:
         program = utils.program(doc, completion)
-        results = {box: run_program(program, timeout=1.0, sandbox=box) for box in (BWRAP, UNSAFE)}
+        timeout = 1.0 if kind == "loop" else utils.TIMEOUT_S
+        results = {box: run_program(program, timeout=timeout, sandbox=box) for box in (BWRAP, UNSAFE)}
         assert results[BWRAP].passed == (kind == "reference"), (doc["task_id"], kind, results)
         assert results[BWRAP].outcome == results[UNSAFE].outcome, (doc["task_id"], kind, results)
     # and through the task's own hook, as lm-eval calls it
@@ -79,7 +80,8 @@ def test_humaneval_outcomes_are_those_of_the_runner_before_bubblewrap() -> None:
 @needs_sandbox
 def test_sleeping_forever_is_stopped_and_leaves_no_process() -> None:
     """The program names itself (its `comm`), ignores the polite signals and sleeps: it is seen
-    running, then stopped at the timeout, and no process of that name is left on the machine."""
+    running, then stopped at the timeout, and no process of that name is left on the machine (the
+    kernel ends a PID namespace's processes as its first one exits: within moments, not at once)."""
     marker = f"sbx{os.urandom(5).hex()}"  # a comm holds 15 characters
     code = (f"import ctypes, signal, time\nctypes.CDLL(None).prctl(15, b'{marker}', 0, 0, 0)\n"
             "for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):\n    signal.signal(s, signal.SIG_IGN)\n"
@@ -95,11 +97,14 @@ def test_sleeping_forever_is_stopped_and_leaves_no_process() -> None:
     watcher = threading.Thread(target=watch)
     watcher.start()
     started = time.perf_counter()
-    result = run_program(code, timeout=2.0)
+    result = run_program(code, timeout=3.0)
     done.set()
     watcher.join()
-    assert result.outcome == "timeout" and time.perf_counter() - started < 6
+    assert result.outcome == "timeout" and time.perf_counter() - started < 10  # nothing held it up
     assert seen, "the sleeping program was never seen running"
+    deadline = time.monotonic() + 10
+    while named(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert named(marker) == []
 
 
@@ -128,10 +133,23 @@ def test_filling_the_disk_stops_at_the_programs_own_folder() -> None:
             "    for where in ('.', '/tmp'):\n"
             "        with open(os.path.join(where, f'f{i}'), 'wb') as f:\n            f.write(b'x' * 2 ** 20)\n"
             "        i += 1\n")
-    started = time.perf_counter()
     result = run_program(code, timeout=20.0)
     assert not result.passed and "No space left on device" in result.detail, result
-    assert time.perf_counter() - started < 20
+
+
+@needs_sandbox
+def test_flooding_its_output_stops_at_the_file_size_limit() -> None:
+    """Its stderr is a file under its RLIMIT_FSIZE, not a pipe this process reads whole: a flood
+    ends at that limit (it fails; the timeout would say `timeout`)."""
+    result = run_program("import sys\nwhile True:\n    sys.stderr.write('x' * 2 ** 20)\n", timeout=30.0)
+    assert result.outcome == "failed", result
+
+
+@needs_sandbox
+def test_its_limits_cannot_be_raised() -> None:
+    for limit in ("RLIMIT_AS", "RLIMIT_FSIZE", "RLIMIT_CPU", "RLIMIT_CORE"):
+        result = run_program(f"import resource\nresource.setrlimit(resource.{limit}, (2 ** 40, 2 ** 40))")
+        assert not result.passed, (limit, result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,8 +273,8 @@ def test_a_server_on_loopback_receives_nothing() -> None:
 
 @needs_sandbox
 def test_a_fork_bomb_fails_at_its_first_fork() -> None:
-    """Processes are refused, not merely limited: every way to make one fails at once, well
-    before the timeout."""
+    """Processes are refused, not merely limited: every way to make one fails at once (it fails;
+    the timeout would say `timeout`)."""
     bombs = [
         "import importlib, os\nimportlib.reload(os)\nwhile True:\n    os.fork()",
         "import ctypes\nlibc = ctypes.CDLL(None)\nwhile True:\n    assert libc.fork() >= 0",
@@ -265,9 +283,8 @@ def test_a_fork_bomb_fails_at_its_first_fork() -> None:
         "import ctypes\nlibc = ctypes.CDLL(None)\nassert libc.unshare(0x10000000) == 0",  # a user namespace
     ]
     for code in bombs:
-        started = time.perf_counter()
         result = run_program(code, timeout=5.0)
-        assert result.outcome == "failed" and time.perf_counter() - started < 4, (code, result)
+        assert result.outcome == "failed", (code, result)
     # threads are no processes: a program may still use them
     assert run_program("import threading\nt = threading.Thread(target=print)\nt.start()\nt.join()").passed
 
