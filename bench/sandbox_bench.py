@@ -9,7 +9,8 @@ the same limits and preamble in a network namespace: the only runner before bubb
 alternate which goes first from one program to the next, so that a busy machine slows both alike.
 
 Prints the wall time per program of each (median, mean, 90th percentile), the paired difference
-and ratio, and how many programs end with the same outcome under both (the goal: all of them).
+and ratio, how many programs end with the same outcome under both (the goal: all of them), and
+the one-off probe a process makes before its first sandboxed program.
 
     python -m bench.sandbox_bench [--limit 164] [--out bench/out]
 """
@@ -48,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="first N problems (default: all 164)")
     ap.add_argument("--out", type=Path, default=None, help="folder for sandbox_bench.json")
     args = ap.parse_args(argv)
-    reason = sandbox.unavailable()  # also starts bubblewrap once, outside the timings
+    started = time.perf_counter()
+    reason = sandbox.unavailable()  # the one-off probe of a process: a sandboxed `pass`
+    probe = time.perf_counter() - started
     if reason:
         raise SystemExit(f"no sandbox here: {reason}")
     utils = task_utils()
@@ -74,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "p90": 1000 * percentile(v, 0.9)} for box, v in seconds.items()},
         "bwrap_minus_old_ms": {"median": 1000 * statistics.median(diffs), "mean": 1000 * statistics.mean(diffs)},
         "ratio_of_medians": statistics.median(new) / statistics.median(old),
+        "probe_ms": 1000 * probe,
         "same_outcome": same,
         "passed": {box: v.count("passed") for box, v in outcomes.items()},
         "outcomes": {box: {o: v.count(o) for o in sorted(set(v))} for box, v in outcomes.items()},
@@ -86,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {box} | {t['median']:.0f} | {t['mean']:.0f} | {t['p90']:.0f} | {report['passed'][box]} |")
     print(f"bwrap - old per program: median {report['bwrap_minus_old_ms']['median']:+.0f} ms, "
           f"mean {report['bwrap_minus_old_ms']['mean']:+.0f} ms; ratio of medians {report['ratio_of_medians']:.2f}; "
-          f"same outcome {same} of {len(old)}; outcomes {report['outcomes']}")
+          f"same outcome {same} of {len(old)}; outcomes {report['outcomes']}; "
+          f"the probe (once per process) {report['probe_ms']:.0f} ms")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "sandbox_bench.json").write_text(json.dumps(report, indent=2))
