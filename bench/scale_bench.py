@@ -22,10 +22,15 @@ runs it), with the `data` section set per run:
 
 Reports per run and stage: wall seconds, peak memory of the stage's process tree (its RSS and
 its workers', sampled every 0.1 s; Ray's workers are not the stage's children, so a Ray run's
-figure is its driver's only), and MB/s of JSONL input over the three stages.
+figure is its driver's only), and MB/s of JSONL input over the three stages. Right after the
+first run, on the same corpus and with as many workers: datatrove's own quality filters
+(GopherRepetitionFilter, GopherQualityFilter, C4QualityFilter between a JsonlReader and a
+JsonlWriter, LocalPipelineExecutor with one task per worker; a regex word tokenizer, as in
+`bench/dedup_bench.py`, since its default needs spaCy), and clean's MB/s per core against theirs.
 
 Goals (issue 12): peak memory at 4x within 1.5x of 1x; time at 4x within 4.6x of 1x; at least
-1 MB/s on 2 cores; 2 workers at least 1.8x the throughput of 1.
+1 MB/s on 2 cores; 2 workers at least 1.8x the throughput of 1. Issue 25: clean at least 1.2 MB/s
+per core and 4x datatrove's filters per core; collect -> clean -> dedup at least 2 MB/s on 2 cores.
 
     python -m bench.scale_bench [--mb 50] [--scale 4] [--workers 2] [--ray] [--out bench/out/scale]
 """
@@ -33,6 +38,7 @@ Goals (issue 12): peak memory at 4x within 1.5x of 1x; time at 4x within 4.6x of
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import os
@@ -154,6 +160,50 @@ def measure(name: str, corpus: Path | None, data: dict[str, Any], out: Path) -> 
             "files": snapshot(work)}
 
 
+def datatrove_filters(corpus: Path, out: Path, workers: int) -> dict[str, Any]:
+    """datatrove's quality filters over `corpus` (split into one JSONL file per task, untimed):
+    wall seconds, documents kept, MB/s per core."""
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.filters import C4QualityFilter, GopherQualityFilter, GopherRepetitionFilter
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers.jsonl import JsonlWriter
+
+    from bench.dedup_bench import datatrove_tokenizer, prepare_datatrove, stderr_to
+
+    prepare_datatrove()
+    work = out / "datatrove"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "input").mkdir(parents=True)
+    files = [(work / "input" / f"{k:02d}.jsonl").open("w", encoding="utf-8") for k in range(workers)]
+    with corpus.open(encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            files[i % workers].write(line)
+    for f in files:
+        f.close()
+    tok = datatrove_tokenizer()
+    pipeline = [JsonlReader(str(work / "input")), GopherRepetitionFilter(language=tok),
+                GopherQualityFilter(language=tok), C4QualityFilter(language=tok), JsonlWriter(str(work / "output"))]
+    started = time.perf_counter()
+    with stderr_to(work / "stderr.log"):
+        LocalPipelineExecutor(pipeline=pipeline, tasks=workers, workers=workers, logging_dir=str(work / "logs")).run()
+    seconds = time.perf_counter() - started
+    kept = 0
+    for path in (work / "output").glob("*.jsonl.gz"):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            kept += sum(1 for _ in f)
+    mb = corpus.stat().st_size / 1e6
+    shutil.rmtree(work / "input")
+    return {"seconds": round(seconds, 1), "kept": kept, "workers": workers,
+            "mb_per_s_per_core": round(mb / seconds / workers, 3)}
+
+
+def versus(run: dict[str, Any], filters: dict[str, Any]) -> dict[str, Any]:
+    """Clean's MB/s per core (its stage process, all of it) beside datatrove's filters'."""
+    per_core = run["corpus_mb"] / run["stages"]["clean"]["seconds"] / filters["workers"]
+    return {"clean_mb_per_s_per_core": round(per_core, 3), "datatrove_filters": filters,
+            "clean_vs_datatrove_per_core": round(per_core / filters["mb_per_s_per_core"], 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, default=50)
@@ -164,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the 1x corpus with --workers (for a corpus as large as memory allows: --mb 2000)")
     ap.add_argument("--demo", action="store_true",
                     help="only the demo's own corpus (params.yaml's sources), local against ray")
+    ap.add_argument("--no-datatrove", action="store_true", help="leave out datatrove's quality filters")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/scale")
     args = ap.parse_args(argv)
@@ -183,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         n = write_corpus(corpus, args.mb, args.seed, pools)
         print(f"corpus: {corpus.stat().st_size / 1e6:.1f} MB, {n} documents", flush=True)
         run = measure(f"{args.mb:g}mb-local", corpus, local, args.out)
+        if not args.no_datatrove:
+            run["clean_vs_datatrove"] = versus(run, datatrove_filters(corpus, args.out, args.workers))
         corpus.unlink()
         (args.out / f"scale-{args.mb:g}mb.json").write_text(json.dumps(
             {key: v for key, v in run.items() if key != "files"}, indent=2) + "\n")
@@ -194,8 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         n = write_corpus(corpora[label], mb, args.seed, pools)
         print(f"corpus {label}: {corpora[label].stat().st_size / 1e6:.1f} MB, {n} documents", flush=True)
 
+    first = measure("1x-local", corpora["1x"], local, args.out)
+    if not args.no_datatrove:
+        first["clean_vs_datatrove"] = versus(first, datatrove_filters(corpora["1x"], args.out, args.workers))
     runs = {
-        f"1x, {args.workers} workers": measure("1x-local", corpora["1x"], local, args.out),
+        f"1x, {args.workers} workers": first,
         f"{args.scale}x, {args.workers} workers": measure(f"{args.scale}x-local", corpora[f"{args.scale}x"],
                                                           local, args.out),
         "1x, 1 worker": measure("1x-one", corpora["1x"], {**local, "workers": 1}, args.out),
@@ -214,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.ray:
         result["same_output_ray"] = runs["1x, ray"]["files"] == one["files"]
+    if "clean_vs_datatrove" in one:
+        result["clean_vs_datatrove"] = one["clean_vs_datatrove"]
     (args.out / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
     for name, r in result["runs"].items():
