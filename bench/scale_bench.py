@@ -16,6 +16,11 @@ runs it), with the `data` section set per run:
 - with `--demo`: only the demo's own corpus (the sources of params.yaml), local against ray: the
   Ray executor's overhead where the data is small;
 - with `--one`: only the first run, on a corpus of `--mb` (`--mb 2000`: the 2 GB corpus);
+- with `--dedup-step COPIES`: only dedup's step over all shards (`stages.dedup.dedup_kind`), on
+  real sketches made many: `--mb` of corpus collected and sketched once, then its shards (and their
+  sketches: digests and band keys XORed with a constant per copy, so copies never collide, and ids
+  renamed) laid down COPIES times; the step runs in a child process whose peak RSS above what it
+  held before the step, per record, is the step's cost, at COPIES and at a quarter of it;
 - with `--ray`: the same on 1x with `data.executor: ray` (a Ray started by each stage on this
   machine, as a user without a cluster gets it), and whether every output file is byte-identical
   to the local run's.
@@ -33,6 +38,7 @@ Goals (issue 12): peak memory at 4x within 1.5x of 1x; time at 4x within 4.6x of
 per core and 4x datatrove's filters per core; collect -> clean -> dedup at least 2 MB/s on 2 cores.
 
     python -m bench.scale_bench [--mb 50] [--scale 4] [--workers 2] [--ray] [--out bench/out/scale]
+    python -m bench.scale_bench --dedup-step 200 --mb 10    # the step at 660k records
 """
 
 from __future__ import annotations
@@ -204,6 +210,98 @@ def versus(run: dict[str, Any], filters: dict[str, Any]) -> dict[str, Any]:
             "clean_vs_datatrove_per_core": round(per_core / filters["mb_per_s_per_core"], 2)}
 
 
+STEP = """
+import json, resource, sys, threading, time
+from pathlib import Path
+from stages.common.config import load_section, read_yaml
+from stages.common.shards import ShardTask
+from stages.dedup import DedupConfig, dedup_kind
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+
+work, n = Path(sys.argv[1]), int(sys.argv[2])
+cfg = load_section(DedupConfig, "dedup", read_yaml(Path("params.yaml")))
+tasks = [ShardTask("corpus", i, work / "src" / "corpus" / f"part-{i:05d}.parquet", work / "parts") for i in range(n)]
+dedup_kind("corpus", tasks[:2], cfg)  # the libraries' code and tables loaded before the count starts
+before = peak = rss()
+running = True
+
+def watch():
+    global peak
+    while running:
+        peak = max(peak, rss())
+        time.sleep(0.01)
+
+watcher = threading.Thread(target=watch)
+watcher.start()
+started = time.perf_counter()
+result = dedup_kind("corpus", tasks, cfg)
+seconds = time.perf_counter() - started
+running = False
+watcher.join()
+print(json.dumps({"before": before, "peak": peak, "seconds": seconds, "docs": result.tally.docs_in,
+                  "dropped": dict(result.tally.dropped)}))
+"""
+
+
+def dedup_step(mb: float, copies: int, seed: int, pools: dict[str, list[str]], out: Path) -> dict[str, Any]:
+    """Peak memory of dedup's step over all shards on `copies` copies of a sketched corpus of `mb`
+    (and on a quarter as many), per record."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages.common.config import load_section, read_yaml
+    from stages.common.shards import ShardTask, shard_paths
+    from stages.dedup import DedupConfig, _keys_path, sketch_shard
+
+    work = out / "dedup-step"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    corpus = work / "corpus.jsonl"
+    write_corpus(corpus, mb, seed, pools)
+    params = params_for(work, corpus, {"executor": "local", "workers": 1, "ray_address": None})
+    run_stage("collect", params, work / "log.txt")
+    cfg = load_section(DedupConfig, "dedup", read_yaml(ROOT / "params.yaml"))
+    shards = shard_paths(work / "data" / "raw", "corpus")
+    sketches = []
+    for i, src in enumerate(shards):
+        task = ShardTask("corpus", i, src, work / "sketched")
+        sketch_shard(task, cfg)
+        npz = task.out("sketch").with_suffix(".npz")
+        sketches.append((pq.read_table(src), dict(np.load(npz)), np.load(_keys_path(npz))))
+    rows = []
+    for n_copies in (max(copies // 4, 1), copies):
+        at = work / f"x{n_copies}"
+        shutil.rmtree(at, ignore_errors=True)
+        rng = np.random.default_rng(seed)
+        k = 0
+        for c in range(n_copies):
+            salt = rng.integers(1, 2**63, 3, dtype=np.uint64)
+            for table, arrays, keys in sketches:
+                task = ShardTask("corpus", k, at / "src" / "corpus" / f"part-{k:05d}.parquet", at / "parts")
+                task.source.parent.mkdir(parents=True, exist_ok=True)
+                ids = pa.array([f"{i}-{c}" for i in table.column("id").to_pylist()], pa.string())
+                pq.write_table(table.set_column(table.schema.get_field_index("id"), "id", ids), task.source)
+                npz = task.out("sketch").with_suffix(".npz")
+                npz.parent.mkdir(parents=True, exist_ok=True)
+                digests = (arrays["digests"].view(np.uint64) ^ salt[:2]).view(np.uint8)
+                np.savez(npz, **{**arrays, "digests": digests})
+                np.save(_keys_path(npz), keys ^ salt[2])
+                k += 1
+        done = subprocess.run([sys.executable, "-c", STEP, str(at), str(k)], cwd=ROOT, capture_output=True,
+                              text=True, check=True)
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        shutil.rmtree(at)
+        print(f"dedup step on {rows[-1]['docs']} records: {rows[-1]}", flush=True)
+    small, big = rows
+    per_doc = (big["peak"] - big["before"] - (small["peak"] - small["before"])) / (big["docs"] - small["docs"])
+    step = big["peak"] - big["before"]
+    return {"runs": rows, "bytes_per_doc": round(per_doc, 1), "bytes_per_doc_whole": round(step / big["docs"], 1),
+            "docs_in_24_gb": int((24e9 - big["before"]) / per_doc)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, default=50)
@@ -214,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the 1x corpus with --workers (for a corpus as large as memory allows: --mb 2000)")
     ap.add_argument("--demo", action="store_true",
                     help="only the demo's own corpus (params.yaml's sources), local against ray")
+    ap.add_argument("--dedup-step", type=int, default=0, metavar="COPIES",
+                    help="only dedup's step over all shards, on COPIES copies of a sketched corpus of --mb")
     ap.add_argument("--no-datatrove", action="store_true", help="leave out datatrove's quality filters")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/scale")
@@ -221,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     pools = paragraphs(args.seed)
+    if args.dedup_step:
+        result = dedup_step(args.mb, args.dedup_step, args.seed, pools, args.out)
+        (args.out / "dedup-step.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return 0
     local = {"executor": "local", "workers": args.workers, "ray_address": None}
     if args.demo:
         runs = {"demo, local": measure("demo-local", None, local, args.out),

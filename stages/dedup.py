@@ -269,13 +269,12 @@ def filter_shard(task: ShardTask, plan: Plan) -> dict[str, Any]:
 @dataclass
 class KindResult:
     """Step 2's answer for one kind: its duplicates (positions in the kind's records, shard after
-    shard), their tally, the LSH figures, and the records' ids and shard starts to name them."""
+    shard), their tally, the LSH figures, and where to read a record's id."""
 
     duplicates: list[Duplicate]
     tally: Tally
     stats: dict[str, Any]
-    ids: Any
-    """The records' ids (an Arrow string array)."""
+    tasks: list[ShardTask]
     starts: Any
     """Position of each shard's first record (numpy), for `where`."""
 
@@ -286,94 +285,137 @@ class KindResult:
         shard = int(np.searchsorted(self.starts, i, side="right")) - 1
         return shard, i - int(self.starts[shard])
 
+    def ids(self, records: Any) -> list[str]:
+        """The ids of `records` (positions), read from their shards."""
+        return [str(v) for v in _column(self.tasks, self.starts, records, "id")]
 
-def dedup_kind(kind: str, tasks: list[ShardTask], cfg: DedupConfig) -> KindResult:
-    """Step 2, one kind: the survivors of all its shards, as `dedup_texts` picks them, from the
-    shards' sketches. Every per-record value is a column (numpy, Arrow), so a record costs tens of
-    bytes here, not a Python object's hundreds."""
+
+def _column(tasks: list[ShardTask], starts: Any, records: Any, name: str) -> list[Any]:
+    """Column `name` of `records` (positions in the kind, shard after shard), in their order,
+    reading only the shards that hold them."""
+    import numpy as np
+
+    records = np.asarray(records, np.int64)
+    out: list[Any] = [None] * records.size
+    shard_of = np.searchsorted(starts, records, side="right") - 1
+    for s in np.unique(shard_of).tolist():
+        at = np.flatnonzero(shard_of == s)
+        values = read_shard(tasks[s].source, columns=[name]).column(name).take((records[at] - starts[s]).tolist())
+        for k, v in zip(at.tolist(), values.to_pylist()):
+            out[k] = v
+    return out
+
+
+def _rank(tasks: list[ShardTask], starts: Any, lengths: Any, records: Any) -> Any:
+    """`records` (positions) in the order `dedup_texts` ranks them: longest normalized text first,
+    then the smallest id, then the earliest position (where `dedup_texts` compares raw text: ids
+    are unique after collect)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
+
+    records = np.asarray(records, np.int64)
+    table = pa.table({"length": lengths[records], "id": pa.array(_column(tasks, starts, records, "id"), pa.string()),
+                      "at": records})
+    order = pc.sort_indices(table, sort_keys=[("length", "descending"), ("id", "ascending"), ("at", "ascending")])
+    return records[order.to_numpy()]
+
+
+def dedup_kind(kind: str, tasks: list[ShardTask], cfg: DedupConfig) -> KindResult:
+    """Step 2, one kind: the survivors of all its shards, as `dedup_texts` picks them, from the
+    shards' sketches. Only records that share a digest or a band key are ranked (ids read for
+    them alone: rank decides nothing elsewhere), and every per-record value is a numpy column, so
+    a record costs tens of bytes here, not a Python object's hundreds."""
+    import numpy as np
 
     files = [t.out("sketch").with_suffix(".npz") for t in tasks]
     per_shard = [np.load(f)["lengths"] for f in files]
     lengths = np.concatenate(per_shard) if files else np.zeros(0, np.int32)
     starts = np.cumsum([0] + [x.size for x in per_shard[:-1]]).astype(np.int64)
     del per_shard
-    ids = pa.concat_arrays([read_shard(t.source, columns=["id"]).column("id").combine_chunks().cast(pa.string())
-                            for t in tasks]) if tasks else pa.array([], pa.string())
     n_docs = len(lengths)
-    # Ranked as dedup_texts ranks: longest first, then the smallest id (unique after collect),
-    # then input position where dedup_texts compares raw text (Arrow's sort is stable).
-    order = pc.sort_indices(pa.table({"length": lengths, "id": ids}),
-                            sort_keys=[("length", "descending"), ("id", "ascending")]).to_numpy().astype(np.int64)
-    digests = np.concatenate([np.load(f)["digests"] for f in files]) if files else np.zeros((0, 16), np.uint8)
-    ranked = digests[order].view(np.dtype([("hi", "<u8"), ("lo", "<u8")])).ravel()
+    # Exact: records with equal digests, each group's best-ranked record survives.
+    digests = (np.concatenate([np.load(f)["digests"] for f in files]) if files
+               else np.zeros((0, 16), np.uint8)).view("<u8").reshape(n_docs, 2)
+    order = np.lexsort((digests[:, 1], digests[:, 0]))
+    ordered = digests[order]
     del digests
-    _, first, inverse = np.unique(ranked, return_index=True, return_inverse=True)  # first seen in rank order
-    del ranked
-    survivor_rank = first[inverse.ravel()]
-    del first, inverse
-    exact = np.flatnonzero(survivor_rank != np.arange(n_docs))
-    duplicates = [Duplicate(i, EXACT, s, 1.0) for i, s in zip(order[exact].tolist(),
-                                                              order[survivor_rank[exact]].tolist())]
-    uniq = order[survivor_rank == np.arange(n_docs)]  # the exact survivors, in rank order
-    del survivor_rank, order
+    same = (ordered[1:] == ordered[:-1]).all(axis=1)  # record k+1 (in digest order) repeats record k
+    del ordered
+    grouped = np.zeros(n_docs, bool)
+    grouped[1:] |= same
+    grouped[:-1] |= same
+    group = np.cumsum(np.concatenate(([True], ~same)))[grouped]  # a group number per grouped record
+    members = order[grouped]
+    del order, same, grouped
+    duplicates: list[Duplicate] = []
+    dropped = np.zeros(n_docs, bool)
+    if members.size:
+        ranked = _rank(tasks, starts, lengths, members)
+        rank_of = {int(r): k for k, r in enumerate(ranked.tolist())}
+        by_group: dict[int, list[int]] = {}
+        for g, r in sorted(zip(group.tolist(), members.tolist()), key=lambda x: (x[0], rank_of[x[1]])):
+            by_group.setdefault(g, []).append(r)
+        for best, *rest in by_group.values():
+            duplicates += [Duplicate(r, EXACT, best, 1.0) for r in rest]
+            dropped[rest] = True
     stats: dict[str, Any] = {}
-    if cfg.near and kind == "corpus" and len(uniq) > 1:
-        found, stats = _near(uniq, tasks, files, cfg)
-        duplicates += [Duplicate(int(uniq[i]), NEAR, int(uniq[root]), similarity) for i, root, similarity in found]
-    return KindResult(duplicates, _tally(n_docs, duplicates), stats, ids, starts)
+    if cfg.near and kind == "corpus" and n_docs - len(duplicates) > 1:
+        found, stats = _near(np.flatnonzero(~dropped), lengths, tasks, starts, files, cfg)
+        duplicates += [Duplicate(i, NEAR, root, similarity) for i, root, similarity in found]
+    return KindResult(duplicates, _tally(n_docs, duplicates), stats, tasks, starts)
 
 
-def _near(uniq: Any, tasks: list[ShardTask], files: list[Path],
+def _near(survivors: Any, lengths: Any, tasks: list[ShardTask], starts: Any, files: list[Path],
           cfg: DedupConfig) -> tuple[list[tuple[int, int, float]], dict[str, Any]]:
-    """`near_duplicates` over the exact survivors `uniq` (positions in rank order), from the
-    shards' band keys: the LSH buckets band by band (one band of every record in memory at a
-    time), each candidate pair verified by exact Jaccard, groups by connected components. Only the
-    candidates are shingled again, from their shards' text."""
+    """`near_duplicates` over the exact survivors (positions), from the shards' band keys: the LSH
+    buckets band by band (one band of every record in memory at a time); the records in a bucket
+    with another are ranked, shingled again from their shards' text, each candidate pair verified
+    by exact Jaccard, groups by connected components (the best-ranked record of each survives)."""
     import numpy as np
 
     bands, rows = lsh_bands(cfg.threshold, cfg.num_perm)
     counts = [np.load(f)["counts"] for f in files]
     has = np.concatenate(counts) > 0
     key_row = np.cumsum(has, dtype=np.int64) - 1  # a record's row among those with shingles
-    with_shingles = np.flatnonzero(has[uniq])  # rank positions of the survivors that have shingles
-    rows_of = key_row[uniq[with_shingles]]
+    banded = survivors[has[survivors]]  # survivors that have shingles (a text without words has none)
+    rows_of = key_row[banded]
     del key_row, has
     keys = [np.load(_keys_path(f), mmap_mode="r") for f in files]
     found = [pairs_in_band(np.concatenate([k[b] for k in keys])[rows_of], cfg.max_bucket) for b in range(bands)]
     del keys, rows_of
-    pairs = with_shingles[unique_pairs(found, with_shingles.size)]
-    # The shingle sets of the candidates, one shard at a time.
-    starts = np.cumsum([0] + [c.size for c in counts])
+    pairs = banded[unique_pairs(found, banded.size)]
+    del banded
+    # The candidates in rank order: pairs and groups over rank positions, as near_duplicates has them.
+    ranked = _rank(tasks, starts, lengths, np.unique(pairs))
+    rank_of = np.argsort(ranked)  # the rank of each candidate, candidates in position order
+    pairs = rank_of[np.searchsorted(np.sort(ranked), pairs)] if pairs.size else pairs
+    pairs = unique_pairs([pairs], max(ranked.size, 1))
+    # The candidates' shingle sets, one shard at a time.
     sets: dict[int, Any] = {}
-    needed = np.unique(pairs)
-    shard_of = np.searchsorted(starts, uniq[needed], side="right") - 1
+    shard_of = np.searchsorted(starts, ranked, side="right") - 1
     for s in np.unique(shard_of).tolist():
-        ranks = needed[shard_of == s]
-        at = (uniq[ranks] - starts[s]).tolist()
-        texts = read_shard(tasks[s].source).take(at).to_pylist()
-        shingles, sizes = shingle_texts(normalize_all([record_text(tasks[s].kind, r) for r in texts]),
+        at = np.flatnonzero(shard_of == s)
+        records = read_shard(tasks[s].source).take((ranked[at] - starts[s]).tolist()).to_pylist()
+        shingles, sizes = shingle_texts(normalize_all([record_text(tasks[s].kind, r) for r in records]),
                                         cfg.word_ngram, cfg.char_ngram, cfg.cjk_share)
-        for r, part in zip(ranks.tolist(), np.split(shingles, np.cumsum(sizes)[:-1])):
+        for r, part in zip(at.tolist(), np.split(shingles, np.cumsum(sizes)[:-1])):
             sets[r] = np.unique(part)
-    dropped, checked, confirmed = verify(pairs, sets.__getitem__, len(uniq), cfg.verify_threshold)
-    return dropped, {"bands": bands, "rows": rows, "lsh_flagged": int(needed.size),
-                     "candidate_pairs": int(len(pairs)), "checked_pairs": checked, "confirmed_pairs": confirmed}
+    dropped, checked, confirmed = verify(pairs, sets.__getitem__, ranked.size, cfg.verify_threshold)
+    named = [(int(ranked[i]), int(ranked[root]), similarity) for i, root, similarity in dropped]
+    return named, {"bands": bands, "rows": rows, "lsh_flagged": int(ranked.size),
+                   "candidate_pairs": int(len(pairs)), "checked_pairs": checked, "confirmed_pairs": confirmed}
 
 
 def one_shard(kind: str, task: ShardTask, cfg: DedupConfig) -> KindResult:
     """Step 2 for a kind of one shard: `dedup_texts` over it in this process (no sketch to write
     and read back; rensa's LSH index flags the documents whose signatures are read back)."""
     import numpy as np
-    import pyarrow as pa
 
     records = read_shard(task.source).to_pylist()
     ids = [str(r["id"]) for r in records]
     result = dedup_texts([record_text(kind, r) for r in records], ids, cfg, near=cfg.near and kind == "corpus")
-    return KindResult(result.duplicates, result.tally, result.stats, pa.array(ids, pa.string()),
-                      np.zeros(1, np.int64))
+    return KindResult(result.duplicates, result.tally, result.stats, [task], np.zeros(1, np.int64))
 
 
 def run(cfg: DedupConfig, paths: Paths, data: DataConfig) -> dict[str, Any]:
@@ -399,7 +441,8 @@ def run(cfg: DedupConfig, paths: Paths, data: DataConfig) -> dict[str, Any]:
             drop.setdefault(f"{kind}/{shard}", []).append(pos)
         total.merge(result.tally)
         kinds[kind] = {**result.tally.as_metrics(), **result.stats}
-        named = [(d.reason != NEAR, result.ids[d.index].as_py(), d) for d in result.duplicates]
+        named = zip((d.reason != NEAR for d in result.duplicates), result.ids([d.index for d in result.duplicates]),
+                    result.duplicates)
         shown = [d for *_, d in sorted(named, key=lambda x: x[:2])][: cfg.samples - len(chosen)]
         chosen += [(kind, d, result) for d in shown]
         log.info("dedup %s: %d in, %d out, dropped %s", kind, result.tally.docs_in, result.tally.docs_out,
@@ -423,8 +466,8 @@ def run(cfg: DedupConfig, paths: Paths, data: DataConfig) -> dict[str, Any]:
         return texts[f"{kind}/{shard}"][str(pos)]
 
     write_jsonl(report / "samples_dropped.jsonl", [
-        {"kind": kind, "id": result.ids[d.index].as_py(), "reason": d.reason,
-         "duplicate_of": result.ids[d.survivor].as_py(), "similarity": d.similarity,
+        {"kind": kind, "id": result.ids([d.index])[0], "reason": d.reason,
+         "duplicate_of": result.ids([d.survivor])[0], "similarity": d.similarity,
          "text": text(kind, result, d.index), "survivor_text": text(kind, result, d.survivor)}
         for kind, d, result in chosen])
     seconds = time.perf_counter() - started
