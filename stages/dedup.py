@@ -238,6 +238,19 @@ def _keys_path(sketch: Path) -> Path:
     return sketch.with_suffix(".keys.npy")
 
 
+def _band(path: Path, band: int) -> Any:
+    """Row `band` of the band keys at `path`, read from the file (not mapped: a mapped file's
+    pages would stay resident)."""
+    import numpy as np
+
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        f.seek(band * shape[1] * dtype.itemsize, 1)
+        return np.fromfile(f, dtype, count=shape[1])
+
+
 def _digest(norm: str) -> bytes:
     return hashlib.blake2b(norm.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
@@ -381,9 +394,9 @@ def _near(survivors: Any, lengths: Any, tasks: list[ShardTask], starts: Any, fil
     banded = survivors[has[survivors]]  # survivors that have shingles (a text without words has none)
     rows_of = key_row[banded]
     del key_row, has
-    keys = [np.load(_keys_path(f), mmap_mode="r") for f in files]
-    found = [pairs_in_band(np.concatenate([k[b] for k in keys])[rows_of], cfg.max_bucket) for b in range(bands)]
-    del keys, rows_of
+    found = [pairs_in_band(np.concatenate([_band(_keys_path(f), b) for f in files])[rows_of], cfg.max_bucket)
+             for b in range(bands)]
+    del rows_of
     pairs = banded[unique_pairs(found, banded.size)]
     del banded
     # The candidates in rank order: pairs and groups over rank positions, as near_duplicates has them.
