@@ -12,10 +12,12 @@ connected components of the verified pairs (union-find). The survivor of a group
 record, ties to the smallest id, so the output does not depend on input order.
 
 The stage runs in three steps on the shards of `data/decontam/`, by the `data` section's executor:
-each shard's digests, shingles and LSH band keys in parallel; then, for all shards at once, exact
-duplicates by digest and the LSH buckets of every band, with only the candidates' shingles loaded
-to verify them; then each shard written less its duplicates, in parallel. The kept set is the one
-`dedup_texts` (one process, one list: the reference the tests compare with) picks. Writes
+each shard's digests and LSH band keys in parallel; then, for all shards at once, exact duplicates
+by digest and the LSH buckets of every band, one band at a time, with only the candidates shingled
+again to verify them (every per-record value a numpy or Arrow column: tens of bytes a record);
+then each shard written less its duplicates, in parallel. A kind of one shard skips the first
+step: the second runs `dedup_texts` over it (the reference the tests compare the shards with:
+one process, one list). Writes
 `reports/dedup/samples_dropped.jsonl`: dropped records with the id of the survivor they duplicate
 and their measured similarity to it.
 
@@ -31,6 +33,7 @@ import shutil
 import sys
 import time
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +42,15 @@ from pydantic import Field, model_validator
 
 from stages.common.config import Paths, StageConfig
 from stages.common.io import KINDS, Tally, atomic_dir, record_text, write_jsonl
-from stages.common.minhash import lsh_bands, near_duplicates, pairs_from_keys, signatures, verify
+from stages.common.minhash import (
+    lsh_bands,
+    near_duplicates,
+    pairs_in_band,
+    shingle_texts,
+    signatures,
+    unique_pairs,
+    verify,
+)
 from stages.common.runner import run_stage
 from stages.common.shards import (
     DataConfig,
@@ -49,6 +60,7 @@ from stages.common.shards import (
     read_shard,
     run_shards,
     tasks_for,
+    write_array,
     write_arrays,
     write_table,
 )
@@ -185,31 +197,58 @@ def dedup_texts(texts: list[str], ids: list[str], cfg: DedupConfig, near: bool) 
 
 def _result(n_docs: int, duplicates: list[Duplicate], stats: dict[str, Any]) -> DedupResult:
     """The kept flags and the tally of `n_docs` records less `duplicates`."""
-    tally = Tally()
-    tally.docs_in = n_docs
     keep = [True] * n_docs
     for d in duplicates:
         keep[d.index] = False
+    return DedupResult(keep=keep, duplicates=duplicates, tally=_tally(n_docs, duplicates), stats=stats)
+
+
+def _tally(n_docs: int, duplicates: list[Duplicate]) -> Tally:
+    tally = Tally()
+    tally.docs_in = n_docs
+    for d in duplicates:
         tally.drop(d.reason)
-    tally.docs_out = sum(keep)
-    return DedupResult(keep=keep, duplicates=duplicates, tally=tally, stats=stats)
+    tally.docs_out = n_docs - len(duplicates)
+    return tally
 
 
 # --- the stage: the same, shard by shard ------------------------------------------------------
 
 
 def sketch_shard(task: ShardTask, cfg: DedupConfig) -> dict[str, Any]:
-    """Step 1, one shard: each record's id and normalized length (the result) and exact-text
-    digest, and for the corpus its shingles and LSH band keys (`sketch/<kind>/part-N.npz`)."""
+    """Step 1, one shard of a kind that has several: each record's normalized length and exact-text
+    digest (`sketch/<kind>/part-N.npz`), and for the corpus its shingle count and LSH band keys, a
+    band per row (`part-N.keys.npy`, read a band at a time by step 2). The shingles are not kept:
+    step 2 shingles again the few records whose band keys collide."""
     import numpy as np
 
     records = read_shard(task.source).to_pylist()
     norms = normalize_all([record_text(task.kind, r) for r in records])
-    arrays = {"digests": np.frombuffer(b"".join(_digest(t) for t in norms), np.uint8).reshape(-1, 16)}
+    arrays = {"digests": np.frombuffer(b"".join(_digest(t) for t in norms), np.uint8).reshape(-1, 16),
+              "lengths": np.fromiter(map(len, norms), np.int32, len(norms))}
+    path = task.out("sketch").with_suffix(".npz")
     if cfg.near and task.kind == "corpus":
-        arrays["shingles"], arrays["counts"], arrays["keys"] = signatures(norms, cfg)
-    write_arrays(task.out("sketch").with_suffix(".npz"), arrays)
-    return {"docs_in": len(records), "ids": [str(r["id"]) for r in records], "lengths": [len(t) for t in norms]}
+        _, arrays["counts"], keys = signatures(norms, cfg)
+        write_array(_keys_path(path), np.ascontiguousarray(keys.T))
+    write_arrays(path, arrays)
+    return {"docs_in": len(records)}
+
+
+def _keys_path(sketch: Path) -> Path:
+    return sketch.with_suffix(".keys.npy")
+
+
+def _band(path: Path, band: int) -> Any:
+    """Row `band` of the band keys at `path`, read from the file (not mapped: a mapped file's
+    pages would stay resident)."""
+    import numpy as np
+
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        f.seek(band * shape[1] * dtype.itemsize, 1)
+        return np.fromfile(f, dtype, count=shape[1])
 
 
 def _digest(norm: str) -> bytes:
@@ -240,68 +279,156 @@ def filter_shard(task: ShardTask, plan: Plan) -> dict[str, Any]:
                                                  for i, r in zip(plan.show.get(name, []), rows)}}
 
 
-def dedup_kind(kind: str, tasks: list[ShardTask], sketches: list[dict[str, Any]],
-               cfg: DedupConfig) -> tuple[DedupResult, list[tuple[int, int]]]:
-    """Step 2, one kind: the survivors of all its shards, as `dedup_texts` picks them, from the
-    shards' sketches. Returns the result over the kind's records in shard order and each
-    record's (shard, position)."""
+@dataclass
+class KindResult:
+    """Step 2's answer for one kind: its duplicates (positions in the kind's records, shard after
+    shard), their tally, the LSH figures, and where to read a record's id."""
+
+    duplicates: list[Duplicate]
+    tally: Tally
+    stats: dict[str, Any]
+    tasks: list[ShardTask]
+    starts: Any
+    """Position of each shard's first record (numpy), for `where`."""
+
+    def where(self, i: int) -> tuple[int, int]:
+        """(shard, position in it) of record i."""
+        import numpy as np
+
+        shard = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return shard, i - int(self.starts[shard])
+
+    def ids(self, records: Any) -> list[str]:
+        """The ids of `records` (positions), read from their shards."""
+        return [str(v) for v in _column(self.tasks, self.starts, records, "id")]
+
+
+def _column(tasks: list[ShardTask], starts: Any, records: Any, name: str) -> list[Any]:
+    """Column `name` of `records` (positions in the kind, shard after shard), in their order,
+    reading only the shards that hold them."""
     import numpy as np
 
-    ids = [i for r in sketches for i in r["ids"]]
-    lengths = [n for r in sketches for n in r["lengths"]]
-    where = [(t.index, j) for t, r in zip(tasks, sketches) for j in range(len(r["ids"]))]
-    n_docs = len(ids)
+    records = np.asarray(records, np.int64)
+    out: list[Any] = [None] * records.size
+    shard_of = np.searchsorted(starts, records, side="right") - 1
+    for s in np.unique(shard_of).tolist():
+        at = np.flatnonzero(shard_of == s)
+        values = read_shard(tasks[s].source, columns=[name]).column(name).take((records[at] - starts[s]).tolist())
+        for k, v in zip(at.tolist(), values.to_pylist()):
+            out[k] = v
+    return out
+
+
+def _rank(tasks: list[ShardTask], starts: Any, lengths: Any, records: Any) -> Any:
+    """`records` (positions) in the order `dedup_texts` ranks them: longest normalized text first,
+    then the smallest id, then the earliest position (where `dedup_texts` compares raw text: ids
+    are unique after collect)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    records = np.asarray(records, np.int64)
+    table = pa.table({"length": lengths[records], "id": pa.array(_column(tasks, starts, records, "id"), pa.string()),
+                      "at": records})
+    order = pc.sort_indices(table, sort_keys=[("length", "descending"), ("id", "ascending"), ("at", "ascending")])
+    return records[order.to_numpy()]
+
+
+def dedup_kind(kind: str, tasks: list[ShardTask], cfg: DedupConfig) -> KindResult:
+    """Step 2, one kind: the survivors of all its shards, as `dedup_texts` picks them, from the
+    shards' sketches. Only records that share a digest or a band key are ranked (ids read for
+    them alone: rank decides nothing elsewhere), and every per-record value is a numpy column, so
+    a record costs tens of bytes here, not a Python object's hundreds."""
+    import numpy as np
+
     files = [t.out("sketch").with_suffix(".npz") for t in tasks]
-    digests = np.concatenate([np.load(f)["digests"] for f in files]) if files else np.zeros((0, 16), np.uint8)
-    # Ranked as dedup_texts ranks: longest first, then the smallest id (unique after collect),
-    # then input position where dedup_texts compares raw text.
-    order = sorted(range(n_docs), key=lambda i: (-lengths[i], ids[i], i))
-    first: dict[bytes, int] = {}
-    duplicates: list[Duplicate] = []
-    uniq: list[int] = []
-    for i in order:
-        s = first.setdefault(digests[i].tobytes(), i)
-        if s == i:
-            uniq.append(i)
-        else:
-            duplicates.append(Duplicate(i, EXACT, s, 1.0))
+    per_shard = [np.load(f)["lengths"] for f in files]
+    lengths = np.concatenate(per_shard) if files else np.zeros(0, np.int32)
+    starts = np.cumsum([0] + [x.size for x in per_shard[:-1]]).astype(np.int64)
+    del per_shard
+    n_docs = len(lengths)
+    # Exact: records with equal digests, each group's best-ranked record survives.
+    digests = (np.concatenate([np.load(f)["digests"] for f in files]) if files
+               else np.zeros((0, 16), np.uint8)).view("<u8").reshape(n_docs, 2)
+    order = np.lexsort((digests[:, 1], digests[:, 0]))
+    ordered = digests[order]
     del digests
+    same = (ordered[1:] == ordered[:-1]).all(axis=1)  # record k+1 (in digest order) repeats record k
+    del ordered
+    grouped = np.zeros(n_docs, bool)
+    grouped[1:] |= same
+    grouped[:-1] |= same
+    group = np.cumsum(np.concatenate(([True], ~same)))[grouped]  # a group number per grouped record
+    members = order[grouped]
+    del order, same, grouped
+    duplicates: list[Duplicate] = []
+    dropped = np.zeros(n_docs, bool)
+    if members.size:
+        ranked = _rank(tasks, starts, lengths, members)
+        rank_of = {int(r): k for k, r in enumerate(ranked.tolist())}
+        by_group: dict[int, list[int]] = {}
+        for g, r in sorted(zip(group.tolist(), members.tolist()), key=lambda x: (x[0], rank_of[x[1]])):
+            by_group.setdefault(g, []).append(r)
+        for best, *rest in by_group.values():
+            duplicates += [Duplicate(r, EXACT, best, 1.0) for r in rest]
+            dropped[rest] = True
     stats: dict[str, Any] = {}
-    if cfg.near and kind == "corpus" and len(uniq) > 1:
-        found, stats = _near(uniq, files, cfg)
-        duplicates += [Duplicate(uniq[i], NEAR, uniq[root], similarity) for i, root, similarity in found]
-    return _result(n_docs, duplicates, stats), where
+    if cfg.near and kind == "corpus" and n_docs - len(duplicates) > 1:
+        found, stats = _near(np.flatnonzero(~dropped), lengths, tasks, starts, files, cfg)
+        duplicates += [Duplicate(i, NEAR, root, similarity) for i, root, similarity in found]
+    return KindResult(duplicates, _tally(n_docs, duplicates), stats, tasks, starts)
 
 
-def _near(uniq: list[int], files: list[Path], cfg: DedupConfig) -> tuple[list[tuple[int, int, float]], dict[str, Any]]:
-    """`near_duplicates` over the exact survivors `uniq` (positions in rank order), from the
-    shards' band keys and shingles: the LSH buckets of every band, each candidate pair verified
-    by exact Jaccard, groups by connected components. Only the candidates' shingles are loaded."""
+def _near(survivors: Any, lengths: Any, tasks: list[ShardTask], starts: Any, files: list[Path],
+          cfg: DedupConfig) -> tuple[list[tuple[int, int, float]], dict[str, Any]]:
+    """`near_duplicates` over the exact survivors (positions), from the shards' band keys: the LSH
+    buckets band by band (one band of every record in memory at a time); the records in a bucket
+    with another are ranked, shingled again from their shards' text, each candidate pair verified
+    by exact Jaccard, groups by connected components (the best-ranked record of each survives)."""
     import numpy as np
 
     bands, rows = lsh_bands(cfg.threshold, cfg.num_perm)
     counts = [np.load(f)["counts"] for f in files]
     has = np.concatenate(counts) > 0
-    keys = np.concatenate([np.load(f)["keys"] for f in files])  # one row per record with shingles
-    key_row = np.cumsum(has) - 1
-    ranked = np.asarray(uniq, np.int64)
-    with_shingles = np.flatnonzero(has[ranked])  # rank positions of the survivors that have shingles
-    pairs = with_shingles[pairs_from_keys(keys[key_row[ranked[with_shingles]]], cfg.max_bucket)]
-    del keys
-    # The shingle sets of the candidates, one shard file at a time.
-    starts = np.cumsum([0] + [c.size for c in counts])
+    key_row = np.cumsum(has, dtype=np.int64) - 1  # a record's row among those with shingles
+    banded = survivors[has[survivors]]  # survivors that have shingles (a text without words has none)
+    rows_of = key_row[banded]
+    del key_row, has
+    found = [pairs_in_band(np.concatenate([_band(_keys_path(f), b) for f in files])[rows_of], cfg.max_bucket)
+             for b in range(bands)]
+    del rows_of
+    pairs = banded[unique_pairs(found, banded.size)]
+    del banded
+    # The candidates in rank order: pairs and groups over rank positions, as near_duplicates has them.
+    ranked = _rank(tasks, starts, lengths, np.unique(pairs))
+    rank_of = np.argsort(ranked)  # the rank of each candidate, candidates in position order
+    pairs = rank_of[np.searchsorted(np.sort(ranked), pairs)] if pairs.size else pairs
+    pairs = unique_pairs([pairs], max(ranked.size, 1))
+    # The candidates' shingle sets, one shard at a time.
     sets: dict[int, Any] = {}
-    needed = np.unique(pairs)
-    shard_of = np.searchsorted(starts, ranked[needed], side="right") - 1
+    shard_of = np.searchsorted(starts, ranked, side="right") - 1
     for s in np.unique(shard_of).tolist():
-        shingles = np.load(files[s])["shingles"]
-        offsets = np.concatenate([[0], np.cumsum(counts[s])])
-        for r in needed[shard_of == s].tolist():
-            j = int(ranked[r] - starts[s])
-            sets[r] = np.unique(shingles[offsets[j]: offsets[j + 1]])
-    dropped, checked, confirmed = verify(pairs, sets.__getitem__, len(uniq), cfg.verify_threshold)
-    return dropped, {"bands": bands, "rows": rows, "lsh_flagged": int(needed.size),
-                     "candidate_pairs": int(len(pairs)), "checked_pairs": checked, "confirmed_pairs": confirmed}
+        at = np.flatnonzero(shard_of == s)
+        records = read_shard(tasks[s].source).take((ranked[at] - starts[s]).tolist()).to_pylist()
+        shingles, sizes = shingle_texts(normalize_all([record_text(tasks[s].kind, r) for r in records]),
+                                        cfg.word_ngram, cfg.char_ngram, cfg.cjk_share)
+        for r, part in zip(at.tolist(), np.split(shingles, np.cumsum(sizes)[:-1])):
+            sets[r] = np.unique(part)
+    dropped, checked, confirmed = verify(pairs, sets.__getitem__, ranked.size, cfg.verify_threshold)
+    named = [(int(ranked[i]), int(ranked[root]), similarity) for i, root, similarity in dropped]
+    return named, {"bands": bands, "rows": rows, "lsh_flagged": int(ranked.size),
+                   "candidate_pairs": int(len(pairs)), "checked_pairs": checked, "confirmed_pairs": confirmed}
+
+
+def one_shard(kind: str, task: ShardTask, cfg: DedupConfig) -> KindResult:
+    """Step 2 for a kind of one shard: `dedup_texts` over it in this process (no sketch to write
+    and read back; rensa's LSH index flags the documents whose signatures are read back)."""
+    import numpy as np
+
+    records = read_shard(task.source).to_pylist()
+    ids = [str(r["id"]) for r in records]
+    result = dedup_texts([record_text(kind, r) for r in records], ids, cfg, near=cfg.near and kind == "corpus")
+    return KindResult(result.duplicates, result.tally, result.stats, [task], np.zeros(1, np.int64))
 
 
 def run(cfg: DedupConfig, paths: Paths, data: DataConfig) -> dict[str, Any]:
@@ -311,46 +438,51 @@ def run(cfg: DedupConfig, paths: Paths, data: DataConfig) -> dict[str, Any]:
     parts = parts_dir(paths.dedup)
     tasks = tasks_for(paths.decontam, parts, KINDS)
     key = cfg.model_dump_json(exclude={"samples"})
-    sketches = run_shards("dedup sketch", sketch_shard, tasks, data, cfg, key=key)
+    shards = Counter(t.kind for t in tasks)
+    run_shards("dedup sketch", sketch_shard, [t for t in tasks if shards[t.kind] > 1], data, cfg, key=key)
 
     total = Tally()
     kinds: dict[str, Any] = {}
     drop: dict[str, list[int]] = {}
-    chosen: list[tuple[str, Duplicate, list[str], list[tuple[int, int]]]] = []
+    chosen: list[tuple[str, Duplicate, KindResult]] = []
     for kind in KINDS:
-        picked = [(t, r) for t, r in zip(tasks, sketches) if t.kind == kind]
-        result, where = dedup_kind(kind, [t for t, _ in picked], [r for _, r in picked], cfg)
+        mine = [t for t in tasks if t.kind == kind]
+        result = one_shard(kind, mine[0], cfg) if len(mine) == 1 else dedup_kind(kind, mine, cfg)
         result.tally.check(f"dedup {kind}")
         for d in result.duplicates:
-            shard, pos = where[d.index]
+            shard, pos = result.where(d.index)
             drop.setdefault(f"{kind}/{shard}", []).append(pos)
         total.merge(result.tally)
         kinds[kind] = {**result.tally.as_metrics(), **result.stats}
-        ids = [i for _, r in picked for i in r["ids"]]
-        shown = sorted(result.duplicates, key=lambda d: (d.reason != NEAR, ids[d.index]))[: cfg.samples - len(chosen)]
-        chosen += [(kind, d, ids, where) for d in shown]
+        named = zip((d.reason != NEAR for d in result.duplicates), result.ids([d.index for d in result.duplicates]),
+                    result.duplicates)
+        shown = [d for *_, d in sorted(named, key=lambda x: x[:2])][: cfg.samples - len(chosen)]
+        chosen += [(kind, d, result) for d in shown]
         log.info("dedup %s: %d in, %d out, dropped %s", kind, result.tally.docs_in, result.tally.docs_out,
                  dict(result.tally.dropped))
     total.check("dedup")
 
     show: dict[str, list[int]] = {}
-    for kind, d, _, where in chosen:
+    for kind, d, result in chosen:
         for i in (d.index, d.survivor):
-            show.setdefault(f"{kind}/{where[i][0]}", []).append(where[i][1])
+            shard, pos = result.where(i)
+            show.setdefault(f"{kind}/{shard}", []).append(pos)
     plan = Plan({k: sorted(v) for k, v in drop.items()}, {k: sorted(set(v)) for k, v in show.items()})
-    shown = run_shards("dedup", filter_shard, tasks, data, plan, key=json.dumps([key, plan.drop, plan.show]))
-    texts = {f"{t.kind}/{t.index}": r["texts"] for t, r in zip(tasks, shown)}
+    shown_texts = run_shards("dedup", filter_shard, tasks, data, plan, key=json.dumps([key, plan.drop, plan.show]))
+    texts = {f"{t.kind}/{t.index}": r["texts"] for t, r in zip(tasks, shown_texts)}
     with atomic_dir(paths.dedup) as tmp:
         publish(tasks, "dedup", tmp)
     shutil.rmtree(parts, ignore_errors=True)
 
-    def text(kind: str, where: tuple[int, int]) -> str:
-        return texts[f"{kind}/{where[0]}"][str(where[1])]
+    def text(kind: str, result: KindResult, i: int) -> str:
+        shard, pos = result.where(i)
+        return texts[f"{kind}/{shard}"][str(pos)]
 
     write_jsonl(report / "samples_dropped.jsonl", [
-        {"kind": kind, "id": ids[d.index], "reason": d.reason, "duplicate_of": ids[d.survivor],
-         "similarity": d.similarity, "text": text(kind, where[d.index]), "survivor_text": text(kind, where[d.survivor])}
-        for kind, d, ids, where in chosen])
+        {"kind": kind, "id": result.ids([d.index])[0], "reason": d.reason,
+         "duplicate_of": result.ids([d.survivor])[0], "similarity": d.similarity,
+         "text": text(kind, result, d.index), "survivor_text": text(kind, result, d.survivor)}
+        for kind, d, result in chosen])
     seconds = time.perf_counter() - started
     return {
         **total.as_metrics(),

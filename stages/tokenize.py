@@ -5,7 +5,8 @@ has none (a from-scratch model), trains a byte-level BPE of the model's vocabula
 train split, streamed shard by shard. Documents go to train or val by a salted hash of their id
 (stable when documents are added or removed) and are encoded by the tokenizer's batch encoder, a
 shard per task on the `data` section's executor; then, in shard order, joined with EOS between
-them and cut into `block_size` blocks (token ids only are held, not the text). Writes
+them and cut into `block_size` blocks, written to disk as they fill (`Packer`: a shard's tokens and
+less than one block held at a time, not the corpus's). Writes
 `data/tokenized/` as a `datasets.DatasetDict` (`train`, `val`; column `input_ids`) plus
 `tokenizer/`, so any HF tool opens it, and `llm_forge.yaml`, the resolved config.
 
@@ -15,6 +16,7 @@ them and cut into `block_size` blocks (token ids only are held, not the text). W
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import shutil
@@ -120,6 +122,46 @@ def pack(docs: list[np.ndarray], eos_id: int, block_size: int) -> tuple[np.ndarr
     return stream[: n_blocks * block_size].reshape(n_blocks, block_size), len(stream) - n_blocks * block_size
 
 
+class Packer:
+    """`pack` over documents that come a shard at a time: each call's full blocks go to an Arrow
+    file at `path` (column `input_ids`, one record batch per call) and the tokens that do not fill
+    a block wait for the next, so the blocks are `pack`'s over all the documents at once."""
+
+    def __init__(self, path: Path, eos_id: int, block_size: int) -> None:
+        import pyarrow as pa
+
+        self.path, self.eos_id, self.block_size = path, eos_id, block_size
+        self.schema = pa.schema([("input_ids", pa.list_(pa.int32(), block_size))])
+        self.writer = pa.ipc.new_file(str(path), self.schema)
+        self.carry = np.zeros(0, np.int32)
+        self.blocks = 0
+        self.digest = hashlib.blake2b(digest_size=8)
+
+    def add(self, docs: list[np.ndarray]) -> None:
+        import pyarrow as pa
+
+        if not docs:
+            return
+        eos = np.array([self.eos_id], dtype=np.int32)
+        stream = np.concatenate([self.carry, *(part for doc in docs for part in (doc, eos))])
+        n = len(stream) // self.block_size
+        full = stream[: n * self.block_size]
+        self.carry = stream[n * self.block_size:].copy()
+        if n:
+            self.writer.write_batch(pa.record_batch(
+                [pa.FixedSizeListArray.from_arrays(pa.array(full, pa.int32()), self.block_size)], schema=self.schema))
+            self.digest.update(full.tobytes())
+            self.blocks += n
+
+    def close(self) -> Any:
+        """The blocks as a table read from the file (memory-mapped: not loaded), and the
+        tokens left over."""
+        import pyarrow as pa
+
+        self.writer.close()
+        return pa.ipc.open_file(pa.memory_map(str(self.path))).read_all(), len(self.carry)
+
+
 # --- the stage -------------------------------------------------------------------------------
 
 
@@ -173,7 +215,6 @@ def _shard_docs(path: Path, split: str) -> list[np.ndarray]:
 
 def run(cfg: TokenizeConfig, paths: Paths, data: DataConfig) -> dict[str, Any]:
     import datasets
-    import pyarrow as pa
     import pyarrow.parquet as pq
     from transformers import AutoConfig, AutoTokenizer
 
@@ -207,28 +248,34 @@ def run(cfg: TokenizeConfig, paths: Paths, data: DataConfig) -> dict[str, Any]:
     if cfg.val_fraction > 0 and not counted["val"]:
         raise StageError(f"no document fell into the val split ({tally.docs_in} documents, "
                          f"val_fraction {cfg.val_fraction}): raise tokenize.val_fraction")
-    metrics, blocks = {}, {}
+    metrics, blocks, digests = {}, {}, {}
     for name in ("train", "val"):
-        kept = [d for t in tasks for d in _shard_docs(t.out("tokens").with_suffix(".npz"), name)]
-        tally.drop("no_tokens", counted[name] - len(kept))
-        tally.docs_out += len(kept)
-        blocks[name], leftover = pack(kept, tokenizer.eos_token_id, cfg.block_size)
-        metrics[name] = {"docs": len(kept), "tokens": int(sum(len(x) for x in kept) + len(kept)),
-                         "blocks": int(len(blocks[name])), "tokens_not_in_a_block": int(leftover)}
-        log.info("%s: %d docs -> %d blocks of %d", name, len(kept), len(blocks[name]), cfg.block_size)
+        packer = Packer(parts / f"blocks-{name}.arrow", tokenizer.eos_token_id, cfg.block_size)
+        docs = tokens = 0
+        for t in tasks:  # one shard's tokens in memory at a time
+            kept = _shard_docs(t.out("tokens").with_suffix(".npz"), name)
+            packer.add(kept)
+            docs += len(kept)
+            tokens += sum(len(x) for x in kept) + len(kept)
+        blocks[name], leftover = packer.close()
+        digests[name] = packer.digest.hexdigest()
+        tally.drop("no_tokens", counted[name] - docs)
+        tally.docs_out += docs
+        metrics[name] = {"docs": docs, "tokens": int(tokens), "blocks": packer.blocks,
+                         "tokens_not_in_a_block": int(leftover)}
+        log.info("%s: %d docs -> %d blocks of %d", name, docs, packer.blocks, cfg.block_size)
     tally.check("tokenize")
-    if len(blocks["train"]) == 0 or (cfg.val_fraction > 0 and len(blocks["val"]) == 0):
+    if metrics["train"]["blocks"] == 0 or (cfg.val_fraction > 0 and metrics["val"]["blocks"] == 0):
         raise StageError(f"a split holds fewer tokens than one block of {cfg.block_size} "
                          f"(train {metrics['train']['tokens']}, val {metrics['val']['tokens']}): "
                          "lower tokenize.block_size or add data")
 
-    def as_dataset(arr: np.ndarray) -> datasets.Dataset:
-        flat = pa.array(arr.reshape(-1), type=pa.int32())
-        column = pa.FixedSizeListArray.from_arrays(flat, cfg.block_size)
-        return datasets.Dataset(pa.table({"input_ids": column}))
+    def as_dataset(name: str) -> datasets.Dataset:
+        # the fingerprint a hash of the blocks, so the saved folder is the same on every run
+        return datasets.Dataset(blocks[name], fingerprint=digests[name])
 
     with atomic_dir(paths.tokenized) as tmp:
-        datasets.DatasetDict({k: as_dataset(v) for k, v in blocks.items()}).save_to_disk(str(tmp))
+        datasets.DatasetDict({k: as_dataset(k) for k in blocks}).save_to_disk(str(tmp))
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         (tmp / "llm_forge.yaml").write_text(yaml.safe_dump({"tokenize": cfg.model_dump(mode="json")}, sort_keys=False))
     shutil.rmtree(parts, ignore_errors=True)

@@ -301,35 +301,48 @@ def band_keys(sigs: Any, bands: int, rows: int) -> Any:
 
 def pairs_from_keys(keys: Any, max_bucket: int) -> Any:
     """Pairs (i < j) of rows of `keys` (documents x bands) that share a band's key: the LSH
-    buckets. A bucket of at most `max_bucket` rows gives all its pairs; a bigger one (thousands of
-    near-identical pages) gives each member with its neighbour and with the bucket's first
-    member, which keeps the work linear and still joins a true group into one component."""
+    buckets of every band (`pairs_in_band`), each pair once."""
+    return unique_pairs([pairs_in_band(keys[:, b], max_bucket) for b in range(keys.shape[1])], keys.shape[0])
+
+
+def pairs_in_band(key: Any, max_bucket: int) -> Any:
+    """Pairs of positions in `key` (one band's key of each document) whose keys are equal: the
+    band's LSH buckets. A bucket of at most `max_bucket` documents gives all its pairs; a bigger
+    one (thousands of near-identical pages) gives each member with its neighbour and with the
+    bucket's first member, which keeps the work linear and still joins a true group into one
+    component."""
     import numpy as np
 
-    n = keys.shape[0]
+    order = np.argsort(key, kind="stable")
+    ks = key[order]
+    same = ks[1:] == ks[:-1]
+    del ks
+    if not same.any():
+        return np.zeros((0, 2), np.int64)
+    # Runs of equal keys: [run_start, run_end) in sorted order.
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], same, [False])).astype(np.int8)))
+    run_start, run_end = edges[0::2], edges[1::2] + 1
+    sizes = run_end - run_start
     found: list[Any] = []
-    for b in range(keys.shape[1]):
-        key = keys[:, b]
-        order = np.argsort(key, kind="stable")
-        ks = key[order]
-        same = ks[1:] == ks[:-1]
-        if not same.any():
-            continue
-        # Runs of equal keys: [run_start, run_end) in sorted order.
-        edges = np.flatnonzero(np.diff(np.concatenate(([False], same, [False])).astype(np.int8)))
-        run_start, run_end = edges[0::2], edges[1::2] + 1
-        sizes = run_end - run_start
-        for k in np.unique(sizes).tolist():
-            at = run_start[sizes == k]
-            if k <= max_bucket:
-                members = np.sort(order[at[:, None] + np.arange(k)], axis=1)
-                i, j = np.triu_indices(k, k=1)
-                found.append(np.stack([members[:, i].ravel(), members[:, j].ravel()], axis=1))
-            else:
-                for s in at.tolist():
-                    members = np.sort(order[s: s + k])
-                    found.append(np.stack([members[:-1], members[1:]], axis=1))
-                    found.append(np.stack([np.full(k - 2, members[0]), members[2:]], axis=1))
+    for k in np.unique(sizes).tolist():
+        at = run_start[sizes == k]
+        if k <= max_bucket:
+            members = np.sort(order[at[:, None] + np.arange(k)], axis=1)
+            i, j = np.triu_indices(k, k=1)
+            found.append(np.stack([members[:, i].ravel(), members[:, j].ravel()], axis=1))
+        else:
+            for s in at.tolist():
+                members = np.sort(order[s: s + k])
+                found.append(np.stack([members[:-1], members[1:]], axis=1))
+                found.append(np.stack([np.full(k - 2, members[0]), members[2:]], axis=1))
+    return np.concatenate(found).astype(np.int64)
+
+
+def unique_pairs(found: list[Any], n: int) -> Any:
+    """The pairs of `found` (arrays of pairs of positions below n) as (i < j), each once, sorted."""
+    import numpy as np
+
+    found = [f for f in found if len(f)]
     if not found:
         return np.zeros((0, 2), np.int64)
     pairs = np.concatenate(found).astype(np.int64)

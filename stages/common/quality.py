@@ -12,6 +12,7 @@ spaces) counts each character as a word (`stages.common.text.CJK`). `line_rules`
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -37,11 +38,24 @@ _SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*\s+[\"'“‘(\[]?[A-Z0-9]|[。
 
 @dataclass
 class Doc:
-    """A corpus text with its language and the token/line views the rules share (computed once)."""
+    """A corpus text with its language and the token/line views the rules share (computed once).
+
+    The rules read the words as arrays (`words_view`, a `Words`), so that no rule loops over the
+    words in Python; `tokens` and `words` give the same views as lists of strings."""
 
     text: str
     lang: str
     lang_confidence: float
+    words_view: Words | None = None
+    """The text's `Words` when the caller has them already (None: computed here)."""
+
+    def __post_init__(self) -> None:
+        if self.words_view is None:
+            self.words_view = Words.of(self.text)
+
+    @property
+    def view(self) -> Words:
+        return self.words_view  # type: ignore[return-value]
 
     @cached_property
     def tokens(self) -> list[str]:
@@ -51,13 +65,12 @@ class Doc:
     @cached_property
     def words(self) -> list[str]:
         """Tokens holding a letter or digit (punctuation-only tokens are not words)."""
-        return [t for t in self.tokens if any(c.isalnum() for c in t)]
+        return self.view.strings(self.text, 0, self.view.n_words)
 
     @cached_property
     def cjk(self) -> bool:
         """Mostly written in a script counted by characters (Chinese, Japanese, Korean)."""
-        words = self.words
-        return bool(words) and sum(1 for w in words if len(w) == 1 and CJK_CHAR.match(w)) > len(words) / 2
+        return self.view.n_words > 0 and self.view.n_cjk > self.view.n_words / 2
 
     @cached_property
     def lines(self) -> list[str]:
@@ -66,6 +79,125 @@ class Doc:
     @cached_property
     def paragraphs(self) -> list[str]:
         return [s for p in re.split(r"\n\s*\n", self.text) if (s := p.strip())]
+
+
+_SPACE, _CJK_FLAG, _ALNUM, _ALPHA, _DIGIT = 1, 2, 4, 8, 16
+
+
+def _char_flags(c: str) -> int:
+    """What the rules ask of a character: whitespace (`str.isspace`, which is what `\\s` matches),
+    a CJK character, a letter or digit, a letter, a digit (`str.isdigit`)."""
+    return ((_SPACE if c.isspace() else 0) | (_CJK_FLAG if CJK_CHAR.match(c) else 0)
+            | (_ALNUM if c.isalnum() else 0) | (_ALPHA if c.isalpha() else 0) | (_DIGIT if c.isdigit() else 0))
+
+
+@functools.cache
+def _flag_table() -> Any:
+    """`_char_flags` of every code point below 0x10000, as a lookup table."""
+    import numpy as np
+
+    return np.fromiter(map(_char_flags, map(chr, range(0x10000))), np.uint8, 0x10000)
+
+
+def _mix(x: Any) -> Any:
+    """MurmurHash3's 64-bit finalizer over a uint64 array."""
+    import numpy as np
+
+    x = x ^ (x >> np.uint64(33))
+    x = x * np.uint64(0xFF51AFD7ED558CCD)
+    x = x ^ (x >> np.uint64(33))
+    x = x * np.uint64(0xC4CEB9FE1A85EC53)
+    return x ^ (x >> np.uint64(33))
+
+
+class Words:
+    """A text's tokens and words as arrays, from one pass over its code points: a token is a run
+    of non-space, non-CJK characters or one CJK character (what `_TOKEN` finds), a word a token
+    holding a letter or digit. Counts are Python ints, so a rule's arithmetic and message are
+    what they were on lists of strings."""
+
+    def __init__(self, codes: Any, flags: Any) -> None:
+        import numpy as np
+
+        in_token = (flags & _SPACE) == 0
+        cjk = (flags & _CJK_FLAG) != 0
+        run = in_token & ~cjk
+        starts = cjk | run
+        starts[1:] &= cjk[1:] | ~run[:-1]  # a token starts at a CJK character or where a run starts
+        chars = np.flatnonzero(in_token)
+        first = np.flatnonzero(starts[chars])  # each token's first character, among `chars`
+        token_flags = np.bitwise_or.reduceat(flags[chars], first) if first.size else np.zeros(0, np.uint8)
+        length = np.diff(first, append=chars.size)
+        word = (token_flags & _ALNUM) != 0
+        self.n_tokens = int(first.size)
+        self.alpha_tokens = int(np.count_nonzero(token_flags & _ALPHA))
+        """Tokens holding a letter."""
+        self.non_space = int(chars.size)
+        """Characters that are not whitespace."""
+        self.digits = int(np.count_nonzero(flags & _DIGIT))
+        """Characters that are digits (`str.isdigit`; no whitespace is one)."""
+        self.start = chars[first[word]]
+        """Each word's first character (a position in the text)."""
+        self.length = length[word]
+        """Each word's length in characters."""
+        self.n_words = int(self.length.size)
+        self.n_cjk = int(np.count_nonzero(token_flags[word] & _CJK_FLAG))
+        """Words that are one CJK character."""
+        self.chars = int(self.length.sum())
+        """Characters in words."""
+        self._codes, self._word_chars = codes, (chars, first, word, length)
+        self._keys: tuple[int, Any] | None = None
+
+    @classmethod
+    def of(cls, text: str) -> Words:
+        import numpy as np
+
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
+        flags = _flag_table()[np.minimum(codes, 0xFFFF)]
+        astral = np.flatnonzero(codes > 0xFFFF)
+        if astral.size:
+            flags[astral] = [_char_flags(chr(c)) for c in codes[astral].tolist()]
+        return cls(codes, flags)
+
+    @cached_property
+    def hashes(self) -> Any:
+        """A 64-bit hash of each word's characters: equal words, equal hashes; two different
+        words share one with a chance of about one in 2^64."""
+        import numpy as np
+
+        chars, first, word, length = self._word_chars
+        at = chars[np.repeat(word, length)]  # the word characters, word after word
+        first_of_word = np.cumsum(self.length) - self.length
+        within = np.arange(at.size, dtype=np.uint64) - np.repeat(first_of_word, self.length).astype(np.uint64)
+        with np.errstate(over="ignore"):  # the arithmetic wraps around on purpose
+            mixed = _mix(self._codes[at].astype(np.uint64) + (within << np.uint64(21)))
+            return _mix(np.add.reduceat(mixed, first_of_word) + self.length.astype(np.uint64)) if at.size else mixed
+
+    def ngram_keys(self, n: int) -> Any:
+        """A 64-bit key of each run of n words: equal n-grams, equal keys (two different ones
+        share one with a chance of about one in 2^64). Asked for in growing n, each size costs one
+        step from the last."""
+        import numpy as np
+
+        have, key = self._keys if self._keys and self._keys[0] <= n else (0, np.zeros(self.n_words + 1, np.uint64))
+        h = self.hashes
+        with np.errstate(over="ignore"):  # the arithmetic wraps around on purpose
+            for k in range(have, n):
+                key = (key[: self.n_words - k] ^ h[k:]) * np.uint64(0x9E3779B97F4A7C15)
+                key ^= key >> np.uint64(29)
+        self._keys = (n, key)
+        return key
+
+    def ngram_chars(self, n: int) -> Any:
+        """The word characters of each run of n words."""
+        import numpy as np
+
+        ends = np.cumsum(self.length)
+        return ends[n - 1:] - np.concatenate(([0], ends[:-n]))
+
+    def strings(self, text: str, lo: int, hi: int) -> list[str]:
+        """Words lo..hi-1 as strings."""
+        return [text[a: a + n] for a, n in zip(self.start[lo:hi].tolist(), self.length[lo:hi].tolist())]
 
 
 # --- C4 line rules: an offending line is removed, not the document ------------------------------
@@ -106,6 +238,11 @@ class LineCut:
     chars: Counter[str]
     examples: dict[str, str]
 
+    @cached_property
+    def words(self) -> Words:
+        """The words of what is left (the document rules read them too)."""
+        return Words.of(self.text)
+
 
 def remove_lines(text: str, rules: list[LineRule]) -> LineCut:
     """`text` without the lines a rule names (the first rule that names a line counts it); blank
@@ -132,7 +269,7 @@ def too_little_left(cut: LineCut, original: str, min_kept_fraction: float, min_w
     that had them; the reason names the rule that removed the most characters."""
     if not cut.lines:
         return None
-    before, after = len(Doc(original, "", 1.0).words), len(Doc(cut.text, "", 1.0).words)
+    before, after = Words.of(original).n_words, cut.words.n_words
     share = after / max(before, 1)
     if share >= min_kept_fraction and (min_words is None or after >= min_words or before < min_words):
         return None
@@ -176,7 +313,7 @@ def language(doc: Doc, allowed: Iterable[str], min_confidence: float) -> Drop | 
 
 
 def word_count(doc: Doc, min_words: int | None, max_words: int | None) -> Drop | None:
-    n = len(doc.words)
+    n = doc.view.n_words
     unit = "chars+words" if doc.cjk else "words"
     if min_words is not None and n < min_words:
         return Drop("too_few_words", f"{n} {unit} < {min_words}")
@@ -188,17 +325,18 @@ def word_count(doc: Doc, min_words: int | None, max_words: int | None) -> Drop |
 def mean_word_length(doc: Doc, lo: float | None, hi: float | None) -> Drop | None:
     if doc.cjk:  # one character per word by construction: the rule means nothing there
         return None
-    words = [w for w in doc.words if not CJK_CHAR.match(w)]
-    if not words:
+    view = doc.view
+    n = view.n_words - view.n_cjk  # the CJK characters among the words do not count
+    if not n:
         return None
-    mean = sum(len(w) for w in words) / len(words)
+    mean = (view.chars - view.n_cjk) / n
     if (lo is not None and mean < lo) or (hi is not None and mean > hi):
         return Drop("mean_word_length", f"mean word length {mean:.1f} outside [{lo}, {hi}]")
     return None
 
 
 def symbol_ratio(doc: Doc, max_ratio: float) -> Drop | None:
-    n_words = max(len(doc.words), 1)
+    n_words = max(doc.view.n_words, 1)
     symbols = doc.text.count("#") + doc.text.count("...") + doc.text.count("…")
     ratio = symbols / n_words
     if ratio > max_ratio:
@@ -207,19 +345,20 @@ def symbol_ratio(doc: Doc, max_ratio: float) -> Drop | None:
 
 
 def alpha_words(doc: Doc, min_fraction: float) -> Drop | None:
-    if not doc.tokens:
+    view = doc.view
+    if not view.n_tokens:
         return None
-    frac = sum(1 for t in doc.tokens if any(c.isalpha() for c in t)) / len(doc.tokens)
+    frac = view.alpha_tokens / view.n_tokens
     if frac < min_fraction:
         return Drop("few_alpha_words", f"alphabetic token fraction {frac:.2f} < {min_fraction:.2f}")
     return None
 
 
 def digit_fraction(doc: Doc, max_fraction: float) -> Drop | None:
-    chars = [c for c in doc.text if not c.isspace()]
-    if not chars:
+    view = doc.view
+    if not view.non_space:
         return None
-    frac = sum(1 for c in chars if c.isdigit()) / len(chars)
+    frac = view.digits / view.non_space
     if frac > max_fraction:
         return Drop("digit_ratio", f"digit fraction {frac:.2f} > {max_fraction:.2f}")
     return None
@@ -258,10 +397,15 @@ def stop_words(doc: Doc, words_by_lang: dict[str, list[str]], min_count: int) ->
     if not wanted:
         return None
     wanted_set = set(wanted)
-    found = sum(1 for w in doc.words if w.lower().strip(".,;:!?\"'()") in wanted_set)
-    if found < min_count:
-        return Drop("no_stop_words", f"{found} {doc.lang} stop words < {min_count}")
-    return None
+    text, view = doc.text, doc.view
+    found = 0
+    # Word by word from the start, until enough are found: prose shows its stop words early.
+    for at, n in zip(view.start.tolist(), view.length.tolist()):
+        if text[at: at + n].lower().strip(".,;:!?\"'()") in wanted_set:
+            found += 1
+            if found >= min_count:
+                return None
+    return Drop("no_stop_words", f"{found} {doc.lang} stop words < {min_count}")
 
 
 # --- Gopher repetition -------------------------------------------------------------------------
@@ -304,41 +448,61 @@ def _dup_units(units: list[str], unit: str, max_fraction: float | None,
 def _ngram_sizes(doc: Doc, max_fractions: dict[int, float], cjk_scale: int) -> Iterable[tuple[int, float, int]]:
     """(n, largest share, word characters) for each n-gram size a document is long enough for;
     a CJK document counts n x `cjk_scale` characters as an n-gram."""
-    total = sum(len(w) for w in doc.words)
+    total = doc.view.chars
     scale = cjk_scale if doc.cjk else 1
     for n, max_frac in sorted(max_fractions.items()):
-        if len(doc.words) >= n * scale and total:
+        if doc.view.n_words >= n * scale and total:
             yield n * scale, max_frac, total
 
 
 def top_ngrams(doc: Doc, max_fractions: dict[int, float], cjk_scale: int = 1) -> Drop | None:
     """Gopher: the most frequent n-gram may cover at most a share of the word characters."""
-    words = doc.words
+    import numpy as np
+
+    view = doc.view
     for n, max_frac, total in _ngram_sizes(doc, max_fractions, cjk_scale):
-        counts = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
-        gram, count = counts.most_common(1)[0]
+        keys = view.ngram_keys(n)
+        ordered = np.sort(keys)
+        bounds = np.concatenate(([0], np.flatnonzero(ordered[1:] != ordered[:-1]) + 1, [ordered.size]))
+        counts = bounds[1:] - bounds[:-1]
+        count = int(counts.max())
         if count < 2:
-            continue
-        frac = sum(len(w) for w in gram) * count / total
+            return None  # no n-gram repeats, so no longer one does either
+        spans = view.ngram_chars(n)
+        if int(spans.max()) * count / total <= max_frac:
+            continue  # not even the longest n-gram would cover too much that often
+        top = ordered[bounds[:-1][counts == count]]
+        at = int(np.flatnonzero(np.isin(keys, top))[0])  # of the most frequent, the first seen (as Counter picks)
+        frac = int(spans[at]) * count / total
         if frac > max_frac:
-            shown = ("" if doc.cjk else " ").join(gram)
+            shown = ("" if doc.cjk else " ").join(view.strings(doc.text, at, at + n))
             return Drop("top_ngram", f"top {n}-gram {shown!r} x{count} covers {frac:.2f} > {max_frac:.2f}")
     return None
 
 
 def dup_ngrams(doc: Doc, max_fractions: dict[int, float], cjk_scale: int = 1) -> Drop | None:
     """Gopher: word characters inside repeated n-grams (non-overlapping) may be at most a share."""
+    import numpy as np
+
+    view = doc.view
     for n, max_frac, total in _ngram_sizes(doc, max_fractions, cjk_scale):
-        keys, chars = _ngram_keys(doc, n)
-        if keys is None:
-            continue  # no n-gram occurs twice: nothing repeated
-        seen: set[int] = set()
-        repeated = i = 0
-        last = len(keys) - 1
-        while i <= last:  # the scan skips a repeated n-gram whole, so it runs in order
-            key = keys[i]
+        keys = view.ngram_keys(n)
+        ordered = np.sort(keys)
+        if not (ordered[1:] == ordered[:-1]).any():
+            return None  # no n-gram repeats, so no longer one does either
+        # Every n-gram before the first repeat is new; from there the scan skips a repeated
+        # n-gram whole, so it runs in order.
+        order = np.argsort(keys, kind="stable")
+        i = int(order[1:][keys[order[1:]] == keys[order[:-1]]].min())  # the first occurrence that is not a first
+        spans = view.ngram_chars(n).tolist()
+        key_list = keys.tolist()
+        seen = set(key_list[:i])
+        repeated = 0
+        last = len(key_list) - 1
+        while i <= last:
+            key = key_list[i]
             if key in seen:
-                repeated += chars[i]
+                repeated += spans[i]
                 i += n
             else:
                 seen.add(key)
@@ -347,26 +511,6 @@ def dup_ngrams(doc: Doc, max_fractions: dict[int, float], cjk_scale: int = 1) ->
         if frac > max_frac:
             return Drop("dup_ngrams", f"chars in repeated {n}-grams {frac:.2f} > {max_frac:.2f}")
     return None
-
-
-def _ngram_keys(doc: Doc, n: int) -> tuple[list[int] | None, list[int]]:
-    """A 64-bit key of each n-gram of the document's words (equal n-grams, equal keys; two
-    different n-grams share one with a chance of about one in 2^64 per pair), and its word
-    characters; computed on arrays, so no n-gram becomes a tuple. Keys None: all distinct."""
-    import numpy as np
-
-    ids: dict[str, int] = {}
-    word_ids = np.fromiter((ids.setdefault(w, len(ids) + 1) for w in doc.words), np.uint64, len(doc.words))
-    lengths = np.cumsum([0, *map(len, doc.words)])
-    m = len(doc.words) - n + 1
-    key = np.zeros(m, np.uint64)
-    with np.errstate(over="ignore"):  # the arithmetic wraps around on purpose
-        for k in range(n):
-            key = (key ^ word_ids[k: k + m]) * np.uint64(0x9E3779B97F4A7C15)
-            key ^= key >> np.uint64(29)
-    if np.unique(key).size == m:
-        return None, []
-    return key.tolist(), (lengths[n:] - lengths[:m]).tolist()
 
 
 def corpus_rules(cfg: Any) -> list[Rule]:

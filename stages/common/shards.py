@@ -109,6 +109,20 @@ def write_arrays(path: Path, arrays: dict[str, Any]) -> Path:
     return path
 
 
+def write_array(path: Path, array: Any) -> Path:
+    """One numpy array to `path` (.npy, which a later step can memory-map and read in part),
+    through a temporary sibling."""
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+    return path
+
+
 def read_shard(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
     """One shard; a file that is not readable Parquet is bad input, named."""
     try:

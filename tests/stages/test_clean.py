@@ -381,3 +381,33 @@ def test_main_reads_its_params_section(tmp_path: Path, paths: Paths, monkeypatch
     assert metrics["docs_out"] == 1
     params.write_text(yaml.safe_dump({"paths": paths.model_dump(mode="json"), "clean": {**section, "min_wrds": 10}}))
     assert clean.main(["--params", str(params), "--no-mlflow"]) == 2
+
+
+def test_batch_language_id_is_py3langid(langid: clean.LanguageId) -> None:
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    reference = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    texts = [ENGLISH, CHINESE, FRENCH, WIKI, "", " ", "OK", "ALL CAPS TEXT HERE", ENGLISH * 60, "漢" * 30_000,
+             CHINESE + ENGLISH, "1234 5678"]
+    assert langid.many(texts) == [(lang, float(p)) for lang, p in (reference.classify(t[:langid.HEAD]) for t in texts)]
+    assert langid(ENGLISH) == langid.many([ENGLISH])[0]
+
+
+def test_rules_on_arrays_see_the_words_the_token_pattern_finds() -> None:
+    for text in (ENGLISH, CHINESE, FRENCH, "a -- b ,, c\t漢字 x_y 𠀀𠀁 😀 ٣٤ Ⅻ", "", "   ", "....", WIKI):
+        d = doc(text)
+        tokens = quality._TOKEN.findall(text)
+        words = [t for t in tokens if any(c.isalnum() for c in t)]
+        assert d.words == words
+        assert (d.view.n_tokens, d.view.alpha_tokens) == (len(tokens), sum(any(c.isalpha() for c in t) for t in tokens))
+        assert d.view.digits == sum(c.isdigit() for c in text)
+        assert d.view.non_space == sum(not c.isspace() for c in text)
+        equal = {(a, b) for a in range(len(words)) for b in range(len(words)) if words[a] == words[b]}
+        hashes = d.view.hashes.tolist()
+        assert {(a, b) for a in range(len(words)) for b in range(len(words)) if hashes[a] == hashes[b]} == equal
+
+
+def test_top_ngram_names_the_first_of_the_most_frequent() -> None:
+    text = "alpha beta " * 6 + "gamma delta " * 6 + ENGLISH
+    dropped = quality.top_ngrams(doc(text), {2: 0.05})
+    assert dropped.detail.startswith("top 2-gram 'alpha beta' x6 covers")

@@ -51,3 +51,22 @@ def test_one_cjk_definition_for_clean_and_dedup() -> None:
     assert (table[bmp_cjk] == 2).all() and int((table == 2).sum()) == len(bmp_cjk)
     assert table[ord("a")] == 1 and table[ord(",")] == 0
     assert np.uint8(table[ord("7")]) == 1
+
+
+def test_ftfy_is_skipped_only_where_it_would_change_nothing() -> None:
+    import ftfy
+
+    from stages.common.text import _ftfy_may_change
+
+    def fixed(text: str) -> str:
+        return ftfy.fix_text(text, fix_character_width=False, uncurl_quotes=False, normalization=None, explain=False)
+
+    clean = ["plain ASCII prose.", "１９９８年，“一国两制”。", "naïve café — “quoted”", "Ünïcödé ÷ ±"]
+    damaged = ["cafÃ© au lait", "âœ” No problems", "it&#x2019;s ﬂubberiﬁc", "voilÃ le travail", "x\nÃ  y",
+               "a\x85b", "\x1b[31mred", "\ufeffbom", "line\u2028break", "ГўВЂВ™s", "Ã ",
+               "中文".encode().decode("latin-1"), "café".encode().decode("cp1252")]
+    for text in clean + damaged:
+        assert _ftfy_may_change(text) or fixed(text) == text, text
+    for text in damaged:
+        assert _ftfy_may_change(text), text  # each of these is something ftfy rewrites
+    assert not _ftfy_may_change(clean[0]) and not _ftfy_may_change(clean[1])  # the common case goes without ftfy

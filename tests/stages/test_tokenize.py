@@ -11,7 +11,7 @@ import yaml
 from stages.base import run as run_base
 from stages.common.config import Paths, StageError
 from stages.common.io import read_records, write_records
-from stages.tokenize import is_val, pack, run
+from stages.tokenize import Packer, is_val, pack, run
 from tests.conftest import tiny_config
 
 SCRATCH = {"vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
@@ -31,6 +31,18 @@ def test_pack_joins_documents_with_eos_and_cuts_full_blocks() -> None:
     docs = [np.array([5, 6, 7], np.int32), np.array([8], np.int32), np.array([9, 10], np.int32)]
     blocks, left = pack(docs, eos_id=2, block_size=4)
     assert blocks.tolist() == [[5, 6, 7, 2], [8, 2, 9, 10]] and left == 1
+
+
+def test_packer_shard_by_shard_gives_packs_blocks(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(3, 100, rng.integers(0, 30), dtype=np.int32) for _ in range(50)]
+    blocks, left = pack(docs, eos_id=2, block_size=16)
+    packer = Packer(tmp_path / "blocks.arrow", eos_id=2, block_size=16)
+    for lo in range(0, 50, 7):  # shards of 7 documents
+        packer.add(docs[lo: lo + 7])
+        assert len(packer.carry) < 16  # what waits for the next shard is less than a block
+    table, leftover = packer.close()
+    assert np.array(table.column("input_ids").to_pylist()).tolist() == blocks.tolist() and leftover == left
 
 
 def test_split_is_a_stable_function_of_the_id() -> None:
