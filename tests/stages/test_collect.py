@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from stages.collect import READERS, CollectConfig, run
-from stages.common.config import Paths, StageError
+from stages.common.config import Paths, StageError, read_yaml
 from stages.common.io import read_records
-from tests.conftest import tiny_config
+from tests.conftest import ROOT, tiny_config
 
 # Every key a source type needs besides name, type and path (the configs have no defaults).
 FIELDS = {
@@ -323,3 +323,21 @@ def test_the_split_survives_every_data_stage(tiny_inputs: Paths) -> None:
     for stage in ("clean", "decontam", "dedup"):
         found = read_records(getattr(tiny_inputs, stage), "preferences")
         assert found and all(r["split"] == raw[r["id"]] for r in found), stage
+
+
+def test_no_training_source_reads_a_task_the_evaluation_scores() -> None:
+    """Every BIG-bench source of the demo's instructions and preferences is a task `make setup`
+    extracts, and none is one of the evaluation's tasks, but for hhh_alignment's salted training part."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fetch_assets", ROOT / "scripts/fetch_assets.py")
+    fetch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fetch)
+    params = read_yaml(ROOT / "params.yaml")["collect"]
+    sources = [s for kind in ("instructions", "preferences") for s in params[kind] if s["type"] == "bigbench"]
+    assert len([s for s in params["preferences"] if s["type"] == "bigbench"]) >= 10
+    for src in sources:
+        task = str(Path(src["path"]).relative_to("assets/bigbench"))
+        assert any(task == t or task.startswith(t + "/") for t in fetch.TASKS), src["name"]
+        evaluated = [t for t in fetch.EVALUATION_TASKS if task == t or task.startswith(t + "/")]
+        assert not evaluated or src["holdout"], f"{src['name']} trains on {evaluated}, which evaluate scores"
