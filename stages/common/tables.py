@@ -40,16 +40,18 @@ def markdown(values: Table, errors: Table, columns: list[str], metric_names: dic
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines += ["", "Value ± standard error over the held-out items."]
     if comparisons:
-        lines += ["", "Each row against the one before it: the paired difference (row minus the other, over the "
-                  "same items) and its bootstrap interval; `better` when the interval lies on the better side "
-                  "of zero (for perplexity the difference is in log perplexity).", "",
+        lines += ["", "Each row against another (`against`: the row evaluate.against names, a quantized model's "
+                  "original, else the row before it; a scorer against chance): the paired difference (row minus "
+                  "the other, over the same items) and its bootstrap interval, or for a win rate the share of "
+                  "items the row wins; `better` when the interval lies on the better side (for perplexity the "
+                  "difference is in log perplexity).", "",
                   "| model | against | metric | difference | interval | better |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for row, found in comparisons.items():
             for metric, c in found.items():
                 if metric == "against":
                     continue
-                if metric == "win_rate":  # a share, not a difference: above 0.5 is better
+                if "diff" not in c:  # a win rate: a share, not a difference; above 0.5 is better
                     shown, interval = f"{c['value']:.3f}", f"[{c['low']:.3f}, {c['high']:.3f}]"
                 else:
                     shown, interval = f"{c['diff']:+.4f}", f"[{c['low']:+.4f}, {c['high']:+.4f}]"
