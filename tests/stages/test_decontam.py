@@ -34,8 +34,7 @@ def quiz(task_dir: Path) -> str:
 def evaluate_config(task_dir: Path, holdout: dict | None = None, **tasks: dict) -> EvaluateConfig:
     section = {**tiny_params()["evaluate"], "task_dir": str(task_dir), **({"holdout": holdout} if holdout else {}),
                "tasks": {name: {"limit": None, "max_new_tokens": None, "holdout": False, **t}
-                         for name, t in tasks.items()},
-               "preferences": {**tiny_params()["evaluate"]["preferences"], "task": next(iter(tasks))}}
+                         for name, t in tasks.items()}}
     return load_section(EvaluateConfig, "evaluate", {"evaluate": section})
 
 
