@@ -68,8 +68,12 @@ class Paths(StageConfig):
     """The instruction-tuned model (adapters merged)."""
     reward: Path
     """The reward model (a sequence classifier with one output)."""
+    reference: Path
+    """The policy part of the preference pairs, with the sft model's log-probabilities of each answer."""
     ppo: Path
-    """The policy after PPO (or RLOO / GRPO): the pipeline's final model."""
+    """The policy after PPO (or RLOO / GRPO)."""
+    dpo: Path
+    """The policy after offline preference optimisation (DPO, KTO, ORPO or SimPO)."""
     quantized: Path
     """One folder per quantization method of the final model (`quantized/<method>/`)."""
     reports: Path
