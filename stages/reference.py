@@ -37,8 +37,6 @@ from stages.common.runner import run_stage
 log = logging.getLogger("llm_forge.reference")
 
 STAGE = "reference"
-PAIRS_FILE = "pairs.parquet"
-META_FILE = "reference.json"
 
 
 class ReferenceConfig(StageConfig):
@@ -52,22 +50,6 @@ class ReferenceConfig(StageConfig):
     """Salt of the id hash that orders the pairs for `max_pairs`."""
     batch_size: int = Field(ge=1)
     """Sequences per forward pass of the sft model."""
-
-
-def sft_hash(folder: Path) -> str:
-    """The sft model's content hash as DVC computes it: which model the log-probs belong to."""
-    from stages.common.lineage import Hasher
-
-    return Hasher().folder(folder)
-
-
-def read_pairs(folder: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The scored pairs and their `reference.json`, for `dpo`."""
-    import pyarrow.parquet as pq
-
-    if not (Path(folder) / PAIRS_FILE).is_file() or not (Path(folder) / META_FILE).is_file():
-        raise StageError(f"{folder} holds no scored pairs ({PAIRS_FILE}, {META_FILE}): run the reference stage first")
-    return pq.read_table(Path(folder) / PAIRS_FILE).to_pylist(), json.loads((Path(folder) / META_FILE).read_text())
 
 
 def run(cfg: ReferenceConfig, paths: Paths) -> dict[str, Any]:
@@ -107,8 +89,9 @@ def run(cfg: ReferenceConfig, paths: Paths) -> dict[str, Any]:
          "rejected_tokens": len(p.rejected_ids), "ref_chosen_logps": logps[2 * i],
          "ref_rejected_logps": logps[2 * i + 1]} for i, p in enumerate(pairs)])
     with atomic_dir(paths.reference) as tmp:
-        pq.write_table(table, tmp / PAIRS_FILE)
-        (tmp / META_FILE).write_text(json.dumps({"sft_md5": sft_hash(paths.sft), "pairs": len(pairs)}, indent=1) + "\n")
+        pq.write_table(table, tmp / preference.PAIRS_FILE)
+        meta = {"sft_md5": preference.model_hash(paths.sft), "pairs": len(pairs)}
+        (tmp / preference.META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
 
     chosen, rejected = logps[0::2], logps[1::2]
     return {

@@ -21,6 +21,9 @@ from stages.common.config import StageError
 
 PART_COLUMN = "split"
 POLICY_PART = "policy"
+# data/reference/: the scored pairs, and which sft model scored them
+PAIRS_FILE = "pairs.parquet"
+META_FILE = "reference.json"
 
 
 @dataclass
@@ -159,3 +162,21 @@ def answer_logps(model: Any, rows: list[tuple[list[int], list[int]]], batch_size
                 out[i] = value
     model.train(was_training)
     return out
+
+
+def model_hash(folder: Path) -> str:
+    """A model folder's content hash as DVC computes it: which sft model the cached log-probs belong to."""
+    from stages.common.lineage import Hasher
+
+    return Hasher().folder(folder)
+
+
+def read_scored(folder: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The pairs the reference stage scored (`PAIRS_FILE`) and what scored them (`META_FILE`)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    if not (Path(folder) / PAIRS_FILE).is_file() or not (Path(folder) / META_FILE).is_file():
+        raise StageError(f"{folder} holds no scored pairs ({PAIRS_FILE}, {META_FILE}): run the reference stage first")
+    return pq.read_table(Path(folder) / PAIRS_FILE).to_pylist(), json.loads((Path(folder) / META_FILE).read_text())

@@ -14,6 +14,7 @@ import pytest
 from stages import reference
 from stages.common.config import Paths, StageError
 from stages.common.io import write_records
+from stages.common.preference import model_hash, read_scored
 from tests.conftest import tiny_config, tiny_model
 
 TOPICS = ["the river", "a red car", "the old town", "green tea", "the winter", "a small dog", "the market",
@@ -75,8 +76,8 @@ def trl_reference_logps(paths: Paths, pairs: list[dict]) -> dict[str, tuple[floa
 
 def test_cached_log_probs_are_what_trl_computes(pref_paths: Paths) -> None:
     m = reference.run(tiny_config("reference", max_pairs=None), pref_paths)
-    pairs, meta = reference.read_pairs(pref_paths.reference)
-    assert meta["sft_md5"] == reference.sft_hash(pref_paths.sft) and meta["pairs"] == len(pairs) == 40
+    pairs, meta = read_scored(pref_paths.reference)
+    assert meta["sft_md5"] == model_hash(pref_paths.sft) and meta["pairs"] == len(pairs) == 40
     trl = trl_reference_logps(pref_paths, pairs)
     assert set(trl) == {p["id"] for p in pairs}
     for p in pairs:
@@ -92,7 +93,7 @@ def test_only_the_policy_part_and_every_skipped_pair_counted(pref_paths: Paths) 
     assert m["docs_in"] == 45 and m["docs_out"] == 40
     assert m["dropped"] == {"empty_answer": 2, "identical_pair": 2, "too_long": 1}
     assert m["docs_in"] == m["docs_out"] + sum(m["dropped"].values())
-    pairs, _ = reference.read_pairs(pref_paths.reference)
+    pairs, _ = read_scored(pref_paths.reference)
     assert {p["id"] for p in pairs} == {f"toy/{i}" for i in range(40)}  # no other part's pair
     assert all(p["prompt_tokens"] + max(p["chosen_tokens"], p["rejected_tokens"]) <= 64 for p in pairs)
     assert json.loads((pref_paths.reference / "reference.json").read_text())["pairs"] == 40
@@ -101,12 +102,12 @@ def test_only_the_policy_part_and_every_skipped_pair_counted(pref_paths: Paths) 
 def test_a_cap_keeps_a_stable_subset(pref_paths: Paths) -> None:
     m = reference.run(tiny_config("reference", max_pairs=10), pref_paths)
     assert m["docs_out"] == 10 and m["dropped"]["beyond_max_pairs"] == 30
-    first = {p["id"] for p in reference.read_pairs(pref_paths.reference)[0]}
+    first = {p["id"] for p in read_scored(pref_paths.reference)[0]}
     # other pairs arriving do not reshuffle which ones are kept: the newcomers only take a place by their hash
     newcomers = [{**r, "id": f"new/{r['id']}"} for r in toy_pairs(20)]
     write_records(pref_paths.dedup, "preferences", toy_pairs(40) + newcomers)
     reference.run(tiny_config("reference", max_pairs=10), pref_paths)
-    again = {p["id"] for p in reference.read_pairs(pref_paths.reference)[0]}
+    again = {p["id"] for p in read_scored(pref_paths.reference)[0]}
     new = {i for i in again if i.startswith("new/")}
     assert again - new <= first and len(first - again) == len(new)
 
