@@ -137,7 +137,8 @@ def unpaired_rows(pairs: list[Pair], ref: dict[str, tuple[float, float]], seed: 
     in a seeded order (KTO reads them in order: its KL estimate pairs each prompt with the answer
     before it in its batch, and a batch should mix both labels)."""
     rows = [{"prompt": conversation(p.prompt), "completion": reply(answer), "label": label, "ref_logps": logp}
-            for p in pairs for answer, label, logp in ((p.chosen, True, ref[p.id][0]), (p.rejected, False, ref[p.id][1]))]
+            for p in pairs
+            for answer, label, logp in ((p.chosen, True, ref[p.id][0]), (p.rejected, False, ref[p.id][1]))]
     random.Random(seed).shuffle(rows)
     return rows
 
@@ -285,7 +286,8 @@ def run(cfg: DpoConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
     pairs, ref = load_pairs(paths, tokenizer)
     train_pairs, val_pairs = split(pairs, cfg)
     if not train_pairs:
-        raise StageError(f"{paths.reference} leaves no pair to train on ({len(pairs)} pairs, {len(val_pairs)} held out)")
+        raise StageError(f"{paths.reference} leaves no pair to train on ({len(pairs)} pairs, "
+                         f"{len(val_pairs)} held out)")
     log.info("%s (%s): %d train, %d held-out pairs", cfg.algorithm, cfg.method, len(train_pairs), len(val_pairs))
     tr.seed_everything(cfg.seed)
     precision = tr.resolve_precision(train.precision)
