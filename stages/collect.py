@@ -12,9 +12,13 @@ folder, a file over `max_file_bytes`, an unsafe archive member...) is counted un
 `metrics.json` and sampled in `reports/collect/`; a line that is not UTF-8 is decoded or dropped
 on its own, never changing how the rest of its file is read. A source that is also a benchmark
 (`holdout: true`: hhh_alignment) gives only the part `evaluate.holdout` leaves for training; the
-examples held out are counted per kind and source (`kinds.<kind>.held_out_for_evaluation`). A
-missing source path, a source with no readable record, or an empty corpus stop the stage with one
-sentence naming the source.
+examples held out are counted per kind and source (`kinds.<kind>.held_out_for_evaluation`). Every
+preference record gets its part of the data in a `split` column (`reward`, `judge`, `policy`,
+`test`: `stages.common.preferences`), by a salted hash of its prompt (`collect.preference_split`;
+counted in `kinds.preferences.splits`); an instruction that asks a prompt of the `test` part is
+dropped (`test_prompt`), so that no model trains on what it is scored on. A missing source path, a
+source with no readable record, or an empty corpus stop the stage with one sentence naming the
+source.
 
     python -m stages.collect [--params params.yaml]
 """
@@ -33,6 +37,7 @@ from pydantic import Field
 from stages.common.benchmarks import HELD_OUT, Holdout
 from stages.common.config import Paths, StageConfig, StageError
 from stages.common.io import KINDS, Drop, Tally, atomic_dir, content_id, record_bytes, records_table, write_jsonl
+from stages.common.preferences import PARTS, SPLIT, TEST, PreferenceSplit, normalize_prompt
 from stages.common.runner import run_stage
 from stages.common.shards import ShardWriter
 from stages.common.text import SURROGATE, fix_surrogates
@@ -60,7 +65,9 @@ class CollectConfig(StageConfig):
     instructions: list[InstructionSource]
     """Instruction data for SFT (and prompts for PPO)."""
     preferences: list[PreferenceSource]
-    """Chosen/rejected pairs for the reward model."""
+    """Chosen/rejected pairs for the reward model, the judge and preference optimization."""
+    preference_split: PreferenceSplit
+    """How the preference records are split into the parts each model trains or is scored on (by prompt)."""
     limit: int | None = Field(ge=1)
     """At most this many records from every source (the tiny profile samples this way; null: all)."""
     max_file_bytes: int = Field(ge=1)
@@ -86,6 +93,9 @@ READERS: dict[str, dict[str, Reader]] = {
     "preferences": {"pairs": chat.read_pairs, "bigbench": bigbench.read_preferences, "hf": hub.read_preferences},
 }
 SECTIONS = {"corpus": "sources", "instructions": "instructions", "preferences": "preferences"}
+# Preferences before instructions: an instruction asking a held-out preference prompt is left out.
+ORDER = ("corpus", "preferences", "instructions")
+TEST_PROMPT = "test_prompt"
 
 
 def repair_strings(record: dict[str, Any], stats: Counter[str]) -> dict[str, Any]:
@@ -103,11 +113,18 @@ def repair_strings(record: dict[str, Any], stats: Counter[str]) -> dict[str, Any
     return rec
 
 
+def instruction_prompt(record: dict[str, Any]) -> str | None:
+    """The user turn an instruction record answers (its last user message), if it has one."""
+    return next((m["content"] for m in reversed(record.get("messages") or []) if m.get("role") == "user"), None)
+
+
 def collect_kind(kind: str, sources: list[Any], cfg: CollectConfig, stats: Counter[str],
                  drops: list[dict[str, str]], tally: Tally, holdout: Holdout,
-                 emit: Callable[[dict[str, Any]], None]) -> None:
+                 emit: Callable[[dict[str, Any]], None],
+                 screen: Callable[[dict[str, Any]], Drop | None] = lambda rec: None) -> None:
     """Every record of one kind from its sources to `emit`, with unique ids and fixed surrogates;
-    a source that is also a benchmark (`holdout: true`) without its evaluation part."""
+    a source that is also a benchmark (`holdout: true`) without its evaluation part, and without
+    the records `screen` drops."""
     seen: set[str] = set()
     for i, src in enumerate(sources):
         where = f"collect.{SECTIONS[kind]}[{i}] ({src.name})"
@@ -121,12 +138,15 @@ def collect_kind(kind: str, sources: list[Any], cfg: CollectConfig, stats: Count
                 break
             taken += 1
             tally.docs_in += 1
+            if not isinstance(item, Drop):
+                item = repair_strings(item, stats)
+                item = screen(item) or item
             if isinstance(item, Drop):
                 tally.drop(item.reason)
                 if len(drops) < cfg.samples * 5:
                     drops.append({"kind": kind, "source": src.name, "reason": item.reason, "detail": item.detail})
                 continue
-            rec = repair_strings(item, stats)
+            rec = item
             body = json.dumps({k: v for k, v in rec.items() if k != "id"}, ensure_ascii=False, sort_keys=True)
             rid = rec.get("id") or content_id(src.name, body)
             if rid in seen:  # two records with one id: keep both, make the second id unique
@@ -151,19 +171,37 @@ def run(cfg: CollectConfig, paths: Paths, evaluate: EvaluateConfig) -> dict[str,
     stats: Counter[str] = Counter()
     drops: list[dict[str, str]] = []
     total, per_kind, samples, sources, shards = Tally(), {}, {}, {}, {}
+    splits: Counter[str] = Counter()
+    test_prompts: set[str] = set()  # normalized prompts of the `test` part
+
+    def split(rec: dict[str, Any]) -> None:
+        rec[SPLIT] = cfg.preference_split.part(rec["prompt"])
+        splits[rec[SPLIT]] += 1
+        if rec[SPLIT] == TEST:
+            test_prompts.add(normalize_prompt(rec["prompt"]))
+
+    def screen(rec: dict[str, Any]) -> Drop | None:
+        prompt = instruction_prompt(rec)
+        if prompt is not None and normalize_prompt(prompt) in test_prompts:
+            return Drop(TEST_PROMPT, f"asks a prompt of the preference data's {TEST} part: {prompt[:80]!r}")
+        return None
+
     with atomic_dir(paths.raw) as tmp:
-        for kind in KINDS:
+        for kind in ORDER:
             tally, counts, samples[kind], sources[kind] = Tally(), Counter(), [], Counter()
             writer = ShardWriter(tmp, kind, cfg.shard_bytes, lambda rs, k=kind: records_table(k, rs),
                                  lambda r, k=kind: record_bytes(k, r))
 
             def emit(rec: dict[str, Any], kind: str = kind, writer: ShardWriter = writer) -> None:
+                if kind == "preferences":
+                    split(rec)
                 writer.add(rec)
                 sources[kind][rec["source"]] += 1
                 if len(samples[kind]) < cfg.samples:
                     samples[kind].append(rec)
 
-            collect_kind(kind, getattr(cfg, SECTIONS[kind]), cfg, counts, drops, tally, evaluate.holdout, emit)
+            collect_kind(kind, getattr(cfg, SECTIONS[kind]), cfg, counts, drops, tally, evaluate.holdout, emit,
+                         **({"screen": screen} if kind == "instructions" else {}))
             writer.close()
             shards[kind] = writer.shards
             tally.check(f"collect {kind}")
@@ -171,6 +209,8 @@ def run(cfg: CollectConfig, paths: Paths, evaluate: EvaluateConfig) -> dict[str,
             per_kind[kind] = {**tally.as_metrics(), "shards": writer.shards, **({HELD_OUT: held} if held else {})}
             total.merge(tally)
             stats.update(counts)
+        per_kind["preferences"]["splits"] = {part: splits[part] for part in PARTS}
+        per_kind = {kind: per_kind[kind] for kind in KINDS}
         if not sources["corpus"]:
             raise StageError("the corpus sources yielded no document")
 

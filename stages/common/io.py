@@ -42,6 +42,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("prompt", pa.string()),
             ("chosen", pa.string()),
             ("rejected", pa.string()),
+            ("split", pa.string()),  # the part of the data the pair belongs to (stages/common/preferences.py)
         ]
     ),
 }

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from stages.collect import READERS, CollectConfig, run
-from stages.common.config import Paths, StageError
+from stages.common.config import Paths, StageError, read_yaml
 from stages.common.io import read_records
-from tests.conftest import tiny_config
+from tests.conftest import ROOT, tiny_config
 
 # Every key a source type needs besides name, type and path (the configs have no defaults).
 FIELDS = {
@@ -189,8 +189,11 @@ def test_a_benchmark_source_gives_only_the_part_the_evaluation_set_does_not_scor
     evaluation_set = [json.loads(line) for line in lines]
     scored = {r["id"] for r in evaluation_set if holdout.for_evaluation(r)}
     trained = {r["id"] for r in read_records(paths.raw, "instructions")}
-    assert trained and scored and not trained & scored
-    assert trained | scored == {r["id"] for r in evaluation_set}
+    # the items whose question the preference data holds out as its test part train no model either
+    tested = {r["id"].rpartition("/")[0] for r in read_records(paths.raw, "preferences") if r["split"] == "test"}
+    assert trained and scored and tested and not trained & scored and not trained & tested
+    assert trained | scored | tested == {r["id"] for r in evaluation_set}
+    assert m["kinds"]["instructions"]["dropped"] == {"test_prompt": len(tested)}
     # a question asked by several items (with other answers) is on one side only
     prompts = {r["id"]: r["input"] for r in evaluation_set}
     assert not {prompts[i] for i in trained} & {prompts[i] for i in scored}
@@ -266,3 +269,75 @@ def test_archive_members_are_read_like_files_of_a_folder(paths: Paths, tmp_path:
     assert m["dropped"] == {"malformed_json": 1}
     with pytest.raises(StageError, match="not a zip or tar archive"):
         collect(paths, sources=[source("x", "archive", str(lines), glob="*")])
+
+
+def test_every_pair_of_a_prompt_lands_in_one_part_and_no_instruction_asks_a_test_prompt(
+        paths: Paths, tmp_path: Path) -> None:
+    """The split is by prompt (case and spacing do not make another prompt), the shares are near
+    the configured ones, and an instruction asking a test prompt is dropped with its reason."""
+    from stages.common.preferences import PARTS, normalize_prompt
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"text": "a document"}) + "\n")
+    pairs, chats = tmp_path / "pairs.jsonl", tmp_path / "chat.jsonl"
+    rows = [{"prompt": f"Question {i}: what is {i} squared?", "chosen": str(i * i), "rejected": str(i + 1)}
+            for i in range(400)]
+    rows += [{**r, "prompt": "  " + r["prompt"].upper(), "rejected": "no idea"} for r in rows[:100]]
+    pairs.write_text("\n".join(json.dumps(r) for r in rows))
+    chats.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
+                                                        {"role": "assistant", "content": r["chosen"]}]})
+                               for r in rows[:400]))
+    m = collect(paths, sources=[source("c", "jsonl", str(corpus))], preferences=[source("p", "pairs", str(pairs))],
+                instructions=[source("chat", "chat", str(chats))])
+    prefs = read_records(paths.raw, "preferences")
+    parts: dict[str, set[str]] = {}
+    for r in prefs:
+        parts.setdefault(normalize_prompt(r["prompt"]), set()).add(r["split"])
+    assert len(parts) == 400 and all(len(found) == 1 for found in parts.values())
+    split = tiny_config("collect").preference_split
+    counts = m["kinds"]["preferences"]["splits"]
+    assert set(counts) == set(PARTS) and sum(counts.values()) == len(prefs) == 500
+    for part in PARTS:  # 400 prompts: each share within 0.06 of the configured one
+        share = sum(1 for found in parts.values() if part in found) / 400
+        assert abs(share - getattr(split, part)) < 0.06, (part, share)
+    test = {p for p, found in parts.items() if "test" in found}
+    kept = read_records(paths.raw, "instructions")
+    assert len(kept) == 400 - len(test) and not {normalize_prompt(r["messages"][0]["content"]) for r in kept} & test
+    assert m["kinds"]["instructions"]["dropped"] == {"test_prompt": len(test)}
+    # a new salt draws other parts
+    other = split.model_copy(update={"salt": "another"})
+    assert sum(other.part(p) != split.part(p) for p in parts) > 100
+
+
+def test_the_shares_of_the_parts_must_add_up_to_one() -> None:
+    from stages.common.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"collect\.preference_split: .*add up to 1\.1, not 1"):
+        tiny_config("collect", preference_split={"reward": 0.4})
+
+
+def test_the_split_survives_every_data_stage(tiny_inputs: Paths) -> None:
+    """clean, decontam and dedup pass each preference record's part on as collect decided it."""
+    raw = {r["id"]: r["split"] for r in read_records(tiny_inputs.raw, "preferences")}
+    assert set(raw.values()) == {"reward", "judge", "policy", "test"}
+    for stage in ("clean", "decontam", "dedup"):
+        found = read_records(getattr(tiny_inputs, stage), "preferences")
+        assert found and all(r["split"] == raw[r["id"]] for r in found), stage
+
+
+def test_no_training_source_reads_a_task_the_evaluation_scores() -> None:
+    """Every BIG-bench source of the demo's instructions and preferences is a task `make setup`
+    extracts, and none is one of the evaluation's tasks, but for hhh_alignment's salted training part."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fetch_assets", ROOT / "scripts/fetch_assets.py")
+    fetch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fetch)
+    params = read_yaml(ROOT / "params.yaml")["collect"]
+    sources = [s for kind in ("instructions", "preferences") for s in params[kind] if s["type"] == "bigbench"]
+    assert len([s for s in params["preferences"] if s["type"] == "bigbench"]) >= 10
+    for src in sources:
+        task = str(Path(src["path"]).relative_to("assets/bigbench"))
+        assert any(task == t or task.startswith(t + "/") for t in fetch.TASKS), src["name"]
+        evaluated = [t for t in fetch.EVALUATION_TASKS if task == t or task.startswith(t + "/")]
+        assert not evaluated or src["holdout"], f"{src['name']} trains on {evaluated}, which evaluate scores"

@@ -30,7 +30,7 @@ def write(paths: Paths, docs: list[dict]) -> None:
         {"id": "i1", "source": "s",
          "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}])
     write_records(paths.dedup, "preferences",
-                  [{"id": "p1", "source": "s", "prompt": "Q", "chosen": "A", "rejected": "B"}])
+                  [{"id": "p1", "source": "s", "prompt": "Q", "chosen": "A", "rejected": "B", "split": "reward"}])
 
 
 def test_clean_data_passes_and_reports(paths: Paths) -> None:
