@@ -37,12 +37,12 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from stages.common import preference
+from stages.common import policy_pairs
 from stages.common import training as tr
 from stages.common.config import Paths, StageError
 from stages.common.io import id_hash, is_val, write_jsonl
 from stages.common.lm import greedy
-from stages.common.preference import Pair, conversation, reply
+from stages.common.policy_pairs import Pair, conversation, reply
 from stages.common.runner import run_stage
 from stages.common.training import TrainConfig, TrainerKnobs
 
@@ -99,13 +99,13 @@ class DpoConfig(TrainerKnobs):
 def load_pairs(paths: Paths, tokenizer: Any) -> tuple[list[Pair], dict[str, tuple[float, float]]]:
     """The scored pairs, tokenized here, and id -> (ref chosen, ref rejected) log-probs; an error
     when another sft model scored them or they tokenize otherwise (another tokenizer or template)."""
-    rows, meta = preference.read_scored(paths.reference)
-    if meta.get("sft_md5") != preference.model_hash(paths.sft):
+    rows, meta = policy_pairs.read_scored(paths.reference)
+    if meta.get("sft_md5") != policy_pairs.model_hash(paths.sft):
         raise StageError(f"{paths.reference} holds the log-probs of another sft model than {paths.sft}: "
                          "run the reference stage again")
     pairs, ref = [], {}
     for r in rows:
-        chosen, rejected = (preference.tokenize(tokenizer, r["prompt"], a) for a in (r["chosen"], r["rejected"]))
+        chosen, rejected = (policy_pairs.tokenize(tokenizer, r["prompt"], a) for a in (r["chosen"], r["rejected"]))
         if chosen is None or rejected is None or (len(chosen[0]), len(chosen[1]), len(rejected[1])) != (
                 r["prompt_tokens"], r["chosen_tokens"], r["rejected_tokens"]):
             raise StageError(f"pair {r['id']} of {paths.reference} tokenizes otherwise with the tokenizer of "
@@ -269,7 +269,7 @@ def heldout_scores(cfg: DpoConfig, pairs: list[Pair], logps: list[float],
 
 def policy_logps(model: Any, pairs: list[Pair], tokenizer: Any) -> list[float]:
     rows = [(p.prompt_ids, ids) for p in pairs for ids in (p.chosen_ids, p.rejected_ids)]
-    return preference.answer_logps(model, rows, 8, tokenizer.pad_token_id)
+    return policy_pairs.answer_logps(model, rows, 8, tokenizer.pad_token_id)
 
 
 # --- stage ------------------------------------------------------------------------------------
@@ -282,7 +282,7 @@ def run(cfg: DpoConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
     # setup: the scored pairs, split; the policy; the trainer of the algorithm
-    tokenizer = preference.load_tokenizer(paths.sft)
+    tokenizer = policy_pairs.load_tokenizer(paths.sft)
     pairs, ref = load_pairs(paths, tokenizer)
     train_pairs, val_pairs = split(pairs, cfg)
     if not train_pairs:

@@ -3,7 +3,7 @@
 Reads `data/dedup/preferences/` (records `{id, source, prompt, chosen, rejected, split}`) and
 `models/sft/`. Only the pairs of the `policy` part are used (`split`: the reward model, the judge
 and the test set train and score on the other parts). Each pair is tokenized as TRL's DPOTrainer
-tokenizes a conversational pair (`stages/common/preference.py`), and the sft model, in full
+tokenizes a conversational pair (`stages/common/policy_pairs.py`), and the sft model, in full
 precision, scores each answer: the sum over its tokens of the log-probability of the token given
 the prompt and the answer so far. These are the reference log-probabilities of DPO and KTO
 (`ref_chosen_logps`, `ref_rejected_logps`), which `dpo` reads instead of running the reference
@@ -29,7 +29,7 @@ from typing import Any
 
 from pydantic import Field
 
-from stages.common import preference
+from stages.common import policy_pairs
 from stages.common.config import Paths, StageConfig, StageError
 from stages.common.io import atomic_dir, read_records
 from stages.common.runner import run_stage
@@ -64,11 +64,11 @@ def run(cfg: ReferenceConfig, paths: Paths) -> dict[str, Any]:
     if not (Path(paths.sft) / "config.json").is_file():
         raise StageError(f"{paths.sft} holds no model (config.json): run the sft stage first")
     records = read_records(paths.dedup, "preferences")
-    policy, parts = preference.policy_records(records, str(source))
-    tokenizer = preference.load_tokenizer(paths.sft)
-    pairs, dropped = preference.prepare_pairs(policy, tokenizer, cfg.max_length)
+    policy, parts = policy_pairs.policy_records(records, str(source))
+    tokenizer = policy_pairs.load_tokenizer(paths.sft)
+    pairs, dropped = policy_pairs.prepare_pairs(policy, tokenizer, cfg.max_length)
     if cfg.max_pairs is not None and len(pairs) > cfg.max_pairs:
-        pairs = sorted(pairs, key=lambda p: preference.pair_order(p.id, cfg.salt))
+        pairs = sorted(pairs, key=lambda p: policy_pairs.pair_order(p.id, cfg.salt))
         dropped["beyond_max_pairs"] = len(pairs) - cfg.max_pairs
         pairs = pairs[: cfg.max_pairs]
     if not pairs:
@@ -79,7 +79,7 @@ def run(cfg: ReferenceConfig, paths: Paths) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(paths.sft, dtype=torch.float32).to(device())
     started = time.perf_counter()
     rows = [(p.prompt_ids, ids) for p in pairs for ids in (p.chosen_ids, p.rejected_ids)]
-    logps = preference.answer_logps(model, rows, cfg.batch_size, tokenizer.pad_token_id)
+    logps = policy_pairs.answer_logps(model, rows, cfg.batch_size, tokenizer.pad_token_id)
     seconds = time.perf_counter() - started
     tokens = sum(len(a) + len(b) for a, b in rows)
 
@@ -89,9 +89,9 @@ def run(cfg: ReferenceConfig, paths: Paths) -> dict[str, Any]:
          "rejected_tokens": len(p.rejected_ids), "ref_chosen_logps": logps[2 * i],
          "ref_rejected_logps": logps[2 * i + 1]} for i, p in enumerate(pairs)])
     with atomic_dir(paths.reference) as tmp:
-        pq.write_table(table, tmp / preference.PAIRS_FILE)
-        meta = {"sft_md5": preference.model_hash(paths.sft), "pairs": len(pairs)}
-        (tmp / preference.META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        pq.write_table(table, tmp / policy_pairs.PAIRS_FILE)
+        meta = {"sft_md5": policy_pairs.model_hash(paths.sft), "pairs": len(pairs)}
+        (tmp / policy_pairs.META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
 
     chosen, rejected = logps[0::2], logps[1::2]
     return {

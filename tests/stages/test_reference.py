@@ -14,7 +14,7 @@ import pytest
 from stages import reference
 from stages.common.config import Paths, StageError
 from stages.common.io import write_records
-from stages.common.preference import model_hash, read_scored
+from stages.common.policy_pairs import model_hash, read_scored
 from tests.conftest import tiny_config, tiny_model
 
 TOPICS = ["the river", "a red car", "the old town", "green tea", "the winter", "a small dog", "the market",
@@ -60,7 +60,7 @@ def trl_reference_logps(paths: Paths, pairs: list[dict]) -> dict[str, tuple[floa
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from stages.common.preference import conversation, load_tokenizer, reply
+    from stages.common.policy_pairs import conversation, load_tokenizer, reply
 
     tok = load_tokenizer(paths.sft)
     model = AutoModelForCausalLM.from_pretrained(paths.sft, dtype=torch.float32)
@@ -112,11 +112,11 @@ def test_a_cap_keeps_a_stable_subset(pref_paths: Paths) -> None:
     assert again - new <= first and len(first - again) == len(new)
 
 
-def test_no_split_column_or_no_policy_pair_is_an_error(pref_paths: Paths) -> None:
-    write_records(pref_paths.dedup, "preferences", [{k: v for k, v in r.items() if k != "split"}
-                                                    for r in toy_pairs(4)])
-    with pytest.raises(StageError, match=r"dedup/preferences has no `split` column"):
-        reference.run(tiny_config("reference"), pref_paths)
+def test_no_usable_policy_pair_is_an_error(pref_paths: Paths) -> None:
     write_records(pref_paths.dedup, "preferences", toy_pairs(4, "reward") + bad_pairs()[:1])
-    with pytest.raises(StageError, match=r"no usable pair in its policy part"):
+    with pytest.raises(StageError, match=r"dedup/preferences has no usable pair in its policy part .*'reward': 4"):
+        reference.run(tiny_config("reference"), pref_paths)
+    write_records(pref_paths.dedup, "preferences", [{k: v for k, v in r.items() if k != "split"}
+                                                    for r in toy_pairs(4)])  # pairs of no part train nothing
+    with pytest.raises(StageError, match=r"no usable pair in its policy part .*'None': 4"):
         reference.run(tiny_config("reference"), pref_paths)

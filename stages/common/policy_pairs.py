@@ -1,12 +1,9 @@
 """Preference pairs for offline policy optimisation (`stages/reference.py`, `stages/dpo.py`): the
-policy part of the preference data, each pair tokenized as TRL's DPO and KTO trainers tokenize a
-conversational pair, and the summed log-probability a causal LM gives each answer.
-
-The preference records carry a `split` column naming the part of the data each belongs to (split
-by a salted hash of the prompt when they are collected): `reward` trains the proxy reward model,
-`judge` the independent judge, `test` is held out for scoring, and only `policy` pairs train a
-policy. Both stages that read pairs here tokenize them with `tokenize`, so the reference stage's
-cached log-probabilities belong to exactly the tokens `dpo` trains on.
+`policy` part of the preference data (`stages/common/preferences.py` says what the parts are), each
+pair tokenized as TRL's DPO and KTO trainers tokenize a conversational pair, and the summed
+log-probability a causal LM gives each answer. Both stages that read pairs here tokenize them with
+`tokenize`, so the reference stage's cached log-probabilities belong to exactly the tokens `dpo`
+trains on.
 """
 
 from __future__ import annotations
@@ -18,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from stages.common.config import StageError
+from stages.common.preferences import POLICY, SPLIT
 
-PART_COLUMN = "split"
-POLICY_PART = "policy"
 # data/reference/: the scored pairs, and which sft model scored them
 PAIRS_FILE = "pairs.parquet"
 META_FILE = "reference.json"
@@ -83,11 +79,11 @@ def load_tokenizer(folder: Path) -> Any:
 
 def policy_records(records: list[dict[str, Any]], where: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """The records of the policy part, and how many records each part holds."""
-    if records and PART_COLUMN not in records[0]:
-        raise StageError(f"{where} has no `{PART_COLUMN}` column: the preference data must say which part "
+    if records and SPLIT not in records[0]:
+        raise StageError(f"{where} has no `{SPLIT}` column: the preference data must say which part "
                          f"(reward, judge, policy, test) each pair belongs to (rerun collect)")
-    parts = Counter(str(r.get(PART_COLUMN)) for r in records)
-    return [r for r in records if r.get(PART_COLUMN) == POLICY_PART], dict(sorted(parts.items()))
+    parts = Counter(str(r.get(SPLIT)) for r in records)
+    return [r for r in records if r.get(SPLIT) == POLICY], dict(sorted(parts.items()))
 
 
 def prepare_pairs(records: list[dict[str, Any]], tokenizer: Any, max_length: int) -> tuple[list[Pair], Counter]:
