@@ -158,8 +158,10 @@ def build_trainer(cfg: DpoConfig, model: Any, tokenizer: Any, train_pairs: list[
         return tr.trainer_arguments(config_cls, cfg, output_dir, precision, bool(val_pairs), **extra)
 
     def datasets(rows: Any) -> dict[str, Any]:
+        # TRL's own evaluation only runs every `eval_steps`; the stage scores the held-out pairs itself
+        evaluated = val_pairs and cfg.eval_steps
         return {"train_dataset": Dataset.from_list(rows(train_pairs)),
-                "eval_dataset": Dataset.from_list(rows(val_pairs)) if val_pairs else None}
+                "eval_dataset": Dataset.from_list(rows(val_pairs)) if evaluated else None}
 
     if cfg.algorithm == "dpo":
         from trl import DPOConfig

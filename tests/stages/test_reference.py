@@ -74,6 +74,27 @@ def trl_reference_logps(paths: Paths, pairs: list[dict]) -> dict[str, tuple[floa
     return {i: (c, r) for i, c, r in zip(done["id"], done["ref_chosen_logps"], done["ref_rejected_logps"])}
 
 
+def trl_kto_reference_logps(paths: Paths, pairs: list[dict]) -> dict[tuple[str, bool], float]:
+    """What TRL's KTOTrainer computes itself (`ref_logps`) on the pairs unpaired: (id, desirable) -> log-prob."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import KTOConfig, KTOTrainer
+
+    from stages.common.policy_pairs import conversation, load_tokenizer, reply
+
+    tok = load_tokenizer(paths.sft)
+    model = AutoModelForCausalLM.from_pretrained(paths.sft, dtype=torch.float32)
+    data = datasets.Dataset.from_list([
+        {"id": p["id"], "prompt": conversation(p["prompt"]), "completion": reply(p[side]), "label": side == "chosen"}
+        for p in pairs for side in ("chosen", "rejected")])
+    args = KTOConfig(output_dir=str(paths.reports / "trl"), precompute_ref_log_probs=True, max_length=None,
+                     per_device_train_batch_size=4, report_to="none", remove_unused_columns=False, bf16=False,
+                     train_sampling_strategy="sequential")
+    done = KTOTrainer(model=model, args=args, train_dataset=data, processing_class=tok).train_dataset
+    return {(i, label): logp for i, label, logp in zip(done["id"], done["label"], done["ref_logps"])}
+
+
 def test_cached_log_probs_are_what_trl_computes(pref_paths: Paths) -> None:
     m = reference.run(tiny_config("reference", max_pairs=None), pref_paths)
     pairs, meta = read_scored(pref_paths.reference)
@@ -85,6 +106,10 @@ def test_cached_log_probs_are_what_trl_computes(pref_paths: Paths) -> None:
         assert p["ref_rejected_logps"] == pytest.approx(trl[p["id"]][1], abs=1e-4)
         assert p["ref_chosen_logps"] < 0 and p["ref_chosen_logps"] != p["ref_rejected_logps"]
     assert m["mean_chosen_logp"] == pytest.approx(sum(p["ref_chosen_logps"] for p in pairs) / 40, abs=1e-3)
+    kto = trl_kto_reference_logps(pref_paths, pairs)  # KTO reads the same values as its `ref_logps`
+    for p in pairs:
+        assert p["ref_chosen_logps"] == pytest.approx(kto[p["id"], True], abs=1e-4)
+        assert p["ref_rejected_logps"] == pytest.approx(kto[p["id"], False], abs=1e-4)
 
 
 def test_only_the_policy_part_and_every_skipped_pair_counted(pref_paths: Paths) -> None:
