@@ -9,9 +9,10 @@ One run, under the project lock (`flows.pipeline.project_lock`):
 2. The pipeline flow (`flows.pipeline`): DVC reruns only what the new data changed; register
    points `candidate` at the final model.
 3. The gate: the registry's `candidate` and `champion` are downloaded into `paths.gate` and scored
-   by the evaluate stage in one run, on the same items (`reports/retrain/evaluate/`); the rule in
-   `flows.gate` decides with `retrain.gate`. A promoted candidate becomes `champion`, and the old
-   champion keeps `previous-champion` for rollback
+   by the evaluate stage in one run, on the same items and by the same judge, this run's, which
+   neither was optimized against (`reports/retrain/evaluate/`); the rule in `flows.gate` decides with
+   `retrain.gate` (and cannot decide when that judge is no better than chance on the test pairs).
+   A promoted candidate becomes `champion`, and the old champion keeps `previous-champion` for rollback
    (`client.set_registered_model_alias(name, "champion", <previous-champion's version>)`).
    The decision, each metric's values, improvement, interval and threshold go to
    `reports/retrain/gate.json`, to tags on the candidate's model version and on the pipeline's
@@ -44,7 +45,7 @@ from flows.pipeline import ROOT, check, dvc_command, exit_code, pipeline, projec
 from stages.common import tracking
 from stages.common.config import Paths, StageConfig, load_section, read_yaml
 from stages.common.io import write_json
-from stages.evaluate import EvaluateConfig
+from stages.evaluate import PAIRWISE, SCORERS, EvaluateConfig
 from stages.register import RegisterConfig
 
 FLOW = "llm-forge-retrain"
@@ -100,9 +101,13 @@ def judged(version: Any) -> bool:
     return f"{TAG}.decision" in (version.tags or {})
 
 
+def decision_word(decision: gate.Decision) -> str:
+    return "promoted" if decision.promote else "kept" if decision.decided else "undecided"
+
+
 def decision_tags(decision: gate.Decision, champion: Any | None) -> dict[str, str]:
     """The decision as MLflow tags (values are strings; floats keep 6 significant digits)."""
-    word = "promoted" if decision.promote else "kept"
+    word = decision_word(decision)
     tags = {f"{TAG}.decision": word, f"{TAG}.reason": decision.reason[:4900],
             f"{TAG}.champion_version": str(champion.version) if champion is not None else "none"}
     for c in decision.checks:
@@ -156,15 +161,24 @@ def side_by_side(params: dict[str, Any], paths: Paths) -> Path:
     return ROOT / paths.reports / "retrain" / "evaluate"
 
 
-def side_items(report: Path, side: str) -> dict[str, dict[str, float]]:
-    """Per-item values (metric -> item -> value) of row `gate/<side>` in evaluate's report."""
-    items_file = report / "items" / f"gate_{side}.json"
+def side_items(report: Path, row: str) -> dict[str, dict[str, float]]:
+    """Per-item values (metric -> item -> value) of row `row` (`gate/<side>`, a scorer) in evaluate's report."""
+    items_file = report / "items" / f"{row.replace('/', '_')}.json"
     return json.loads(items_file.read_text()) if items_file.is_file() else {}
+
+
+def scorer_items(report: Path) -> dict[str, dict[str, float]]:
+    """Scorer row (the judge, the proxy) -> its per-pair correctness on the test pairs, as evaluate
+    measured it in the same run."""
+    found = {row: side_items(report, row).get(PAIRWISE) for row in SCORERS}
+    return {row: items for row, items in found.items() if items}
 
 
 def gate_markdown(result: dict[str, Any]) -> str:
     d = result["decision"]
-    lines = [f"## {'Promoted' if d['promote'] else 'Kept the champion'}: {result['model']}",
+    heading = ("Promoted" if d["promote"] else "Kept the champion" if d["decided"]
+               else "Cannot decide: kept the champion")
+    lines = [f"## {heading}: {result['model']}",
              "", d["reason"], "",
              f"candidate: version {result['candidate']}; champion before: version {result['champion_before']}; "
              f"champion now: version {result['champion_after']}", "",
@@ -217,10 +231,10 @@ def judge(cfg: RetrainConfig, params: dict[str, Any], paths: Paths, parent_run_i
             shutil.rmtree(gate_dir / CHAMPION, ignore_errors=True)
         report = side_by_side(params, paths)
         values = json.loads((report / "metrics.json").read_text()).get("models", {}).get("gate/candidate", {})
-        challenger = side_items(report, "candidate")
-        held = side_items(report, CHAMPION) if champion is not None else None
+        challenger = side_items(report, "gate/candidate")
+        held = side_items(report, f"gate/{CHAMPION}") if champion is not None else None
         boot = gate.Bootstrap(evaluate.bootstrap_iters, evaluate.confidence, evaluate.seed)
-        decision = gate.decide(cfg.gate, boot, challenger, values, held)
+        decision = gate.decide(cfg.gate, boot, challenger, values, held, scorer_items(report))
     logger.info("gate: %s", decision.reason)
     if decision.promote:
         if champion is not None:

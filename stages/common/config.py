@@ -67,7 +67,10 @@ class Paths(StageConfig):
     sft: Path
     """The instruction-tuned model (adapters merged)."""
     reward: Path
-    """The reward model (a sequence classifier with one output)."""
+    """The proxy reward model (a sequence classifier with one output): what `ppo` optimizes."""
+    judge: Path
+    """The judge (a sequence classifier trained like the proxy on another part of the preference
+    data): only `evaluate` and the champion gate score with it."""
     reference: Path
     """The policy part of the preference pairs, with the sft model's log-probabilities of each answer."""
     ppo: Path

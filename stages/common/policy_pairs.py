@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.common.config import StageError
-from stages.common.preferences import POLICY, SPLIT
+from stages.common.preferences import POLICY, SPLIT, pair_messages
 
 # data/reference/: the scored pairs, and which sft model scored them
 PAIRS_FILE = "pairs.parquet"
@@ -39,23 +39,16 @@ class Pair:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
 
 
-def conversation(prompt: str) -> list[dict[str, str]]:
-    """A pair's prompt as the conversation it is answered in (one user turn)."""
-    return [{"role": "user", "content": prompt}]
-
-
-def reply(answer: str) -> list[dict[str, str]]:
-    return [{"role": "assistant", "content": answer}]
-
-
 def tokenize(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[int]] | None:
-    """(prompt ids, answer ids) as TRL's DPOTrainer and KTOTrainer tokenize a conversational
-    example: the prompt rendered with a generation prompt, the answer the rest of the rendered
-    prompt + answer. None when the rendered prompt is not the start of the rendered conversation
-    (a template that rewrites earlier turns): TRL would then train on the wrong tokens."""
-    prompt_ids = list(tokenizer.apply_chat_template(conversation(prompt), add_generation_prompt=True, tokenize=True,
+    """(prompt ids, answer ids) as TRL's DPOTrainer and KTOTrainer tokenize the conversational
+    example `preferences.pair_messages` makes of it: the prompt rendered with a generation prompt,
+    the answer the rest of the rendered prompt + answer. None when the rendered prompt is not the
+    start of the rendered conversation (a template that rewrites earlier turns): TRL would then
+    train on the wrong tokens."""
+    messages = pair_messages(prompt, answer, answer)
+    prompt_ids = list(tokenizer.apply_chat_template(messages["prompt"], add_generation_prompt=True, tokenize=True,
                                                     return_dict=True)["input_ids"])
-    full = list(tokenizer.apply_chat_template(conversation(prompt) + reply(answer), tokenize=True,
+    full = list(tokenizer.apply_chat_template(messages["prompt"] + messages["chosen"], tokenize=True,
                                               return_dict=True)["input_ids"])
     if full[: len(prompt_ids)] != prompt_ids:
         return None

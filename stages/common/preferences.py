@@ -69,3 +69,15 @@ class PreferenceSplit(StageConfig):
             if u < edge:
                 return name
         return next(p for p in reversed(PARTS) if getattr(self, p) > 0)  # u within rounding of 1
+
+
+def pair_messages(prompt: str | list[dict[str, str]], chosen: str, rejected: str) -> dict[str, list[dict[str, str]]]:
+    """A preference pair in TRL's conversational form: the prompt as messages (a string is one user
+    turn; a list, the conversation up to the turn answered), each answer one assistant turn. Every
+    stage that renders a pair through a chat template (reward, evaluate, preference optimization)
+    starts from this, so that a pair is read as SFT trained on a conversation and as a chat is
+    answered (TRL renders a pair whose prompt is a plain string without the chat template)."""
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
+        [{"role": m["role"], "content": m["content"]} for m in prompt]
+    return {"prompt": turns, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}

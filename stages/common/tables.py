@@ -49,7 +49,7 @@ def markdown(values: Table, errors: Table, columns: list[str], metric_names: dic
             for metric, c in found.items():
                 if metric == "against":
                     continue
-                if metric == "win_rate":  # a share, not a difference: above 0.5 is better
+                if "diff" not in c:  # a win rate: a share, not a difference; above 0.5 is better
                     shown, interval = f"{c['value']:.3f}", f"[{c['low']:.3f}, {c['high']:.3f}]"
                 else:
                     shown, interval = f"{c['diff']:+.4f}", f"[{c['low']:+.4f}, {c['high']:+.4f}]"

@@ -366,8 +366,9 @@ class Curves:
     """Training curves: each logged row goes to MLflow (as step metrics, when a run is active)
     and to `reports/<stage>/curves.csv` (DVC plots)."""
 
-    def __init__(self, report_dir: Path, name: str = "curves.csv") -> None:
+    def __init__(self, report_dir: Path, name: str = "curves.csv", prefix: str = "") -> None:
         self.path = Path(report_dir) / name
+        self.prefix = prefix  # of the MLflow keys, where one stage trains two models (`judge/loss`)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.columns: list[str] = []
         self.rows: list[dict[str, float]] = []
@@ -386,7 +387,7 @@ class Curves:
             import mlflow
 
             if mlflow.active_run() is not None:
-                mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+                mlflow.log_metrics({self.prefix + k: v for k, v in row.items() if k != "step"}, step=step)
         except Exception as err:  # a curve point is not worth failing a training run over
             log.debug("mlflow curve logging failed: %s", err)
 

@@ -84,14 +84,20 @@ def pair_text(value: Any) -> str | None:
 
 
 def preference(obj: Any, where: str) -> Item:
-    """A preference record from `prompt` (text, or messages: the user's last turn), `chosen`
-    and `rejected`."""
+    """A preference record from `prompt` (text, or messages: the user's last turn; absent, TRL's
+    implicit prompt: the user's last turn inside `chosen`), `chosen` and `rejected`. A pair that
+    lacks a side is dropped as `missing_<side>`."""
     if not isinstance(obj, dict):
         return Drop("not_an_object", where)
-    prompt = obj.get("prompt", "")
+    prompt = obj.get("prompt")
+    if prompt is None:  # implicit prompt: chosen and rejected are whole conversations
+        prompt = [m for m in as_messages(obj.get("chosen")) or [] if m["role"] != "assistant"] or None
     if isinstance(prompt, list):  # conversational prompt: the user's last turn
         msgs = as_messages(prompt) or []
         prompt = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), None)
+    for side, value in (("prompt", prompt), ("chosen", obj.get("chosen")), ("rejected", obj.get("rejected"))):
+        if value is None:  # absent or null
+            return Drop(f"missing_{side}", where)
     chosen, rejected = pair_text(obj.get("chosen")), pair_text(obj.get("rejected"))
     if not isinstance(prompt, str) or chosen is None or rejected is None:
         return Drop("malformed_pair", where)

@@ -97,23 +97,26 @@ def test_training_stages_ran_fresh_and_left_loadable_models(tiny_project: Path) 
         assert not (tiny_project / "checkpoints" / stage).exists(), stage  # removed after success
     for folder in ("models/pretrain", "models/sft", "models/ppo", "models/dpo"):
         AutoModelForCausalLM.from_pretrained(tiny_project / folder)
-    AutoModelForSequenceClassification.from_pretrained(tiny_project / "models/reward")
+    for scorer in ("models/reward", "models/judge"):  # the proxy and the judge
+        AutoModelForSequenceClassification.from_pretrained(tiny_project / scorer)
     assert (tiny_project / "reports/ppo/samples.jsonl").read_text().strip()
 
 
 def test_evaluation_table_covers_every_model_and_compares_with_dvc(tiny_project: Path) -> None:
     table = metrics(tiny_project, "evaluate")
     quantized = {f"quantized/{m}" for m in metrics(tiny_project, "quantize")["methods"]}
-    assert quantized and set(table["models"]) == {"base", "pretrain", "sft", "dpo", "ppo", *quantized, "reward"}
+    assert quantized and set(table["models"]) == {"base", "pretrain", "sft", "dpo", "ppo", *quantized, "judge",
+                                                  "proxy"}
     for row, scores in table["models"].items():
-        expected = {"pairwise_accuracy"} if row == "reward" else {
-            "perplexity", "instruction_loss", "reward_score", "hhh_alignment", "truthful_qa_mc",
+        expected = {"pairwise_accuracy"} if row in ("judge", "proxy") else {
+            "perplexity", "instruction_loss", "judge_score", "proxy_reward", "hhh_alignment", "truthful_qa_mc",
             "bigbench_arithmetic", "humaneval_sandbox"}
         assert set(scores) == expected, row
         assert set(table["stderr"][row]) == expected, row  # every cell has its error
     assert table["skipped"] == {}
     # each row against the one before it; a quantized row against the model it was made from
     assert table["comparisons"]["sft"]["against"] == "pretrain"
+    assert table["comparisons"]["ppo"]["against"] == "sft" and "judge_win_rate" in table["comparisons"]["ppo"]
     assert {table["comparisons"][q]["against"] for q in quantized} == {"ppo"}
     assert table["contamination"]["hhh_alignment"]["seen"] == 0  # decontam and the split held
     # DVC reads the table as metrics, so `dvc metrics diff` compares two commits' tables

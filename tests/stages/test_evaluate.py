@@ -29,12 +29,8 @@ TASKS = {"hhh_alignment": {"limit": 2, "max_new_tokens": None, "holdout": True},
 
 def config(**changes: object) -> EvaluateConfig:
     """The tiny profile's evaluate section with whole keys replaced (a task dict is replaced, not
-    merged, so a test names exactly the columns it wants; the reward metrics then use its first
-    task, or none without tasks)."""
+    merged, so a test names exactly the columns it wants)."""
     section = {**tiny_params()["evaluate"], **changes}
-    if "tasks" in changes and "preferences" not in changes:
-        first = next(iter(changes["tasks"]), None)
-        section["preferences"] = first and {**tiny_params()["evaluate"]["preferences"], "task": first}
     return load_section(EvaluateConfig, "evaluate", {"evaluate": section})
 
 
@@ -188,8 +184,10 @@ def test_a_row_that_is_not_a_paths_key_is_a_config_error() -> None:
         config(models=["base", "policy"])
     with pytest.raises(ConfigError, match=r"evaluate\.models: .*names a row twice"):
         config(models=["base", "base"])
-    with pytest.raises(ConfigError, match=r"evaluate\.models: .*reward model is scored in a row of its own"):
-        config(models=["base", "reward"])
+    with pytest.raises(ConfigError, match=r"evaluate\.models: .*the judge and the proxy reward model are scored"):
+        config(models=["base", "judge"])
+    with pytest.raises(ConfigError, match=r"evaluate\.against: .*\['policy'\] are not `paths` keys"):
+        config(against={"policy": "sft"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,11 +234,25 @@ def gold_task(task_dir: Path, n: int = 6) -> str:
     return "pick"
 
 
-def test_a_model_that_picks_the_gold_answer_scores_1_and_one_that_does_not_0(
+def plant_test_pairs(paths: Paths, n: int = 6) -> None:
+    """The preference data's test part: `n` questions whose chosen answer is GOLD, the rejected one
+    OTHER; pairs of the other parts, which evaluate must leave alone (their chosen answer is OTHER)."""
+    from stages.common.io import write_records
+
+    records = [{"id": f"t/{i}", "source": "t" if i % 2 else "u", "prompt": f"Question {i}: which word?",
+                "chosen": GOLD, "rejected": OTHER, "split": "test"} for i in range(n)]
+    records += [{"id": f"r/{i}", "source": "t", "prompt": f"Other question {i}?", "chosen": OTHER, "rejected": GOLD,
+                 "split": part} for i, part in enumerate(("reward", "judge", "policy"))]
+    write_records(paths.dedup, "preferences", records)
+
+
+def test_the_judge_and_the_proxy_score_every_row_and_an_aligned_row_is_set_against_sft(
         tiny_workdir: Paths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Three rows on one table: the random base, a model that always says GOLD (sft) and one that
-    always says OTHER (ppo), with a reward model that pays for GOLD's token: the benchmark, the
-    reward model's pairs, the reward of each row's answers and the comparisons all see it."""
+    """Three rows on one table: a model that always says GOLD (sft), the random base, and one that
+    always says OTHER (ppo, set against sft); a judge that pays for GOLD (the test pairs' chosen
+    answer) and a proxy that pays for OTHER (the policy chased a bad proxy). The benchmark, the
+    judge's and the proxy's accuracy on the test pairs, their scores of each row's answers and the
+    comparisons all see it: the proxy is up, the judge is down."""
     from transformers import AutoTokenizer
 
     from tests.stages.test_ppo import build_token_reward
@@ -248,44 +260,57 @@ def test_a_model_that_picks_the_gold_answer_scores_1_and_one_that_does_not_0(
     picking_model(tiny_workdir, tiny_workdir.sft, GOLD)
     picking_model(tiny_workdir, tiny_workdir.ppo, OTHER)
     tok = AutoTokenizer.from_pretrained(tiny_workdir.sft)
-    build_token_reward(tiny_workdir.sft, tiny_workdir.reward,
-                       [tok(w, add_special_tokens=False)["input_ids"][0] for w in (GOLD, f" {GOLD}")])
+    for folder, word in ((tiny_workdir.judge, GOLD), (tiny_workdir.reward, OTHER)):
+        build_token_reward(tiny_workdir.sft, folder, [tok(w, add_special_tokens=False)["input_ids"][0]
+                                                      for w in (word, f" {word}")])
+    plant_test_pairs(tiny_workdir)
     monkeypatch.chdir(ROOT)  # the task YAMLs name their data relative to the project
     task_dir = tmp_path / "tasks"
     shutil.copytree(TASK_DIR, task_dir)
     tasks = {gold_task(task_dir): limits(None), "bigbench_arithmetic": limits(2, 4)}
-    cfg = config(models=["base", "sft", "ppo"], task_dir=task_dir, tasks=tasks, perplexity_blocks=2,
-                 preferences={"task": "pick", "prompts": 6, "answer_tokens": 4})
+    cfg = config(models=["sft", "base", "ppo"], task_dir=task_dir, tasks=tasks, perplexity_blocks=2,
+                 preferences={"prompts": 6, "pairs": None, "answer_tokens": 4}, against={"ppo": "sft"})
     metrics = evaluate(cfg, tiny_workdir)
     models = metrics["models"]
     assert models["sft"]["pick"] == 1.0 and models["ppo"]["pick"] == 0.0
-    assert list(models) == ["base", "sft", "ppo", "reward"]  # the order of evaluate.models, then the reward model
-    assert metrics["folders"] == {row: str(getattr(tiny_workdir, row)) for row in ("base", "sft", "ppo", "reward")}
+    assert list(models) == ["sft", "base", "ppo", "judge", "proxy"]  # evaluate.models, then the scorers
+    assert metrics["folders"] == {**{row: str(getattr(tiny_workdir, row)) for row in ("base", "sft", "ppo", "judge")},
+                                  "proxy": str(tiny_workdir.reward)}
     assert metrics["metric"] == {"perplexity": "token perplexity", "instruction_loss": "answer-token loss",
-                                 "reward_score": "mean reward", "pick": "acc", "bigbench_arithmetic": "exact_match",
+                                 "judge_score": "judge's mean score", "proxy_reward": "proxy's mean reward",
+                                 "pick": "acc", "bigbench_arithmetic": "exact_match",
                                  "pairwise_accuracy": "pairwise acc"}
-    assert metrics["skipped"] == {} and metrics["cells"] == 16 and metrics["cells_skipped"] == 0
+    assert metrics["skipped"] == {} and metrics["cells"] == 20 and metrics["cells_skipped"] == 0
+    assert metrics["items"]["judge_score"] == 6 and metrics["items"]["pairwise_accuracy"] == 6  # the test part only
     # every cell has its error; a share of 6 items that are all 1 has none
     assert set(metrics["stderr"]["base"]) == set(models["base"]) and metrics["stderr"]["sft"]["pick"] == 0.0
     # the rewired models predict one token everywhere: far worse than the random base on real text
     assert models["sft"]["perplexity"] > models["base"]["perplexity"]
-    assert metrics["comparisons"]["sft"]["perplexity"]["better"] is False
-    # the reward model prefers the gold answer of every pair, beyond chance
-    assert models["reward"] == {"pairwise_accuracy": 1.0}
-    assert metrics["comparisons"]["reward"]["pairwise_accuracy"]["better"]
-    # GOLD's answers earn more reward than OTHER's on every prompt: ppo loses to sft, beyond the interval
-    assert models["sft"]["reward_score"] > models["ppo"]["reward_score"]
+    assert metrics["comparisons"]["base"]["against"] == "sft" and metrics["comparisons"]["base"]["perplexity"]["better"]
+    # the judge prefers the chosen answer of every test pair, beyond chance; the proxy none of them
+    assert models["judge"] == {"pairwise_accuracy": 1.0} and models["proxy"] == {"pairwise_accuracy": 0.0}
+    assert metrics["comparisons"]["judge"]["pairwise_accuracy"]["better"]
+    assert metrics["comparisons"]["proxy"]["against"] == "chance"
+    assert not metrics["comparisons"]["proxy"]["pairwise_accuracy"]["better"]
+    # ppo against sft (not the row before it): what the proxy pushed up, the judge finds worse
     against_sft = metrics["comparisons"]["ppo"]
-    assert against_sft["against"] == "sft" and against_sft["win_rate"]["value"] == 0.0
-    assert against_sft["reward_score"]["high"] < 0 and not against_sft["reward_score"]["better"]
+    assert against_sft["against"] == "sft"
+    assert against_sft["proxy_win_rate"]["value"] == 1.0 and against_sft["proxy_reward"]["low"] > 0
+    assert against_sft["judge_win_rate"]["value"] == 0.0 and against_sft["judge_score"]["high"] < 0
+    assert not against_sft["judge_score"]["better"]
     report = tiny_workdir.report_dir("evaluate")
     assert (report / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (report / "table.md").read_text()
-    assert "| sft | " in table and "| 1.000 ± 0.000 |" in table and "| ppo | sft | win_rate | 0.000 |" in table
+    assert "| sft | " in table and "| 1.000 ± 0.000 |" in table and "| ppo | sft | judge_win_rate | 0.000 |" in table
+    assert "| ppo | sft | proxy_win_rate | 1.000 |" in table and "| proxy | chance | pairwise_accuracy |" in table
     results = json.loads((report / "results/ppo.json").read_text())["results"]
     assert results["pick"]["acc,none"] == 0.0
     items = json.loads((report / "items/sft.json").read_text())
-    assert len(items["pick"]) == 6 and len(items["perplexity"]) == 2
+    assert len(items["pick"]) == 6 and len(items["perplexity"]) == 2 and set(items["judge_score"]) == \
+        {f"t/{i}" for i in range(6)}
+    answers = json.loads((report / "answers/ppo.json").read_text())
+    assert all(not a["answer"].replace(OTHER, "").strip() for a in answers)  # OTHER, again and again
+    assert all(a["proxy_reward"] > a["judge_score"] for a in answers)
 
 
 def test_quantized_folders_become_one_row_each(tiny_workdir: Paths, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -328,22 +353,29 @@ def test_bad_task_files_and_a_broken_model_are_recorded_skips(tiny_workdir: Path
     # the good task still ran on every model that loads
     for row in ("base", "ppo"):
         assert set(metrics["models"][row]) == {"perplexity", "instruction_loss", "bigbench_arithmetic"}
-    assert "preference task hhh_alignment did not load" in skipped["reward_score"]
+    assert f"no judge model in {tiny_workdir.judge}" in skipped["judge_score"] == skipped["judge"]
+    assert f"no proxy model in {tiny_workdir.reward}" in skipped["proxy_reward"] == skipped["proxy"]
     table = (tiny_workdir.report_dir("evaluate") / "table.md").read_text()
     assert "| sft |" not in table and "- `sft`:" in table
 
 
-def test_a_reward_model_that_does_not_load_skips_its_two_cells(tiny_workdir: Paths,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_judge_that_does_not_load_skips_its_cells_and_the_proxy_still_scores(
+        tiny_workdir: Paths, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.stages.test_ppo import build_token_reward
+
     tiny_model(tiny_workdir, tiny_workdir.sft)
-    tiny_workdir.reward.mkdir(parents=True, exist_ok=True)
-    (tiny_workdir.reward / "config.json").write_text("{ not json")  # there, but not a model
+    build_token_reward(tiny_workdir.sft, tiny_workdir.reward, [5])
+    tiny_workdir.judge.mkdir(parents=True, exist_ok=True)
+    (tiny_workdir.judge / "config.json").write_text("{ not json")  # there, but not a model
     monkeypatch.chdir(ROOT)
     metrics = evaluate(config(models=["sft"], tasks=TASKS, perplexity_blocks=2), tiny_workdir)
-    for cell in ("reward_score", "pairwise_accuracy"):
-        assert f"the reward model in {tiny_workdir.reward} does not load" in metrics["skipped"][cell]
-    assert "reward" not in metrics["models"] and "reward_score" not in metrics["models"]["sft"]
-    assert {"perplexity", "instruction_loss", "hhh_alignment"} <= set(metrics["models"]["sft"])
+    for cell in ("judge_score", "judge"):
+        assert f"the judge model in {tiny_workdir.judge} does not load" in metrics["skipped"][cell]
+    assert "judge" not in metrics["models"] and "judge_score" not in metrics["models"]["sft"]
+    assert {"perplexity", "instruction_loss", "proxy_reward", "hhh_alignment"} <= set(metrics["models"]["sft"])
+    # the tiny data's own test part (real hhh pairs collect put there)
+    assert metrics["items"]["pairwise_accuracy"] > 0 and set(metrics["models"]["proxy"]) == {"pairwise_accuracy"}
+    assert metrics["cells_skipped"] == 2  # the judge's row and its column of the one model row
 
 
 def test_rows_name_every_quantized_folder_or_one_of_them(paths: Paths) -> None:

@@ -60,12 +60,12 @@ def trl_reference_logps(paths: Paths, pairs: list[dict]) -> dict[str, tuple[floa
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from stages.common.policy_pairs import conversation, load_tokenizer, reply
+    from stages.common.policy_pairs import load_tokenizer
+    from stages.common.preferences import pair_messages
 
     tok = load_tokenizer(paths.sft)
     model = AutoModelForCausalLM.from_pretrained(paths.sft, dtype=torch.float32)
-    data = datasets.Dataset.from_list([{"id": p["id"], "prompt": conversation(p["prompt"]),
-                                        "chosen": reply(p["chosen"]), "rejected": reply(p["rejected"])}
+    data = datasets.Dataset.from_list([{"id": p["id"], **pair_messages(p["prompt"], p["chosen"], p["rejected"])}
                                        for p in pairs])
     args = DPOConfig(output_dir=str(paths.reports / "trl"), precompute_ref_log_probs=True, max_length=None,
                      per_device_train_batch_size=3, report_to="none", remove_unused_columns=False, bf16=False)
@@ -81,13 +81,15 @@ def trl_kto_reference_logps(paths: Paths, pairs: list[dict]) -> dict[tuple[str, 
     from transformers import AutoModelForCausalLM
     from trl import KTOConfig, KTOTrainer
 
-    from stages.common.policy_pairs import conversation, load_tokenizer, reply
+    from stages.common.policy_pairs import load_tokenizer
+    from stages.common.preferences import pair_messages
 
     tok = load_tokenizer(paths.sft)
     model = AutoModelForCausalLM.from_pretrained(paths.sft, dtype=torch.float32)
     data = datasets.Dataset.from_list([
-        {"id": p["id"], "prompt": conversation(p["prompt"]), "completion": reply(p[side]), "label": side == "chosen"}
-        for p in pairs for side in ("chosen", "rejected")])
+        {"id": p["id"], "prompt": m["prompt"], "completion": m[side], "label": side == "chosen"}
+        for p in pairs for m in [pair_messages(p["prompt"], p["chosen"], p["rejected"])]
+        for side in ("chosen", "rejected")])
     args = KTOConfig(output_dir=str(paths.reports / "trl"), precompute_ref_log_probs=True, max_length=None,
                      per_device_train_batch_size=4, report_to="none", remove_unused_columns=False, bf16=False,
                      train_sampling_strategy="sequential")
