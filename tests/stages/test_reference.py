@@ -8,14 +8,16 @@ about which tokens are scored and how, not about a trained model.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
 from stages import reference
 from stages.common.config import Paths, StageError
 from stages.common.io import write_records
 from stages.common.policy_pairs import model_hash, read_scored
-from tests.conftest import tiny_config, tiny_model
+from tests.conftest import run_in, tiny_config, tiny_model
 
 TOPICS = ["the river", "a red car", "the old town", "green tea", "the winter", "a small dog", "the market",
           "bread", "the library", "music", "the sea", "a bicycle"]
@@ -147,3 +149,17 @@ def test_no_usable_policy_pair_is_an_error(pref_paths: Paths) -> None:
                                                     for r in toy_pairs(4)])  # pairs of no part train nothing
     with pytest.raises(StageError, match=r"no usable pair in its policy part .*'None': 4"):
         reference.run(tiny_config("reference"), pref_paths)
+
+
+def test_a_beta_only_experiment_leaves_the_reference_pass_cached(tiny_project: Path) -> None:
+    """In the tiny pipeline DVC ran, another dpo.beta makes dpo stale and not the reference stage."""
+    params_file = tiny_project / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    params["dpo"]["beta"] = params["dpo"]["beta"] * 2
+    try:
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        stale = json.loads(run_in(tiny_project, "-m", "dvc", "status", "--json").stdout)
+    finally:
+        params_file.write_text(original)
+    assert "dpo" in stale and "reference" not in stale, stale
