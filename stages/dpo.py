@@ -17,8 +17,10 @@ QLoRA (a 4-bit NF4 base); adapters are merged into a plain full-precision model 
 Metrics: on the held-out pairs, before (the sft model) and after training, the share of pairs whose
 chosen answer the algorithm's implicit reward ranks above the rejected one (DPO, KTO: beta x the
 log-ratio to the sft model; ORPO, SimPO: the mean log-prob per token; a tie counts half) and, for
-every algorithm alike, the share ranked so by the mean log-prob per token. Writes `models/dpo/`
-(model, tokenizer, `llm_forge.yaml`, `metrics.json`), `reports/dpo/curves.csv` (TRL's losses,
+every algorithm alike, the share ranked so by the mean log-prob per token; and how far the chosen
+answers' mean log-prob per token moved from the sft model's (`heldout_chosen_logp_shift_after`: DPO
+often lowers both answers' likelihood, which shows up as a worse loss on other text). Writes
+`models/dpo/` (model, tokenizer, `llm_forge.yaml`, `metrics.json`), `reports/dpo/curves.csv` (TRL's losses,
 rewards and accuracies; DVC plots and MLflow) and `reports/dpo/samples.jsonl` (greedy answers to a
 few held-out prompts before and after). Checkpoints go to `<train.checkpoints>/dpo/`; a killed run
 resumes from the last one.
@@ -312,7 +314,11 @@ def run(cfg: DpoConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
     train_loss = tr.train_with_curves(trainer, curves, resume_path, resume_step, main,
                                       {"heldout_accuracy": score_before.get("accuracy")})
     merged = tr.merged_lm(trainer, cfg.method, paths.sft, checkpoints.dir / "final")
-    score_after = heldout_scores(cfg, val_pairs, policy_logps(merged, val_pairs, tokenizer), ref) if val_pairs else {}
+    after_logps = policy_logps(merged, val_pairs, tokenizer)
+    score_after = heldout_scores(cfg, val_pairs, after_logps, ref) if val_pairs else {}
+    if val_pairs:  # DPO's known drift: both answers lose likelihood, the chosen one less
+        shifts = [(after_logps[2 * i] - ref[p.id][0]) / len(p.chosen_ids) for i, p in enumerate(val_pairs)]
+        score_after["chosen_logp_shift"] = round(sum(shifts) / len(shifts), 4)
 
     # save: a plain full-precision model, its samples and metrics
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
