@@ -9,6 +9,7 @@ trains on.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 
 from stages.common.config import StageError
 from stages.common.preferences import POLICY, SPLIT, pair_messages
+
+log = logging.getLogger("llm_forge.policy_pairs")
 
 # data/reference/: the scored pairs, and which sft model scored them
 PAIRS_FILE = "pairs.parquet"
@@ -116,7 +119,10 @@ def answer_logps(model: Any, rows: list[tuple[list[int], list[int]]], batch_size
                  pad_id: int) -> list[float]:
     """The summed log-probability `model` gives each answer after its prompt ((prompt ids, answer
     ids) per row), in the rows' order: TRL's `compute_ref_log_probs` (the log-softmax of the
-    logits that predict each answer token, summed), computed only at the answer positions."""
+    logits that predict each answer token, summed), computed only at the answer positions. A
+    progress line (rows done, rate, ETA) after every tenth of the batches."""
+    import time
+
     import torch
 
     from stages.common.lm import last_hidden
@@ -126,8 +132,14 @@ def answer_logps(model: Any, rows: list[tuple[list[int], list[int]]], batch_size
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))  # little padding
     was_training = model.training
     model.eval()
+    started = time.perf_counter()
+    every = max(1, len(order) // batch_size // 10) * batch_size
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
+            if start and start % every == 0:
+                rate = start / (time.perf_counter() - started)
+                log.info("scored %d/%d answers, %.1f answers/s, ETA %.0f s", start, len(rows), rate,
+                         (len(rows) - start) / rate)
             chosen = order[start:start + batch_size]
             seqs = [rows[i][0] + rows[i][1] for i in chosen]
             width = max(map(len, seqs))
