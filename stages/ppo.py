@@ -47,6 +47,7 @@ from stages.common.training import (
     peft_config,
     resolve_precision,
     restore_curves,
+    rounded,
     save_model,
     seed_everything,
     split_counts,
@@ -92,7 +93,11 @@ class PpoConfig(StageConfig):
     stop_token: str | None
     """Token that ends a response; null: `<|im_end|>` when the vocabulary has it (ChatML), else EOS."""
     eval_prompts: int = Field(ge=1)
-    """Held-out prompts (never trained on) for the before/after table and mean rewards."""
+    """Held-out prompts (never trained on) for the before/after table, the mean rewards and the guard."""
+    max_answer_loss_rise: float | None = Field(gt=0)
+    """Stop when the policy's mean loss on the held-out prompts' own answers exceeds the SFT
+    model's by more than this (nats per token), keeping the last policy within it; null: no stop
+    (the loss is still reported before and after)."""
     split_salt: str
     """Salt of the prompt hash that picks the held-out prompts; change it to pick others."""
     reward_batch_size: int = Field(ge=1)
@@ -128,6 +133,7 @@ class Job:
     last: Path | None
     resumed_from: int
     curves: Curves
+    guard: rl.AnswerLossGuard
     state: Any  # accelerate's PartialState: device, process count and index
 
 
@@ -139,6 +145,7 @@ def run(cfg: PpoConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
     policy, extra = (train_ppo if cfg.algorithm == "ppo" else train_group)(job)
     extra["train_seconds"] = round(time.perf_counter() - started, 2)
     after = answer_heldout(job, policy)
+    extra["heldout_answer_loss_after"] = rounded(job.guard.loss(policy))
     metrics = summarise(job, before, after, extra)
     save(job, policy, metrics, rl.sample_rows("before", job.heldout, *before)
          + rl.sample_rows("after", job.heldout, *after))
@@ -193,9 +200,14 @@ def set_up(cfg: PpoConfig, paths: Paths, train: TrainConfig) -> Job:
     # what RLOO/GRPO load their reference model from.
     policy = AutoModelForCausalLM.from_pretrained(Path(paths.sft).resolve(), dtype=torch.float32).to(state.device)
     policy.generation_config.pad_token_id = pad_id
+    # the guard renders answers as SFT trained on them: with the sft model's own tokenizer set-up
+    guard = rl.AnswerLossGuard([{"prompt": p.messages, "completion": [{"role": "assistant", "content": p.answer}]}
+                                for p in heldout if p.answer], AutoTokenizer.from_pretrained(paths.sft),
+                               cfg.max_answer_loss_rise, curves)
+    guard.start(policy)  # the SFT model, before any checkpoint is loaded
     return Job(cfg, paths, precision, tokenizer, stop_id, policy, reward_model,
                rl.RewardScorer(reward_model, reward_tokenizer, cfg.reward_batch_size), in_loop, len(records), dropped,
-               max_prompt, train_prompts, heldout, ckpt, last, resumed_from, curves, state)
+               max_prompt, train_prompts, heldout, ckpt, last, resumed_from, curves, guard, state)
 
 
 # --- train ---------------------------------------------------------------------------------------
@@ -251,7 +263,9 @@ def train_ppo(job: Job) -> tuple[Any, dict[str, Any]]:
         args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward, value_model=value,
         train_dataset=datasets.Dataset.from_dict({"input_ids": [p.ids for p in job.train_prompts]}),
         eval_dataset=datasets.Dataset.from_dict({"input_ids": [p.ids for p in job.heldout]}),
-        callbacks=[rl.rl_callback(job.curves, cfg.updates, offset=done, on_update=on_update)])
+        callbacks=[rl.rl_callback(job.curves, cfg.updates, offset=done, on_update=on_update, guard=job.guard,
+                                  policy_of=lambda: trainer.accelerator.unwrap_model(trainer.model).policy,
+                                  raise_to_stop=True)])
     trainer.remove_callback(PrinterCallback)  # our callback logs one line per update
     # TRL's loop always starts at update 1 over a freshly shuffled loader: give it, as ready
     # batches (a DataLoader would draw from the global RNG and shift it), the remaining updates
@@ -269,7 +283,10 @@ def train_ppo(job: Job) -> tuple[Any, dict[str, Any]]:
         trainer.lr_scheduler.load_state_dict(torch.load(last / "scheduler.pt", weights_only=False))
         rl.restore_rng(last)
     if done < cfg.updates:
-        trainer.train()
+        try:
+            trainer.train()
+        except rl.StopTraining:  # the guard stopped it, the policy put back to the last update within it
+            pass
     trained = trainer.accelerator.unwrap_model(trainer.model).policy
     sizes = count_parameters(trained)  # before the adapters are merged away
     return rl.plain(trained), {"rollouts": cfg.updates * per_update, **sizes}
@@ -302,7 +319,7 @@ def train_group(job: Job) -> tuple[Any, dict[str, Any]]:
         model=job.policy, reward_funcs=reward_model, args=args, processing_class=job.tokenizer,
         train_dataset=datasets.Dataset.from_list([{"prompt": p.messages} for p in job.train_prompts]),
         peft_config=peft_config(cfg.lora, "CAUSAL_LM") if cfg.method == "lora" else None,
-        callbacks=[rl.rl_callback(job.curves, cfg.updates)])
+        callbacks=[rl.rl_callback(job.curves, cfg.updates, guard=job.guard, policy_of=lambda: trainer.model)])
     trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=str(job.last) if job.last is not None else None)
     trained = trainer.accelerator.unwrap_model(trainer.model)
@@ -338,6 +355,8 @@ def summarise(job: Job, before: tuple[list[str], list[float]], after: tuple[list
         "reward_after": mean(after[1]),
         "reward_gain": round(mean(after[1]) - mean(before[1]), 4),
         "reward_input": "policy_ids" if job.in_loop else "text",
+        "heldout_answer_loss_before": rounded(job.guard.before),
+        "stopped_early": job.guard.stopped,
         "last_update": {k: round(v, 4) for k, v in final.items()
                         if k in ("kl", "reward", "policy_loss", "value_loss", "entropy")},
         **extra,

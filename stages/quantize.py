@@ -1,6 +1,7 @@
 """quantize: the final model in 4 and 8 bits, and what each method costs in quality and buys in size and speed.
 
-Reads the final model from `models/ppo/` (a plain Hugging Face causal LM folder) and
+Reads the final model, the aligned model `quantize.model` names (`models/dpo/` or `models/ppo/`,
+a plain Hugging Face causal LM folder; `register` ships the same one), and
 `data/tokenized/` (its val blocks score perplexity; GPTQ calibrates on its train blocks).
 Each method in `quantize.methods` (bitsandbytes NF4 and LLM.int8, torchao int8 weight-only through
 the `quantization_config` transformers takes for them; GPTQ through GPTQModel, HQQ through
@@ -45,6 +46,8 @@ Method = Literal["nf4", "int8", "torchao_int8", "gptq", "hqq"]
 class QuantizeConfig(StageConfig):
     """The `quantize` section: which quantizations of the final model to make and how to measure them."""
 
+    model: Literal["dpo", "ppo"]
+    """The aligned model that ships: quantized here and registered by `register` (both are evaluated)."""
     methods: list[Method]
     """Methods to run, in order: nf4 / int8 (bitsandbytes), torchao_int8 (int8 weight-only), gptq
     (GPTQModel), hqq."""
@@ -66,6 +69,10 @@ class QuantizeConfig(StageConfig):
     """GPTQ: bits, group size, symmetric or not, calibration blocks."""
     hqq: quantizers.HQQOptions
     """HQQ: bits, group size, axis."""
+
+    def final(self, paths: Paths) -> Path:
+        """The folder of the final model."""
+        return {"dpo": paths.dpo, "ppo": paths.ppo}[self.model]
 
     @field_validator("methods")
     @classmethod
@@ -255,7 +262,7 @@ def quantize_one(quantizer: Callable[..., Any], cfg: QuantizeConfig, paths: Path
     tokenizer, reload it from there (as a user gets it) and measure it."""
     from transformers import AutoTokenizer
 
-    src = Path(paths.ppo)
+    src = Path(cfg.final(paths))
     model = quantizer(cfg, src, paths, tokenizer)
     model.save_pretrained(folder)
     del model
@@ -291,9 +298,10 @@ def markdown(metrics: dict[str, Any]) -> str:
 
 
 def run(cfg: QuantizeConfig, paths: Paths) -> dict[str, Any]:
-    tokenizer = lm.load_tokenizer(paths.ppo, Path(paths.tokenized) / "tokenizer")
+    final = Path(cfg.final(paths))
+    tokenizer = lm.load_tokenizer(final, Path(paths.tokenized) / "tokenizer")
     blocks = lm.val_blocks(paths.tokenized, cfg.perplexity_blocks)
-    reference, sample = measure_reference(cfg, Path(paths.ppo), tokenizer, blocks)
+    reference, sample = measure_reference(cfg, final, tokenizer, blocks)
     samples = {"prompt": tokenizer.decode(speed_prompt(blocks, cfg)), "reference": sample}
 
     results: dict[str, dict[str, Any]] = {}

@@ -1,9 +1,10 @@
 """register: the final model and each quantized variant into the MLflow Model Registry, with lineage.
 
-Reads the final model (`paths.ppo`), every quantized variant (`models/quantized/<method>/`), the
-evaluation table (`reports/evaluate/metrics.json`, required: a model is registered with the scores
-it was judged by; its `folders` say which row scored which folder), `dvc.lock` (the lineage, when
-the project has one; `stages/common/lineage.py` reads it) and `params.yaml`.
+Reads the final model (the aligned model `quantize.model` names: `paths.dpo` or `paths.ppo`), every
+quantized variant (`models/quantized/<method>/`), the evaluation table (`reports/evaluate/metrics.json`,
+required: a model is registered with the scores it was judged by; its `folders` say which row scored
+which folder), `dvc.lock` (the lineage, when the project has one; `stages/common/lineage.py` reads
+it) and `params.yaml`.
 
 Each model is logged as an MLflow pyfunc "model from code" (`stages/common/generator.py`, which
 loads the folder with transformers, quantization included, renders each chat with the folder's
@@ -14,9 +15,9 @@ strings (a string is one user message), param `max_new_tokens` optional:
 The model version carries, as tags:
 
 - `llm_forge.model_md5`: the folder's content hash, computed as DVC computes a folder's md5, so it
-  equals the `md5` of `models/ppo` in `dvc.lock`; `llm_forge.lineage_verified` says whether it does;
+  equals the `md5` of the model folder in `dvc.lock`; `llm_forge.lineage_verified` says whether it does;
 - `dvc.<stage>.<deps|outs>.<path>`: the md5 of every dependency and output of every stage in the
-  model's upstream chain, as `dvc.lock` recorded them (collect ... ppo, and quantize for a variant);
+  model's upstream chain, as `dvc.lock` recorded them (collect ... dpo or ppo, and quantize for a variant);
 - `git.commit`, `llm_forge.source` (the evaluation row that scored the folder, e.g. `quantized/<method>`);
 - `eval.<benchmark>`: the model's row of the evaluation table; `eval.skipped.<benchmark>`: why a cell is empty.
 
@@ -63,8 +64,11 @@ from stages.common.config import PARAMS_FILE, Paths, StageConfig, StageError
 from stages.common.io import write_json
 from stages.common.lineage import Hasher, lineage, project_path, read_lock, tag_key
 from stages.common.runner import run_stage
+from stages.quantize import QuantizeConfig
 
 log = logging.getLogger("llm_forge.register")
+
+READS = {"quantize": QuantizeConfig}  # `quantize.model`: the final model, the one quantize quantized
 
 STAGE = "register"
 GENERATOR = Path(__file__).resolve().parent / "common" / "generator.py"
@@ -164,12 +168,14 @@ def eval_tags(table: dict[str, Any], row: str | None) -> dict[str, str]:
 # --- the models -----------------------------------------------------------------------------------
 
 
-def candidates(cfg: RegisterConfig, paths: Paths, table: dict[str, Any]) -> tuple[list[Candidate], dict[str, str]]:
+def candidates(cfg: RegisterConfig, paths: Paths, table: dict[str, Any],
+               quantize: QuantizeConfig) -> tuple[list[Candidate], dict[str, str]]:
     """The final model, then each quantized variant (sorted); and folder -> reason for folders skipped."""
-    if not (paths.ppo / "config.json").is_file():
-        what = "does not exist" if not paths.ppo.exists() else "is not a model folder (no config.json)"
-        raise StageError(f"final model {paths.ppo} {what} (run the ppo stage)")
-    found = [Candidate(cfg.name, paths.ppo, row_of(table, paths.ppo), final=True)]
+    final = Path(quantize.final(paths))
+    if not (final / "config.json").is_file():
+        what = "does not exist" if not final.exists() else "is not a model folder (no config.json)"
+        raise StageError(f"final model {final} {what} (run the {quantize.model} stage)")
+    found = [Candidate(cfg.name, final, row_of(table, final), final=True)]
     skipped: dict[str, str] = {}
     if paths.quantized.is_dir():
         for folder in sorted(p for p in paths.quantized.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -292,14 +298,14 @@ def register_one(cand: Candidate, cfg: RegisterConfig, table: dict[str, Any], lo
     return version, sample
 
 
-def run(cfg: RegisterConfig, paths: Paths) -> dict[str, Any]:
+def run(cfg: RegisterConfig, paths: Paths, quantize: QuantizeConfig) -> dict[str, Any]:
     import contextlib
 
     import mlflow
 
     evaluation_file = paths.report_dir("evaluate") / "metrics.json"
     table = read_evaluation(evaluation_file)
-    models, skipped = candidates(cfg, paths, table)
+    models, skipped = candidates(cfg, paths, table, quantize)
     lock = read_lock()
     hasher = Hasher()
     registered: dict[str, dict[str, Any]] = {}
@@ -348,7 +354,7 @@ def run(cfg: RegisterConfig, paths: Paths) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(STAGE, RegisterConfig, run, argv)
+    return run_stage(STAGE, RegisterConfig, run, argv, reads=READS)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def paths(tmp_path: Path) -> Paths:
                  decontam=tmp_path / "data/decontam", contaminated=tmp_path / "data/contaminated",
                  dedup=tmp_path / "data/dedup", base=tmp_path / "models/base", tokenized=tmp_path / "data/tokenized",
                  pretrain=tmp_path / "models/pretrain", sft=tmp_path / "models/sft",
-                 reward=tmp_path / "models/reward", judge=tmp_path / "models/judge", ppo=tmp_path / "models/ppo",
+                 reward=tmp_path / "models/reward", judge=tmp_path / "models/judge",
+                 reference=tmp_path / "data/reference", ppo=tmp_path / "models/ppo", dpo=tmp_path / "models/dpo",
                  quantized=tmp_path / "models/quantized", reports=tmp_path / "reports", gate=tmp_path / "models/gate")
 
 

@@ -71,8 +71,12 @@ class Paths(StageConfig):
     judge: Path
     """The judge (a sequence classifier trained like the proxy on another part of the preference
     data): only `evaluate` and the champion gate score with it."""
+    reference: Path
+    """The policy part of the preference pairs, with the sft model's log-probabilities of each answer."""
     ppo: Path
-    """The policy after PPO (or RLOO / GRPO): the pipeline's final model."""
+    """The policy after PPO (or RLOO / GRPO)."""
+    dpo: Path
+    """The policy after offline preference optimisation (DPO, KTO, ORPO or SimPO)."""
     quantized: Path
     """One folder per quantization method of the final model (`quantized/<method>/`)."""
     reports: Path

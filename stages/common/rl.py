@@ -1,7 +1,7 @@
 """What reinforcement learning from a reward model needs around TRL's trainers (stages/ppo.py):
 prompts from chat records, a stop and a pad token, the reward model as a text scorer (and as the
-id-level model TRL's PPO calls when the vocabularies differ), curves and progress, the rollout
-order and RNG state of a resumable PPO loop.
+id-level model TRL's PPO calls when the vocabularies differ), a guard that stops a policy drifting
+from what SFT taught it, curves and progress, the rollout order and RNG state of a resumable PPO loop.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ class Prompt:
     text: str
     """`messages` rendered with the policy's chat template and a generation prompt."""
     ids: list[int]
+    answer: str | None
+    """The record's own answer to the prompt (the assistant turn after it), if it has one."""
 
 
 def prompt_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]] | None:
@@ -48,6 +50,14 @@ def prompt_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]] | No
     if last is None:
         return None
     return [{"role": m["role"], "content": m["content"]} for m in messages[: last + 1]]
+
+
+def record_answer(messages: list[dict[str, Any]], prompt: list[dict[str, str]]) -> str | None:
+    """The assistant turn that follows `prompt` in the record, when there is a non-empty one."""
+    after = messages[len(prompt)] if len(messages) > len(prompt) else None
+    if after is None or after["role"] != "assistant" or not (after["content"] or "").strip():
+        return None
+    return after["content"]
 
 
 def build_prompts(records: list[dict[str, Any]], tokenizer: Any,
@@ -71,7 +81,7 @@ def build_prompts(records: list[dict[str, Any]], tokenizer: Any,
         if len(ids) > max_tokens:
             dropped["too_long"] += 1
             continue
-        prompts.append(Prompt(rec["id"], messages, text, ids))
+        prompts.append(Prompt(rec["id"], messages, text, ids, record_answer(rec["messages"], messages)))
     return prompts, dropped
 
 
@@ -238,6 +248,69 @@ def retokenized_reward(scorer: RewardScorer, policy_tokenizer: Any, prompts: lis
     return RetokenizedReward()
 
 
+# --- the drift guard ---------------------------------------------------------------------------
+
+
+class StopTraining(Exception):
+    """Raised from a callback to end a training loop that does not read `control.should_training_stop`
+    (TRL's experimental PPOTrainer)."""
+
+
+class AnswerLossGuard:
+    """Stops RL when the policy forgets what SFT taught it: after every update the policy's mean
+    loss on the answers of held-out prompts (the records' own answers, never trained on here, never
+    scored by a reward model or judge) is measured; when it exceeds the sft model's by more than
+    `max_rise`, the trainable weights go back to those of the last update within it and training
+    stops. With `max_rise` None it only measures (the stage's metrics report the loss before and
+    after either way)."""
+
+    def __init__(self, examples: list[dict[str, Any]], tokenizer: Any, max_rise: float | None,
+                 curves: Curves) -> None:
+        self.examples, self.tokenizer, self.max_rise, self.curves = examples, tokenizer, max_rise, curves
+        self.before: float | None = None
+        self.kept: dict[str, Any] = {}
+        self.stopped: dict[str, Any] | None = None
+
+    def loss(self, model: Any) -> float | None:
+        from stages.common.lm import answer_losses
+
+        if not self.examples:
+            return None
+        was_training = model.training
+        model.eval()
+        losses = answer_losses(model, self.tokenizer, self.examples)
+        model.train(was_training)
+        return sum(losses) / len(losses)
+
+    def start(self, sft_policy: Any) -> None:
+        """The sft model's loss: the line the policy is held to."""
+        self.before = self.loss(sft_policy)
+
+    def keep(self, policy: Any) -> None:
+        self.kept = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+
+    def within(self, policy: Any, step: int) -> bool:
+        """Whether the policy after update `step` is within the limit; if not, it is put back to the
+        last one that was (and `stopped` says when and why)."""
+        loss = self.loss(policy)
+        if loss is None or self.before is None:
+            return True
+        self.curves.log(step, {"answer_loss": loss})
+        if self.max_rise is None or loss - self.before <= self.max_rise:
+            self.keep(policy)
+            return True
+        import torch
+
+        with torch.no_grad():
+            for name, param in policy.named_parameters():
+                if name in self.kept:
+                    param.copy_(self.kept[name])
+        self.stopped = {"update": step, "answer_loss": round(loss, 4), "limit": round(self.before + self.max_rise, 4)}
+        log.warning("update %d: held-out answer loss %.4f is above the sft model's %.4f + %.4f: stopping, "
+                    "keeping the policy of update %d", step, loss, self.before, self.max_rise, step - 1)
+        return False
+
+
 # --- curves and progress -----------------------------------------------------------------------
 
 
@@ -247,10 +320,13 @@ def curve_row(logs: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
-def rl_callback(curves: Curves, total: int, offset: int = 0, on_update: Any = None) -> Any:
+def rl_callback(curves: Curves, total: int, offset: int = 0, on_update: Any = None,
+                guard: AnswerLossGuard | None = None, policy_of: Any = None, raise_to_stop: bool = False) -> Any:
     """Curves (at `offset` + the trainer's step: PPO restarts its count on resume), one progress
-    line per update with rate and ETA, `on_update(step)` after each update, and for the HF
-    Trainer's own checkpoints a copy of the curve so a resumed run continues it."""
+    line per update with rate and ETA, `on_update(step)` after each update, the drift `guard` on
+    the policy `policy_of()` returns after each update (stopping the trainer, or raising
+    `StopTraining` with `raise_to_stop`), and for the HF Trainer's own checkpoints a copy of the
+    curve so a resumed run continues it."""
     import shutil
 
     from transformers import TrainerCallback
@@ -272,9 +348,19 @@ def rl_callback(curves: Curves, total: int, offset: int = 0, on_update: Any = No
                 log.info("update %d/%d: reward %.4f, kl %.4f, %.1f s/update, ETA %.0f s", step, total,
                          row["reward"], row.get("kl", float("nan")), rate, rate * (total - step))
 
+        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            if guard is not None:  # a resumed run's weights are loaded by now
+                guard.keep(policy_of())
+
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            step = offset + state.global_step
+            if guard is not None and not guard.within(policy_of(), step):
+                control.should_training_stop = True
+                if raise_to_stop:
+                    raise StopTraining(step)
+                return
             if on_update is not None:
-                on_update(offset + state.global_step)
+                on_update(step)
 
         def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"

@@ -79,8 +79,8 @@ def peft_config(lora: Lora, task_type: str) -> Any:
                       target_modules=lora.target_modules, task_type=task_type)
 
 
-class TrainerStageConfig(StageConfig):
-    """The knobs of a stage trained by a Hugging Face `Trainer` (sft, reward), by their HF names."""
+class TrainerKnobs(StageConfig):
+    """The knobs of a stage trained by a Hugging Face `Trainer` (sft, reward, dpo), by their HF names."""
 
     learning_rate: float = Field(gt=0)
     """Peak learning rate of AdamW."""
@@ -98,10 +98,6 @@ class TrainerStageConfig(StageConfig):
     """Passes over the training records (ignored when `max_steps` is set)."""
     max_steps: int | None = Field(ge=1)
     """Stop after this many optimizer steps (null: `num_train_epochs` decides)."""
-    max_length: int = Field(ge=8)
-    """Longest rendered prompt + answer in tokens."""
-    group_by_length: bool
-    """Batch records of similar length together (much less padding; the order is still seeded)."""
     gradient_checkpointing: bool
     """Recompute activations in the backward pass: less memory, more time."""
     lora: Lora
@@ -122,12 +118,22 @@ class TrainerStageConfig(StageConfig):
     """Seed of weight init (adapters, heads), data order and dropout."""
 
 
-def trainer_arguments(args_cls: type, cfg: TrainerStageConfig, output_dir: Path, precision: str,
+class TrainerStageConfig(TrainerKnobs):
+    """The Trainer knobs of a stage that tokenizes its own records (sft, reward)."""
+
+    max_length: int = Field(ge=8)
+    """Longest rendered prompt + answer in tokens."""
+    group_by_length: bool
+    """Batch records of similar length together (much less padding; the order is still seeded)."""
+
+
+def trainer_arguments(args_cls: type, cfg: TrainerKnobs, output_dir: Path, precision: str,
                       has_eval: bool, **extra: Any) -> Any:
-    """`args_cls` (a TRL config class) with every shared knob of `cfg` set, plus `extra`."""
+    """`args_cls` (a TRL config class) with every shared knob of `cfg` set; `extra` adds to them
+    or replaces them."""
     import torch
 
-    return args_cls(
+    args: dict[str, Any] = dict(
         output_dir=str(output_dir),
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler_type,
@@ -138,8 +144,6 @@ def trainer_arguments(args_cls: type, cfg: TrainerStageConfig, output_dir: Path,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps or -1,
-        max_length=cfg.max_length,
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         activation_checkpointing=cfg.gradient_checkpointing,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
@@ -153,8 +157,11 @@ def trainer_arguments(args_cls: type, cfg: TrainerStageConfig, output_dir: Path,
         data_seed=cfg.seed,
         report_to="none",
         dataloader_pin_memory=torch.cuda.is_available(),
-        **extra,
     )
+    if isinstance(cfg, TrainerStageConfig):
+        args.update(max_length=cfg.max_length,
+                    train_sampling_strategy="group_by_length" if cfg.group_by_length else "random")
+    return args_cls(**{**args, **extra})
 
 
 def count_parameters(model: Any) -> dict[str, int]:
@@ -437,3 +444,46 @@ def save_model(final: Path, stage: str, cfg: StageConfig, metrics: dict[str, Any
             tokenizer.save_pretrained(tmp)
         (tmp / "llm_forge.yaml").write_text(yaml.safe_dump({stage: cfg.model_dump(mode="json")}, sort_keys=False))
         write_json(tmp / "metrics.json", metrics)
+
+
+def load_trainable_lm(folder: Path, method: str, precision: str, stage: str) -> Any:
+    """The causal LM a stage trains: full precision, or 4-bit NF4 for `qlora` (bitsandbytes)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if method != "qlora":
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device())
+    from transformers import BitsAndBytesConfig
+
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=compute)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=compute,
+                                                     device_map={"": device()})
+    except (ImportError, RuntimeError, ValueError) as err:
+        raise StageError(f"{stage}.method qlora: cannot load {folder} in 4-bit NF4 on this machine ({err}); "
+                         "use method lora or full, or a machine where bitsandbytes runs") from err
+    # bitsandbytes repacks 4-bit weights for its AVX512-BF16 inference kernel the first time a CPU
+    # forward runs without grad; that kernel has no backward, so keep the trainable layout.
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def merged_lm(trainer: Any, method: str, base: Path, scratch: Path) -> Any:
+    """The trained causal LM as a plain full-precision model: adapters merged into a base loaded
+    in full precision (for qlora the 4-bit base is not what a stage ships)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    trainer.save_model(str(scratch))  # gathers sharded weights; adapters only for lora/qlora
+    if method == "full":
+        return AutoModelForCausalLM.from_pretrained(scratch, dtype=torch.float32).to(device())
+    from peft import PeftModel
+
+    full = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device())
+    return PeftModel.from_pretrained(full, scratch, torch_dtype=torch.float32).merge_and_unload()

@@ -91,12 +91,12 @@ def test_training_stages_ran_fresh_and_left_loadable_models(tiny_project: Path) 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     training = [stage for stage in ALL_STAGES if "resumed_from_step" in metrics(tiny_project, stage)]
-    assert {"pretrain", "sft", "reward", "ppo"} <= set(training)
+    assert {"pretrain", "sft", "reward", "ppo", "dpo"} <= set(training)
     for stage in training:
         assert metrics(tiny_project, stage)["resumed_from_step"] == 0, stage
         assert (tiny_project / "reports" / stage / "curves.csv").exists(), stage
         assert not (tiny_project / "checkpoints" / stage).exists(), stage  # removed after success
-    for folder in ("models/pretrain", "models/sft", "models/ppo"):
+    for folder in ("models/pretrain", "models/sft", "models/ppo", "models/dpo"):
         AutoModelForCausalLM.from_pretrained(tiny_project / folder)
     for scorer in ("models/reward", "models/judge"):  # the proxy and the judge
         AutoModelForSequenceClassification.from_pretrained(tiny_project / scorer)
@@ -107,7 +107,8 @@ def test_evaluation_table_covers_every_model_and_compares_with_dvc(tiny_project:
     table = metrics(tiny_project, "evaluate")
     quantized = {f"quantized/{m}" for m in metrics(tiny_project, "quantize")["methods"]}
     code = [] if sandbox.unavailable() else ["humaneval_sandbox"]
-    assert quantized and set(table["models"]) == {"base", "pretrain", "sft", "ppo", *quantized, "judge", "proxy"}
+    assert quantized and set(table["models"]) == {"base", "pretrain", "sft", "dpo", "ppo", *quantized, "judge",
+                                                  "proxy"}
     for row, scores in table["models"].items():
         expected = {"pairwise_accuracy"} if row in ("judge", "proxy") else {
             "perplexity", "instruction_loss", "judge_score", "proxy_reward", "hhh_alignment", "truthful_qa_mc",

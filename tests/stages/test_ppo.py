@@ -220,6 +220,35 @@ def test_lora_trains_adapters_and_saves_a_plain_model(rl_paths: Paths, algorithm
     assert_policy_generates(rl_paths.ppo)
 
 
+# --- the drift guard -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo"])  # TRL's own loop, and the HF Trainer's
+def test_guard_stops_a_policy_that_forgets_its_answers(rl_paths: Paths, algorithm: str) -> None:
+    """At the learning rate that makes the toy reward rise, the held-out answers' loss rises too:
+    with a limit on that rise the stage stops, and ships the last policy within it."""
+    rise = 1e-3
+    free = run(tiny_config("ppo", algorithm=algorithm, **{**LEARN, "updates": 6}), rl_paths, train_config(rl_paths))
+    assert free["stopped_early"] is None
+    assert free["heldout_answer_loss_after"] > free["heldout_answer_loss_before"] + rise  # what the guard prevents
+    shutil.rmtree(rl_paths.ppo)
+
+    m = run(tiny_config("ppo", algorithm=algorithm, max_answer_loss_rise=rise, **{**LEARN, "updates": 6}), rl_paths,
+            train_config(rl_paths))
+    stop = m["stopped_early"]
+    print(f"{algorithm}: answer loss {m['heldout_answer_loss_before']} -> {m['heldout_answer_loss_after']} "
+          f"(unguarded {free['heldout_answer_loss_after']}), stopped {stop}")
+    assert stop is not None and 1 <= stop["update"] <= 6 and stop["answer_loss"] > stop["limit"]
+    assert m["heldout_answer_loss_after"] <= m["heldout_answer_loss_before"] + rise + 1e-4
+    curve = read_curve(rl_paths)
+    assert [float(r["answer_loss"]) for r in curve if int(r["step"]) == stop["update"]] == \
+        [pytest.approx(stop["answer_loss"], abs=1e-4)]
+    if stop["update"] == 1:  # nothing was within the limit: the sft model itself ships
+        sft, shipped = policy_weights(rl_paths.sft), policy_weights(rl_paths.ppo)
+        assert all((shipped[k] - sft[k]).abs().max() < 1e-6 for k in sft)
+    assert_policy_generates(rl_paths.ppo)
+
+
 # --- resume --------------------------------------------------------------------------------------
 
 # Runs the stage's CLI and SIGKILLs the process as soon as its first complete checkpoint exists:

@@ -245,7 +245,8 @@ def test_registers_every_model_with_lineage_and_loads_it_back_by_alias(project: 
 
     cfg = config(request)
     params = yaml.safe_load(Path("params.yaml").read_text())
-    Path("params.yaml").write_text(yaml.safe_dump({**params, "register": cfg.model_dump()}))
+    Path("params.yaml").write_text(yaml.safe_dump({**params, "register": cfg.model_dump(),
+                                                   "quantize": tiny_config("quantize").model_dump(mode="json")}))
     assert main([]) == 0
     metrics = json.loads((project.report_dir("register") / "metrics.json").read_text())
     variant = f"{cfg.name}-torchao_int8"
@@ -310,8 +311,8 @@ def test_unchanged_model_is_not_registered_again_and_a_changed_one_moves_the_ali
 
     cfg = config(request)
     variant = f"{cfg.name}-torchao_int8"
-    run(cfg, project)
-    again = run(cfg, project)
+    run(cfg, project, tiny_config("quantize"))
+    again = run(cfg, project, tiny_config("quantize"))
     assert again["versions_created"] == 0 and again["models_registered"] == 2
     assert again["registered"][cfg.name]["version"] == 1 and again["registered"][cfg.name]["new"] is False
     assert len(versions(cfg.name)) == 1 and len(versions(variant)) == 1
@@ -321,7 +322,7 @@ def test_unchanged_model_is_not_registered_again_and_a_changed_one_moves_the_ali
     state = load_file(str(weights))
     torch.manual_seed(1)
     save_file({k: v + 0.01 * torch.randn_like(v) for k, v in state.items()}, str(weights), metadata={"format": "pt"})
-    changed = run(cfg, project)
+    changed = run(cfg, project, tiny_config("quantize"))
     assert changed["registered"][cfg.name] == {**changed["registered"][cfg.name], "version": 2, "new": True}
     assert changed["registered"][variant]["new"] is False  # its folder did not change
     assert str(client().get_model_version_by_alias(cfg.name, "candidate").version) == "2"
@@ -330,7 +331,7 @@ def test_unchanged_model_is_not_registered_again_and_a_changed_one_moves_the_ali
     assert generate_by_alias(cfg.name) == generate_from_folder(project.ppo)  # the alias serves the new weights
 
     weights.write_bytes(original)  # back to the first model: its version again, no duplicate
-    back = run(cfg, project)
+    back = run(cfg, project, tiny_config("quantize"))
     assert back["registered"][cfg.name]["version"] == 1 and back["versions_created"] == 0
     assert str(client().get_model_version_by_alias(cfg.name, "candidate").version) == "1"
     assert len(versions(cfg.name)) == 2
@@ -341,18 +342,31 @@ def test_missing_inputs_are_named_and_register_nothing(project: Paths, request: 
     evaluation = project.report_dir("evaluate") / "metrics.json"
     evaluation.unlink()
     with pytest.raises(StageError, match="evaluation table .*metrics.json does not exist \\(run the evaluate stage\\)"):
-        run(cfg, project)
+        run(cfg, project, tiny_config("quantize"))
     evaluation.write_text('{"rows": []}')
     with pytest.raises(StageError, match="holds no `models` table"):
-        run(cfg, project)
+        run(cfg, project, tiny_config("quantize"))
     evaluation.write_text(json.dumps({k: v for k, v in EVALUATION.items() if k != "folders"}))
     with pytest.raises(StageError, match=r"holds no `folders` \(row -> model folder\)"):
-        run(cfg, project)
+        run(cfg, project, tiny_config("quantize"))
     evaluation.write_text(json.dumps(EVALUATION))
     shutil.rmtree(project.ppo)
     with pytest.raises(StageError, match=r"final model models/ppo does not exist \(run the ppo stage\)"):
-        run(cfg, project)
+        run(cfg, project, tiny_config("quantize"))
     assert versions(cfg.name) == [] and versions(f"{cfg.name}-torchao_int8") == []
+
+
+def test_the_final_model_is_the_one_quantize_model_names(project: Paths) -> None:
+    from stages.register import candidates
+
+    dpo = tiny_config("quantize", model="dpo")
+    with pytest.raises(StageError, match=r"final model models/dpo does not exist \(run the dpo stage\)"):
+        candidates(tiny_config("register"), project, EVALUATION, dpo)
+    shutil.copytree(project.ppo, project.dpo)
+    table = {**EVALUATION, "folders": {**EVALUATION["folders"], "dpo": "models/dpo"}}
+    final, *variants = candidates(tiny_config("register"), project, table, dpo)[0]
+    assert final.folder == project.dpo and final.row == "dpo" and final.final
+    assert [v.folder for v in variants] == [project.quantized / "torchao_int8"]
 
 
 def test_models_that_do_not_load_are_skipped_or_stop_the_stage(project: Paths, request: pytest.FixtureRequest,
@@ -363,7 +377,7 @@ def test_models_that_do_not_load_are_skipped_or_stop_the_stage(project: Paths, r
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     (project.quantized / "notes").mkdir()
     Path("dvc.lock").unlink()  # and no lineage to read: registered all the same, marked so
-    m = run(cfg, project)
+    m = run(cfg, project, tiny_config("quantize"))
     assert set(m["registered"]) == {cfg.name, f"{cfg.name}-torchao_int8"}
     assert "does not load" in m["skipped"]["models/quantized/nf4"]
     assert str(broken) in m["skipped"]["models/quantized/nf4"]
@@ -374,7 +388,7 @@ def test_models_that_do_not_load_are_skipped_or_stop_the_stage(project: Paths, r
 
     (project.ppo / "model.safetensors").write_bytes(b"broken")
     with pytest.raises(StageError, match="models/ppo does not load"):
-        run(cfg, project)
+        run(cfg, project, tiny_config("quantize"))
     assert len(versions(cfg.name)) == 1
 
 
@@ -384,7 +398,8 @@ def test_cli_reports_bad_input_in_one_line(project: Paths, request: pytest.Fixtu
 
     cfg = config(request)
     params = yaml.safe_load(Path("params.yaml").read_text())
-    Path("params.yaml").write_text(yaml.safe_dump({**params, "register": cfg.model_dump()}))
+    Path("params.yaml").write_text(yaml.safe_dump({**params, "register": cfg.model_dump(),
+                                                   "quantize": tiny_config("quantize").model_dump(mode="json")}))
     (project.report_dir("evaluate") / "metrics.json").unlink()
     assert main([]) == 2
     err = capsys.readouterr().err.strip().splitlines()
