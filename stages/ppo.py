@@ -50,6 +50,7 @@ from stages.common.training import (
     save_model,
     seed_everything,
     split_counts,
+    threads,
 )
 
 log = logging.getLogger("llm_forge.ppo")
@@ -338,6 +339,7 @@ def summarise(job: Job, before: tuple[list[str], list[float]], after: tuple[list
         "reward_after": mean(after[1]),
         "reward_gain": round(mean(after[1]) - mean(before[1]), 4),
         "reward_input": "policy_ids" if job.in_loop else "text",
+        "threads": threads(),
         "last_update": {k: round(v, 4) for k, v in final.items()
                         if k in ("kl", "reward", "policy_loss", "value_loss", "entropy")},
         **extra,
