@@ -304,9 +304,13 @@ def check_params(tree: Path) -> None:
 
 @task(name="dvc-pull")
 def pull(tree: Path, stages: list[str], lock: dict[str, dict[str, Any]], cached: set[str]) -> None:
-    """The recorded outputs of `stages` that DVC caches, from the DVC remote (or the project's cache)."""
-    logger = get_run_logger()
-    logger.info("dvc pull %s", " ".join(stages))
+    get_run_logger().info("dvc pull %s", " ".join(stages))
+    pull_outputs(tree, stages, lock, cached)
+
+
+def pull_outputs(tree: Path, stages: list[str], lock: dict[str, dict[str, Any]], cached: set[str]) -> None:
+    """The recorded outputs of `stages` that DVC caches, into the worktree from the project's DVC
+    cache or its remote; CannotRebuild naming each one that is in neither."""
     done = subprocess.run([*dvc_command(), "pull", *stages], cwd=tree, env=stage_env(None),
                           capture_output=True, text=True)
     absent = [f"{o['path']} ({lineage.hash_value(o)})" for s in stages for o in lock[s].get("outs") or []
