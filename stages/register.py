@@ -172,8 +172,9 @@ def eval_metrics(table: dict[str, Any], row: str | None) -> dict[str, float]:
 
 
 def verdict(table: dict[str, Any], row: str | None) -> str:
-    """One line: how the evaluation judged `row` against the row before it (each metric's 95%
-    paired interval: better, worse, or no clear change), and the cells it could not score."""
+    """One line: how the evaluation judged `row` against the row before it (by each metric's paired
+    interval, at evaluate's confidence: better, worse, or no clear change), and the cells it could
+    not score."""
     if row is None or row not in table["models"]:
         return "not evaluated (no row of the evaluation table scored this folder)"
     skipped = sorted(k for k in table.get("skipped") or {} if k == row or k.startswith(f"{row}/"))

@@ -446,7 +446,7 @@ def split_counts(docs_in: int, train: list[Any], val: list[Any], dropped: dict[s
 # Metrics keys that describe the run, not the model (wall time, throughput, utilisation, the
 # machine's thread count): they differ from run to run or machine to machine, so they stay in
 # the report folder and never enter a model folder.
-RUN_KEYS = re.compile(r"(^|_)(seconds|per_second|mfu|speedup|threads)$")
+RUN_KEYS = re.compile(r"(^|_)(seconds|per_second|runtime|time|mfu|speedup|threads)$")
 
 
 def model_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
