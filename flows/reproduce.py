@@ -298,7 +298,7 @@ def check_params(tree: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "stages.common.config", "check"], cwd=tree,
                           env=stage_env(None), capture_output=True, text=True)
     if done.returncode == 2:
-        raise CannotRebuild(f"the recorded params do not load at this commit: "
+        raise CannotRebuild(f"the recorded params cannot run at this commit: "
                             f"{last_error(done.stderr).removeprefix('error: ')}")
 
 
@@ -336,14 +336,22 @@ def rebuild(stage: str, tree: Path, env: dict[str, str]) -> None:
             shown.read(line)
             tail = [*tail[-39:], line]
     if proc.returncode != 0:
-        raise CannotRebuild(f"stage {stage} could not be rebuilt: {last_error(''.join(tail))}")
+        raise CannotRebuild(f"stage {stage} could not be rebuilt: {last_error(''.join(tail)).removeprefix('error: ')}")
 
 
 def last_error(text: str) -> str:
-    """The last `error:` line of a command's output (a stage's own one sentence), else its last line."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    return (errors or lines or ["no output"])[-1][:500]
+    """The last `error:` message of a command's output (a stage's own sentence, or a params check's
+    list of problems, its indented lines joined to it), else its last line."""
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("error:")]
+    if not starts:
+        return ([line.strip() for line in lines if line.strip()] or ["no output"])[-1][:500]
+    message = [lines[starts[-1]].strip()]
+    for line in lines[starts[-1] + 1:]:
+        if not line[:1].isspace():
+            break
+        message.append(line.strip().removeprefix("- "))
+    return " ".join(message)[:1000]
 
 
 def compare(plan_: Plan, tree: Path) -> list[Output]:

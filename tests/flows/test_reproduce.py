@@ -275,6 +275,20 @@ def test_data_missing_from_the_remote_is_one_sentence(tmp_path: Path) -> None:
         pull_outputs(project, ["make"], lock, {"data/raw"})
 
 
+def test_a_source_that_is_gone_stops_the_rebuild_before_any_stage(tmp_path: Path) -> None:
+    """The recorded params name a source this machine no longer has: one sentence naming it."""
+    from flows.reproduce import check_params
+    from tests.conftest import make_project
+
+    project = make_project(tmp_path / "project")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["collect"]["sources"][1]["path"] = str(tmp_path / "gone" / "news.txt")
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    gone = r"^the recorded params cannot run at this commit: .*sources\.1\.path: .*gone/news\.txt does not exist"
+    with pytest.raises(CannotRebuild, match=gone):
+        check_params.fn(project)
+
+
 # --- dvc exp and MLflow name the same experiment ---------------------------------------------------
 
 
