@@ -156,7 +156,9 @@ def nf4_unfit_layers(src: Path) -> tuple[list[str], list[str]]:
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
     unfit = [name for name, m in model.named_modules()
              if isinstance(m, torch.nn.Linear) and (m.out_features % NF4_CPU_ROWS or m.in_features % NF4_BLOCK)]
-    return get_keys_to_not_convert(model), unfit
+    # sorted: transformers collects them in a set, whose order (and so the saved config's bytes)
+    # changes from process to process
+    return sorted(get_keys_to_not_convert(model)), unfit
 
 
 def quantize_int8(cfg: QuantizeConfig, src: Path, paths: Paths, tokenizer: Any) -> Any:
