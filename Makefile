@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= true
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup run test bench lock clean-outputs ui serve retrain FORCE
+.PHONY: setup run test bench lock clean-outputs ui serve retrain reproduce FORCE
 
 setup: $(VENV)/.installed assets/lm_eval/.complete .dvc/config.local
 
@@ -76,6 +76,15 @@ serve: setup
 
 retrain: setup
 	$(BIN)/python -m flows.retrain
+
+# Rebuild a registered model version from its record in a temporary git worktree and compare every
+# output with the recorded hash (flows/reproduce.py): `make reproduce MODEL=models:/llm-forge/1`,
+# `FROM=sft` to rerun sft and what follows only. Exit 0 same, 1 differs, 2 cannot be rebuilt.
+MODEL ?=
+FROM ?=
+reproduce: setup
+	$(if $(MODEL),,$(error name the version: make reproduce MODEL=models:/llm-forge/1))
+	$(BIN)/python -m flows.reproduce '$(MODEL)' $(if $(FROM),--from '$(FROM)')
 
 bench: setup
 	$(BIN)/python -m bench.dedup_bench

@@ -51,6 +51,7 @@ from stages.common.training import (
     save_model,
     seed_everything,
     split_counts,
+    threads,
 )
 
 log = logging.getLogger("llm_forge.ppo")
@@ -357,6 +358,7 @@ def summarise(job: Job, before: tuple[list[str], list[float]], after: tuple[list
         "reward_input": "policy_ids" if job.in_loop else "text",
         "heldout_answer_loss_before": rounded(job.guard.before),
         "stopped_early": job.guard.stopped,
+        "threads": threads(),
         "last_update": {k: round(v, 4) for k, v in final.items()
                         if k in ("kl", "reward", "policy_loss", "value_loss", "entropy")},
         **extra,

@@ -45,6 +45,7 @@ from stages.common.training import (
     rounded,
     save_model,
     seed_everything,
+    threads,
 )
 
 log = logging.getLogger("llm_forge.pretrain")
@@ -270,6 +271,7 @@ def run(cfg: PretrainConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]
         **job.sizes,
         "precision": job.precision,
         "processes": acc.num_processes,
+        "threads": threads(),
         "steps": cfg.max_steps,
         "resumed_from_step": start,
         "tokens": cfg.max_steps * job.tokens_per_step,

@@ -8,14 +8,17 @@ the `quantization_config` transformers takes for them; GPTQ through GPTQModel, H
 hqq, all three on a CPU too: `stages/common/quantizers.py`) quantizes the model, saves it to
 `models/quantized/<method>/` (a folder that `AutoModelForCausalLM.from_pretrained` loads back from
 the config it carries, except HQQ's, which `stages.common.lm.load_causal_lm` loads through hqq;
-with the tokenizer, `llm_forge.yaml` and the method's `metrics.json` beside it), then reloads it
+with the tokenizer, `llm_forge.yaml` and the method's `metrics.json` beside it: its size and
+perplexity, the timings only in the report, so that quantizing the same model again gives the same
+bytes), then reloads it
 from there and measures what the unquantized model (in fp32) is measured on:
 size on disk, held-out perplexity, greedy tokens/s and a greedy sample (both continue the first
 `speed_prompt_tokens` tokens of the first val block: held-out text). A method this machine cannot
 run (its package missing) or that fails is skipped with a one-line reason
 (`skipped` in the metrics) and the others still run; a final model that does not load stops the
 stage. The whole `models/quantized/` folder appears at once when the stage has finished. Writes
-`reports/quantize/` (`metrics.json`, `table.md`, `samples.json`).
+`reports/quantize/` (`metrics.json`, `table.md`, `samples.json`, and a library's own log of its
+run, such as GPTQModel's `<method>/quant_log.csv`).
 
     python -m stages.quantize [--params params.yaml] [--no-mlflow]
 """
@@ -37,6 +40,7 @@ from stages.common import lm, quantizers
 from stages.common.config import Paths, StageConfig
 from stages.common.io import atomic_dir, write_json
 from stages.common.runner import run_stage
+from stages.common.training import model_metrics, stable_safetensors
 
 log = logging.getLogger("llm_forge.quantize")
 
@@ -159,7 +163,9 @@ def nf4_unfit_layers(src: Path) -> tuple[list[str], list[str]]:
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
     unfit = [name for name, m in model.named_modules()
              if isinstance(m, torch.nn.Linear) and (m.out_features % NF4_CPU_ROWS or m.in_features % NF4_BLOCK)]
-    return get_keys_to_not_convert(model), unfit
+    # sorted: transformers collects them in a set, whose order (and so the saved config's bytes)
+    # changes from process to process
+    return sorted(get_keys_to_not_convert(model)), unfit
 
 
 def quantize_int8(cfg: QuantizeConfig, src: Path, paths: Paths, tokenizer: Any) -> Any:
@@ -267,6 +273,8 @@ def quantize_one(quantizer: Callable[..., Any], cfg: QuantizeConfig, paths: Path
     model.save_pretrained(folder)
     del model
     lm.free()
+    keep_run_logs(folder, paths.report_dir("quantize") / folder.name)
+    stable_safetensors(folder)
     has_own = (src / "tokenizer_config.json").is_file()
     AutoTokenizer.from_pretrained(str(src if has_own else Path(paths.tokenized) / "tokenizer")).save_pretrained(folder)
     (folder / "llm_forge.yaml").write_text(yaml.safe_dump({"quantize": cfg.model_dump(mode="json")}, sort_keys=False))
@@ -278,8 +286,21 @@ def quantize_one(quantizer: Callable[..., Any], cfg: QuantizeConfig, paths: Path
     figures, sample = measure(model, tokenizer, blocks, cfg)
     figures = {"size_mb": size_mb, **figures}
     result = {**figures, **compare(figures, reference), "quantized_layers": quantized, "linear_layers": linear}
-    write_json(folder / "metrics.json", result)
+    write_json(folder / "metrics.json", model_metrics(result))  # tokens/s and speedup stay in the report
     return result, sample
+
+
+# Files a quantization library writes beside the weights that describe its run, not the model
+# (GPTQModel's per-layer losses and seconds): moved to the report, so that the folder holds the
+# same bytes whenever the same model is quantized again.
+RUN_LOGS = ("quant_log.csv",)
+
+
+def keep_run_logs(folder: Path, report: Path) -> None:
+    for name in RUN_LOGS:
+        if (folder / name).is_file():
+            report.mkdir(parents=True, exist_ok=True)
+            shutil.move(folder / name, report / name)
 
 
 def markdown(metrics: dict[str, Any]) -> str:

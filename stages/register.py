@@ -12,18 +12,26 @@ chat template and answers it greedily) with the model folder as its artifact, an
 `register.name` (the final model) or `<name>-<method>` (a variant). A user calls it with chats or
 strings (a string is one user message), param `max_new_tokens` optional:
 `model.predict([[{"role": "user", "content": "..."}]])`, `model.predict(["..."])`.
-The model version carries, as tags:
 
-- `llm_forge.model_md5`: the folder's content hash, computed as DVC computes a folder's md5, so it
-  equals the `md5` of the model folder in `dvc.lock`; `llm_forge.lineage_verified` says whether it does;
-- `dvc.<stage>.<deps|outs>.<path>`: the md5 of every dependency and output of every stage in the
-  model's upstream chain, as `dvc.lock` recorded them (collect ... dpo or ppo, and quantize for a variant);
-- `git.commit`, `llm_forge.source` (the evaluation row that scored the folder, e.g. `quantized/<method>`);
-- `eval.<benchmark>`: the model's row of the evaluation table; `eval.skipped.<benchmark>`: why a cell is empty.
+The version's record is short enough to read on its page (`stages/common/lineage.py` writes it):
 
-The logged model also holds `lineage.json` (the `dvc.lock` entries of the chain: commands,
-hashes, params), the whole `params.yaml` and the whole evaluation table as artifacts, and the
-params sections of its chain (from `dvc.lock`) as its params.
+- `git.commit`, and `git.clean`: false when the working tree held uncommitted code (anything but
+  the run's own records: dvc.lock, params.yaml, reports, outputs); `flows.reproduce` refuses such a
+  version, since no commit holds the code that made it;
+- `params.md5`, `dvc.lock.md5`: the md5 of the params file and of dvc.lock, both logged beside it;
+- `data.md5`: the digest of the data it was trained on (`<path> <md5>` lines of the datasets);
+- `eval.verdict`: the evaluation's verdict on its row against the row before it;
+- `llm_forge.model_md5` (the folder's hash, by DVC's own code: the `md5` dvc.lock holds for
+  `models/dpo` or `models/ppo`), `llm_forge.folder`, and `llm_forge.lineage`: `verified` when dvc.lock's hash of
+  the folder is the folder's.
+
+It is an MLflow 3 logged model: its artifacts hold the folder, `params.yaml`, `dvc.lock`,
+`lineage.json` (the `dvc.lock` entries of the chain of stages that made it, the datasets, the
+uncommitted files, the machine) and the evaluation table; its params are the chain's params
+sections (from dvc.lock); its metrics are its evaluation row (`<row>.<metric>`) and, one per dataset
+it was trained on (linked to that dataset, named by its path with its DVC hash as digest), the
+dataset's size (`<path>.bytes`), so the model's page lists its datasets. It is logged in the
+register stage's run and is also an output of the pipeline's run, whose page lists it.
 
 A model is registered only when it changed: if a version of that registered model already holds
 the same content hash, no version is created and that version is the one the alias points at
@@ -48,6 +56,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -62,7 +71,7 @@ from pydantic import Field, field_validator
 from stages.common import lm, tracking
 from stages.common.config import PARAMS_FILE, Paths, StageConfig, StageError
 from stages.common.io import write_json
-from stages.common.lineage import Hasher, lineage, project_path, read_lock, tag_key
+from stages.common.lineage import LOCK_FILE, Record, dvc_hash, project_path, read_lock, record, tag_key
 from stages.common.runner import run_stage
 from stages.quantize import QuantizeConfig
 
@@ -73,8 +82,14 @@ READS = {"quantize": QuantizeConfig}  # `quantize.model`: the final model, the o
 STAGE = "register"
 GENERATOR = Path(__file__).resolve().parent / "common" / "generator.py"
 MD5_TAG = "llm_forge.model_md5"
+FOLDER_TAG = "llm_forge.folder"
+VERDICT_TAG = "eval.verdict"
 TAG_VALUE_MAX = 5000  # MLflow's limit on a model version tag value
 RESERVED_ALIASES = ("champion",)  # moved only by the retraining flow's rule
+# The step of a run's model output. MLflow also links each metric a run logs later at that step
+# to the model: the runs' own figures (the stage's, the pipeline's headline) are logged at step 0,
+# so the model's outputs are at step 1, and its page shows its own metrics only.
+MODEL_STEP = 1
 
 
 class Message(StageConfig):
@@ -153,16 +168,32 @@ def row_of(table: dict[str, Any], folder: Path) -> str | None:
                 None)
 
 
-def eval_tags(table: dict[str, Any], row: str | None) -> dict[str, str]:
-    """`eval.<benchmark>` -> score of `row`; `eval.skipped.<benchmark>` -> why a cell is empty."""
-    if row is None:
-        return {}
-    tags = {tag_key(f"eval.{k}"): str(v) for k, v in (table["models"].get(row) or {}).items()}
-    for key, reason in (table.get("skipped") or {}).items():
-        if key == row or key.startswith(f"{row}/"):
-            cell = key[len(row) + 1:] or "all"
-            tags[tag_key(f"eval.skipped.{cell}")] = str(reason)[:TAG_VALUE_MAX]
-    return tags
+def eval_metrics(table: dict[str, Any], row: str | None) -> dict[str, float]:
+    """`<row>.<metric>` -> score of `row` (the pipeline run's names for the same figures)."""
+    scores = (table["models"].get(row) or {}) if row is not None else {}
+    return {tag_key(f"{row}.{k}"): float(v) for k, v in scores.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def verdict(table: dict[str, Any], row: str | None) -> str:
+    """One line: how the evaluation judged `row` against the row before it (by each metric's paired
+    interval, at evaluate's confidence: better, worse, or no clear change), and the cells it could
+    not score."""
+    if row is None or row not in table["models"]:
+        return "not evaluated (no row of the evaluation table scored this folder)"
+    skipped = sorted(k for k in table.get("skipped") or {} if k == row or k.startswith(f"{row}/"))
+    tail = f"; {len(skipped)} cell{'s' * (len(skipped) != 1)} skipped" if skipped else ""
+    found = (table.get("comparisons") or {}).get(row) or {}
+    metrics = {k: v for k, v in found.items() if isinstance(v, dict) and "better" in v}
+    if not metrics:
+        return f"scored on {len(table['models'][row])} metrics, no row before it to compare with{tail}"
+    better = sorted(k for k, c in metrics.items() if c["better"])
+    worse = sorted(k for k, c in metrics.items() if c.get("significant") and not c["better"])
+    same = len(metrics) - len(better) - len(worse)
+    level = round(100 * next(iter(metrics.values())).get("level", 0.95))
+    parts = [f"better on {', '.join(better)}" if better else "", f"worse on {', '.join(worse)}" if worse else "",
+             f"no clear change on {same}" if same else ""]
+    return f"against {found.get('against')}: {'; '.join(p for p in parts if p)} ({level}% paired intervals){tail}"
 
 
 # --- the models -----------------------------------------------------------------------------------
@@ -239,10 +270,11 @@ def existing_version(client: Any, name: str, md5: str) -> Any | None:
     return max(same, key=lambda v: int(v.version)) if same else None
 
 
-def log_and_register(cand: Candidate, cfg: RegisterConfig, tags: dict[str, str], params: dict[str, str],
-                     files: dict[str, Path]) -> Any:
+def log_and_register(cand: Candidate, cfg: RegisterConfig, tags: dict[str, str], rec: Record,
+                     metrics: dict[str, float], files: dict[str, Path]) -> Any:
     """Log `cand` as a pyfunc model from code in the active run, with its folder and `files` as
-    artifacts, and register it as a new version carrying `tags`."""
+    artifacts, its `metrics` and one size metric per dataset of `rec` (linked to that dataset);
+    make it an output of the pipeline's run too; register it as a new version carrying `tags`."""
     import mlflow
 
     # The signature comes from the type hints of `Generator.predict` (rows of chats or strings) and,
@@ -254,12 +286,37 @@ def log_and_register(cand: Candidate, cfg: RegisterConfig, tags: dict[str, str],
         model_config={"max_new_tokens": cfg.sample_tokens},
         input_example=([messages_of(cfg)], {"max_new_tokens": cfg.sample_tokens}),
         pip_requirements=requirements(cand.folder),
-        params=params or None, tags={MD5_TAG: tags[MD5_TAG], "llm_forge.folder": project_path(cand.folder)})
+        params=rec.params or None, tags={MD5_TAG: tags[MD5_TAG], FOLDER_TAG: tags[FOLDER_TAG]}, step=MODEL_STEP)
+    link(info.model_id, metrics, rec.datasets)
     version = mlflow.register_model(info.model_uri, cand.name, tags=tags)
     mlflow.MlflowClient().update_model_version(
         cand.name, version.version,
         description=f"model from {project_path(cand.folder)} (evaluation row {cand.row}, md5 {tags[MD5_TAG]})")
     return version
+
+
+def link(model_id: str, metrics: dict[str, float], datasets: dict[str, dict[str, Any]]) -> None:
+    """The logged model's metrics, in the active run: `metrics`, and per dataset its size, linked
+    to the dataset (its path as name, its DVC hash as digest: the model's page lists its
+    datasets from these). The pipeline's run (the parent, when a flow runs the stage) gets the
+    model as an output, so its page lists the model."""
+    import time
+
+    import mlflow
+    from mlflow.entities import LoggedModelOutput, Metric
+
+    run_id = mlflow.active_run().info.run_id
+    now = int(time.time() * 1000)
+    rows = [Metric(key, value, now, 0, model_id=model_id, run_id=run_id) for key, value in metrics.items()]
+    rows += [Metric(tag_key(f"{path}.bytes"), float(d["size"]), now, 0, model_id=model_id, run_id=run_id,
+                    dataset_name=path, dataset_digest=d["md5"][:tracking.DIGEST_CHARS])
+             for path, d in datasets.items() if isinstance(d.get("size"), (int, float))]
+    client = mlflow.MlflowClient()
+    if rows:
+        client.log_batch(run_id, metrics=rows)
+    parent = os.environ.get(tracking.PARENT_ENV)
+    if parent and parent != run_id:
+        client.log_outputs(parent, [LoggedModelOutput(model_id, step=MODEL_STEP)])
 
 
 def load_back(name: str, alias: str, messages: list[dict[str, str]], tokens: int) -> str:
@@ -279,21 +336,18 @@ def load_back(name: str, alias: str, messages: list[dict[str, str]], tokens: int
 # --- the stage ----------------------------------------------------------------------------------
 
 
-def register_one(cand: Candidate, cfg: RegisterConfig, table: dict[str, Any], lock: dict[str, Any],
-                 hasher: Hasher, md5: str, files: dict[str, Path]) -> tuple[Any, str]:
-    """Check that `cand` loads and generates, then log and register it with its lineage and scores:
+def register_one(cand: Candidate, cfg: RegisterConfig, paths: Paths, table: dict[str, Any],
+                 lock: dict[str, Any], md5: str, files: dict[str, Path]) -> tuple[Any, str]:
+    """Check that `cand` loads and generates, then log and register it with its record and scores:
     (the new version, the folder's greedy sample)."""
     sample = generate_from_folder(cand.folder, messages_of(cfg), cfg.sample_tokens)
-    evaluated = cand.row in table["models"]
-    if not evaluated:
+    if cand.row not in table["models"]:
         log.warning("%s has no scores in the evaluation table: registered without them", project_path(cand.folder))
-    tags, doc, params = lineage(lock, cand.folder, hasher, md5)
-    commit = tracking.git_commit()
-    tags = {MD5_TAG: md5, "llm_forge.source": str(cand.row), "llm_forge.folder": project_path(cand.folder),
-            **({"git.commit": commit} if commit else {}), **tags, **eval_tags(table, cand.row),
-            "llm_forge.evaluated": str(evaluated).lower()}
-    write_json(files["lineage"], {"git_commit": commit, **doc})
-    version = log_and_register(cand, cfg, tags, params, files)
+    rec = record(lock, cand.folder, md5, reports=paths.reports, params_file=PARAMS_FILE)
+    tags = {**rec.tags, VERDICT_TAG: verdict(table, cand.row)[:TAG_VALUE_MAX], MD5_TAG: md5,
+            FOLDER_TAG: project_path(cand.folder)}
+    write_json(files["lineage"], {**rec.doc, "evaluation": {"row": cand.row, "verdict": tags[VERDICT_TAG]}})
+    version = log_and_register(cand, cfg, tags, rec, eval_metrics(table, cand.row), files)
     log.info("%s version %s (%s, md5 %s)", cand.name, version.version, project_path(cand.folder), md5)
     return version, sample
 
@@ -307,7 +361,6 @@ def run(cfg: RegisterConfig, paths: Paths, quantize: QuantizeConfig) -> dict[str
     table = read_evaluation(evaluation_file)
     models, skipped = candidates(cfg, paths, table, quantize)
     lock = read_lock()
-    hasher = Hasher()
     registered: dict[str, dict[str, Any]] = {}
     samples: dict[str, dict[str, Any]] = {}
     with contextlib.ExitStack() as stack:
@@ -320,12 +373,14 @@ def run(cfg: RegisterConfig, paths: Paths, quantize: QuantizeConfig) -> dict[str
         shutil.copy2(evaluation_file, files["evaluation"])
         if PARAMS_FILE.is_file():
             files["params"] = PARAMS_FILE
+        if LOCK_FILE.is_file():
+            files["dvc.lock"] = LOCK_FILE
         for cand in models:
-            md5 = hasher.folder(cand.folder)
+            md5 = dvc_hash(cand.folder)
             version, folder_sample = existing_version(client, cand.name, md5), None
             if version is None:
                 try:
-                    version, folder_sample = register_one(cand, cfg, table, lock, hasher, md5, files)
+                    version, folder_sample = register_one(cand, cfg, paths, table, lock, md5, files)
                 except StageError as err:
                     if cand.final:
                         raise

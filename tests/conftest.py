@@ -57,9 +57,10 @@ def paths(tmp_path: Path) -> Paths:
                  quantized=tmp_path / "models/quantized", reports=tmp_path / "reports", gate=tmp_path / "models/gate")
 
 
-def make_project(dest: Path, profile: str = "tiny") -> Path:
+def make_project(dest: Path, profile: str = "tiny", git: bool = False) -> Path:
     """A copy of the project at `dest` with `profiles/<profile>.yaml` applied, as a DVC project
-    of its own (no git), sharing this checkout's extracted assets."""
+    of its own, sharing this checkout's extracted assets. `git`: also a git repository whose one
+    commit holds it all (profile applied), as a user commits before `make run`; else no git."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:
         src = ROOT / name
@@ -69,8 +70,26 @@ def make_project(dest: Path, profile: str = "tiny") -> Path:
             shutil.copy2(src, dest / name)
     (dest / "assets").symlink_to(ROOT / "assets", target_is_directory=True)
     apply(dest / "profiles" / f"{profile}.yaml", dest / "params.yaml", dest / "params.yaml")
-    run_in(dest, "-m", "dvc", "init", "--no-scm", "-q")
+    if not git:
+        run_in(dest, "-m", "dvc", "init", "--no-scm", "-q")
+        return dest
+    shutil.copy2(ROOT / ".gitignore", dest / ".gitignore")
+    git_in(dest, "init", "-q")
+    # the assets are `make setup`'s (ignored as a folder by .gitignore); here they are a link
+    (dest / ".git" / "info" / "exclude").write_text("/assets\n")
+    run_in(dest, "-m", "dvc", "init", "-q")
+    git_in(dest, "add", "-A")
+    git_in(dest, "commit", "-q", "-m", f"llm-forge on the {profile} profile")
     return dest
+
+
+def git_in(project: Path, *args: str) -> subprocess.CompletedProcess:
+    """`git *args` in `project` (a test's own identity for commits); fails the test on error."""
+    done = subprocess.run(["git", "-c", "user.name=llm-forge tests", "-c", "user.email=tests@llm-forge.invalid",
+                           *args], cwd=project, capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.fail(f"`git {' '.join(args)}` exited {done.returncode}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return done
 
 
 def project_env(project: Path) -> dict[str, str]:
@@ -97,8 +116,9 @@ def run_in(project: Path, *args: str, check: bool = True) -> subprocess.Complete
 @pytest.fixture(scope="session")
 def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny profile run once end to end through the Prefect flow (which runs each stage
-    with `dvc repro`), shared by the integration tests."""
-    project = make_project(tmp_path_factory.mktemp("tiny") / "project")
+    with `dvc repro`), shared by the integration tests. A git repository whose commit holds the
+    code and params that ran, so its registered models record a commit and a clean tree."""
+    project = make_project(tmp_path_factory.mktemp("tiny") / "project", git=True)
     done = run_in(project, "-m", "flows.pipeline")
     # the flow's own output, kept so that tests can search it too (test_secrets.py)
     (project.parent / "flow.log").write_text(done.stdout + done.stderr, encoding="utf-8")

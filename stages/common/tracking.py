@@ -8,6 +8,10 @@ dependencies that another stage writes (data and models, not code) are also logg
 input datasets, named by their path with the DVC hash as digest, so the runs table's Datasets
 column shows what each run read and two runs that read the same bytes show the same digest.
 
+A stage run that `dvc exp run` started carries the experiment's name (`dvc.experiment`, the name
+`dvc exp show` lists it under) and its baseline commit (`dvc.experiment_baseline`), so MLflow's
+runs table and compare view find an experiment by the name DVC gave it.
+
 The experiment is marked as one of training runs (`mlflow.experimentKind`), so the MLflow 3 UI
 opens it on its runs table, not on the GenAI traces overview it shows an unmarked experiment.
 
@@ -33,6 +37,9 @@ from pathlib import Path
 from typing import Any
 
 PARENT_ENV = "LLM_FORGE_PARENT_RUN_ID"
+# What `dvc exp run` puts in its stages' environment (dvc.env's names): the experiment's name and
+# the commit it is based on; each becomes a tag of the stage's run.
+DVC_EXPERIMENT_ENV = {"DVC_EXP_NAME": "dvc.experiment", "DVC_EXP_BASELINE_REV": "dvc.experiment_baseline"}
 EXPERIMENT = os.environ.get("MLFLOW_EXPERIMENT_NAME", "llm-forge")
 
 OFFLINE_FILE = "mlflow_offline.json"
@@ -219,6 +226,7 @@ def stage_run(stage: str, params: Mapping[str, Any], root: Path = Path("."),
     commit = git_commit(root)
     if commit:
         record.tags["git.commit"] = commit
+    record.tags.update({tag: os.environ[env] for env, tag in DVC_EXPERIMENT_ENV.items() if os.environ.get(env)})
     run = None
     try:
         experiment_id = setup(root)

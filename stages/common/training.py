@@ -1,6 +1,11 @@
 """What every training stage shares: the `train` section, seeding, precision, resumable
 checkpoints, training curves, multi-process launch, and the atomic model folder.
 
+Same commit, params and kind of machine, same bytes: `seed_everything` seeds every generator and
+makes torch pick deterministic kernels, and `save_model` keeps a model folder free of anything a
+rerun changes: the run's timings and thread count stay in `reports/<stage>/` (`model_metrics`
+leaves them out of the folder's `metrics.json`) and `stable_safetensors` writes each safetensors header in one order.
+
 A training stage keeps its checkpoints in `<train.checkpoints>/<stage>/`, outside its DVC output
 (which only appears, atomically, when the stage has finished). A checkpoint belongs to one
 fingerprint: the stage's params and the DVC-visible inputs it read. When a stage is rerun after a
@@ -190,9 +195,20 @@ def peak_flops(precision: str) -> float | None:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (every device), and have torch use deterministic kernels
+    where it has a choice (cuDNN, cuBLAS's workspace, scatter/index ops): on one kind of machine a
+    rerun gives the same weights. An op with no deterministic kernel warns rather than fails
+    (none of the CPU ops the stages use); the CPU's thread count is the machine's
+    (`torch.get_num_threads()`, recorded in the stages' metrics and in a registered version)."""
+    import torch
     from transformers import set_seed
 
+    # read by cuBLAS when it first starts: a fixed workspace makes its GEMMs deterministic on GPUs
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     set_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def resolve_precision(precision: str) -> str:
@@ -435,15 +451,65 @@ def split_counts(docs_in: int, train: list[Any], val: list[Any], dropped: dict[s
             "train_records": len(train), "val_records": len(val)}
 
 
+# Metrics keys that describe the run, not the model (wall time, throughput, utilisation, the
+# machine's thread count): they differ from run to run or machine to machine, so they stay in
+# the report folder and never enter a model folder.
+RUN_KEYS = re.compile(r"(^|_)(seconds|per_second|runtime|time|mfu|speedup|threads)$")
+
+
+def model_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """`metrics` without what describes the run (`RUN_KEYS`, at any depth): what a model folder keeps."""
+    return {k: model_metrics(v) if isinstance(v, dict) else v for k, v in metrics.items() if not RUN_KEYS.search(k)}
+
+
+def threads() -> int:
+    """torch's CPU threads in this process: results of CPU kernels can depend on it, so the
+    training stages record it in their report."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+def stable_safetensors(folder: Path) -> None:
+    """Rewrite the header of every `*.safetensors` file under `folder` in one order (the
+    `__metadata__` keys sorted, the tensors in the order of their data), so that equal tensors and
+    metadata give equal bytes. safetensors keeps the metadata in a hash map, whose order changes
+    from process to process: a file with several metadata keys (torchao's tensor subclasses,
+    described key by key) otherwise differs on every save. The tensor data are not touched."""
+    import struct
+
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            raw = f.read(size)
+        header = json.loads(raw)
+        meta = header.pop("__metadata__", None)
+        ordered = dict(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"], kv[0])))
+        if meta is not None:
+            ordered = {"__metadata__": dict(sorted(meta.items())), **ordered}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes
+        if text == raw:
+            continue
+        tmp = path.with_name(f".{path.name}.tmp")
+        with path.open("rb") as src, tmp.open("wb") as dst:
+            src.seek(8 + size)
+            dst.write(struct.pack("<Q", len(text)) + text)
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(tmp, path)
+
+
 def save_model(final: Path, stage: str, cfg: StageConfig, metrics: dict[str, Any], model: Any,
                tokenizer: Any | None = None) -> None:
-    """The model folder, atomically, with the resolved config and the metrics beside it."""
+    """The model folder, atomically, with the resolved config and the metrics beside it (without
+    the run's timings: the same training gives the same folder, byte for byte)."""
     with atomic_dir(final) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        stable_safetensors(tmp)
         (tmp / "llm_forge.yaml").write_text(yaml.safe_dump({stage: cfg.model_dump(mode="json")}, sort_keys=False))
-        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "metrics.json", model_metrics(metrics))
 
 
 def load_trainable_lm(folder: Path, method: str, precision: str, stage: str) -> Any:

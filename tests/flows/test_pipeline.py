@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -142,9 +143,19 @@ def test_final_and_quantized_models_are_registered_and_load_by_alias(tiny_projec
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     version = client.get_model_version_by_alias("llm-forge", "candidate")
     tags = version.tags
-    assert tags["llm_forge.lineage_verified"] == "true"  # the folder is the one dvc.lock records
-    assert tags["dvc.ppo.outs.models/ppo"] == tags["llm_forge.model_md5"]
-    assert "dvc.collect.outs.data/raw" in tags and "eval.hhh_alignment" in tags
+    assert tags["llm_forge.lineage"] == "verified"  # the folder is the one dvc.lock records
+    lock = yaml.safe_load((tiny_project / "dvc.lock").read_text())["stages"]
+    assert tags["llm_forge.model_md5"] == next(o["md5"] for o in lock["ppo"]["outs"] if o["path"] == "models/ppo")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tiny_project, capture_output=True, text=True).stdout
+    assert tags["git.commit"] == head.strip() and tags["git.clean"] == "true"  # the run's records are no code
+    assert tags["eval.verdict"].startswith("against sft: ")
+    assert len(tags) <= 10  # a handful: the version's page reads in a few lines
+    # the pipeline run lists every registered model as its output
+    (parent,) = client.search_runs([client.get_experiment_by_name("llm-forge").experiment_id],
+                                   "attributes.run_name = 'pipeline'")
+    logged = {o.model_id for o in parent.outputs.model_outputs}
+    assert {client.get_model_version_by_alias(name, "candidate").source.removeprefix("models:/")
+            for name in registered} == logged
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/llm-forge@candidate")
     chat = [{"role": "user", "content": "hello"}]

@@ -20,6 +20,7 @@ import yaml
 from stages import quantize
 from stages.common import lm
 from stages.common.config import ConfigError, Paths, StageError, load_section
+from stages.common.training import model_metrics
 from stages.quantize import QuantizeConfig, run
 from tests.conftest import tiny_config, tiny_model, tiny_params
 
@@ -127,7 +128,9 @@ def test_cpu_methods_stay_close_to_the_reference_and_load_back_quantized(q_paths
         assert_loads_back_quantized(q_paths.quantized / method, method)
         folder = q_paths.quantized / method
         assert yaml.safe_load((folder / "llm_forge.yaml").read_text()) == {"quantize": c.model_dump(mode="json")}
-        assert json.loads((folder / "metrics.json").read_text()) == m["methods"][method]
+        # the folder keeps what the model is (size, perplexity); the run's timings stay in the report
+        assert json.loads((folder / "metrics.json").read_text()) == model_metrics(m["methods"][method])
+        assert "tokens_per_second" in m["methods"][method] and "speedup" in m["methods"][method]
 
     # every model continues the same held-out text: the first tokens of the first val block
     samples = json.loads((q_paths.report_dir("quantize") / "samples.json").read_text())
@@ -234,6 +237,9 @@ def test_4bit_methods_run_on_cpu_and_load_back_quantized(q_paths: Paths, method:
     assert_close_to_reference(m, method)
     folder = q_paths.quantized / method
     assert lm.quant_method(folder) == method
+    if method == "gptq":  # GPTQModel's per-layer log (it holds seconds) goes to the report, not the model
+        assert not (folder / "quant_log.csv").exists()
+        assert (q_paths.report_dir("quantize") / method / "quant_log.csv").is_file()
     model = lm.load_causal_lm(folder)
     classes = {f"{type(x).__module__}.{type(x).__name__}" for name, x in model.named_modules()
                if name.endswith("_proj")}

@@ -2,9 +2,9 @@
 
 The final model is the tiny random-init base (weights scaled up) with the tiny tokenizer (as
 `models/ppo`), the variant a torchao int8 copy of it (`models/quantized/torchao_int8`); the
-evaluation table and `dvc.lock` are written here in the shapes the evaluate stage and DVC write.
-One SQLite store serves the whole module (creating one takes seconds); each test registers under
-a name of its own.
+evaluation table and `dvc.lock` are written here in the shapes the evaluate stage and DVC write;
+the project is a git repository with one commit, as a user's checkout. One SQLite store serves the
+whole module (creating one takes seconds); each test registers under a name of its own.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import yaml
 from stages.common import lm, tracking
 from stages.common.config import ConfigError, Paths, StageError, load_section
 from stages.common.generator import prompt_ids, rows_of
-from stages.common.lineage import Hasher, upstream
-from stages.register import RegisterConfig, eval_tags, folder_prompt, messages_of, run
-from tests.conftest import tiny_config, tiny_model, tiny_params
+from stages.common.lineage import dvc_hash, upstream
+from stages.register import RegisterConfig, eval_metrics, folder_prompt, messages_of, run, verdict
+from tests.conftest import git_in, run_in, tiny_config, tiny_model, tiny_params
 
 EVALUATION = {
     "models": {
@@ -33,6 +33,15 @@ EVALUATION = {
     "folders": {"base": "models/base", "ppo": "models/ppo", "quantized/torchao_int8": "models/quantized/torchao_int8",
                 "quantized/nf4": "models/quantized/nf4"},
     "skipped": {"ppo/humaneval_sandbox": "generation timed out", "quantized/nf4": "does not load"},
+    "comparisons": {  # in evaluate's shape: each row against the one before it, 95% paired intervals
+        "ppo": {"against": "base",
+                "perplexity": {"diff": -78.5, "low": -90.0, "high": -60.0, "n": 4, "level": 0.95, "significant": True,
+                               "better": True},
+                "hhh_alignment": {"diff": 0.25, "low": -0.25, "high": 0.5, "n": 4, "level": 0.95,
+                                  "significant": False, "better": False}},
+        "quantized/torchao_int8": {"against": "ppo",
+                                   "perplexity": {"diff": 0.5, "low": 0.1, "high": 0.9, "n": 4, "level": 0.95,
+                                                  "significant": True, "better": False}}},
     "cells": 6,
 }
 QUESTIONS = ["hello", "Why is the sky blue?"]
@@ -82,33 +91,36 @@ def build_torchao_variant(paths: Paths) -> Path:
     return out
 
 
-def lock_entry(path: str, hasher: Hasher, root: Path) -> dict:
-    return {"path": path, "hash": "md5", "md5": hasher.path(root / path)}
+def lock_entry(path: str, root: Path) -> dict:
+    out = {"path": path, "hash": "md5", "md5": dvc_hash(root / path)}
+    if (root / path).is_dir():  # what DVC records of a folder beside its hash
+        files = [p for p in (root / path).rglob("*") if p.is_file()]
+        out.update(size=sum(p.stat().st_size for p in files), nfiles=len(files))
+    return out
 
 
 def write_lock(root: Path) -> dict:
     """A dvc.lock in DVC's format: base -> tokenize -> ppo -> quantize -> evaluate, plus a stage
     (`reward`) the final model does not come from."""
-    h = Hasher()
     stage_file = {"path": "stages/x.py", "hash": "md5", "md5": "0c7278abc074fde0cf7b32a04058f79a", "size": 10}
     lock = {"schema": "2.0", "stages": {
         "base": {"cmd": "python -m stages.base", "deps": [stage_file],
                  "params": {"params.yaml": {"base": {"dtype": "float32"}}},
-                 "outs": [lock_entry("models/base", h, root)]},
-        "tokenize": {"cmd": "python -m stages.tokenize", "deps": [lock_entry("models/base", h, root)],
+                 "outs": [lock_entry("models/base", root)]},
+        "tokenize": {"cmd": "python -m stages.tokenize", "deps": [lock_entry("models/base", root)],
                      "params": {"params.yaml": {"tokenize": {"block_size": 64}}},
-                     "outs": [lock_entry("data/tokenized", h, root)]},
-        "reward": {"cmd": "python -m stages.reward", "deps": [lock_entry("data/dedup", h, root)],
+                     "outs": [lock_entry("data/tokenized", root)]},
+        "reward": {"cmd": "python -m stages.reward", "deps": [lock_entry("data/dedup", root)],
                    "outs": [{"path": "models/reward", "hash": "md5", "md5": "1" * 32 + ".dir"}]},
         "ppo": {"cmd": "python -m stages.ppo",
-                "deps": [lock_entry("data/tokenized", h, root), lock_entry("models/base", h, root)],
+                "deps": [lock_entry("data/tokenized", root), lock_entry("models/base", root)],
                 "params": {"params.yaml": {"ppo": {"updates": 2, "algorithm": "ppo"}}},
-                "outs": [lock_entry("models/ppo", h, root),
+                "outs": [lock_entry("models/ppo", root),
                          {"path": "reports/ppo/metrics.json", "hash": "md5", "md5": "2" * 32}]},
-        "quantize": {"cmd": "python -m stages.quantize", "deps": [lock_entry("models/ppo", h, root)],
+        "quantize": {"cmd": "python -m stages.quantize", "deps": [lock_entry("models/ppo", root)],
                      "params": {"params.yaml": {"quantize": {"methods": ["torchao_int8"]}}},
-                     "outs": [lock_entry("models/quantized", h, root)]},
-        "evaluate": {"cmd": "python -m stages.evaluate", "deps": [lock_entry("models/ppo", h, root)],
+                     "outs": [lock_entry("models/quantized", root)]},
+        "evaluate": {"cmd": "python -m stages.evaluate", "deps": [lock_entry("models/ppo", root)],
                      "outs": [{"path": "reports/evaluate/metrics.json", "hash": "md5", "md5": "3" * 32}]},
     }}
     (root / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
@@ -118,7 +130,8 @@ def write_lock(root: Path) -> dict:
 @pytest.fixture
 def project(tiny_workdir: Paths, store: str, monkeypatch: pytest.MonkeyPatch) -> Paths:
     """The tiny workdir as a project: models/ppo, models/quantized/torchao_int8, the evaluation
-    table, dvc.lock and params.yaml, with the working directory at its root."""
+    table, dvc.lock and params.yaml, with the working directory at its root; a git repository
+    whose commit holds it (data and models ignored, as DVC ignores its outputs)."""
     root = tiny_workdir.reports.parent
     build_final_model(tiny_workdir)
     build_torchao_variant(tiny_workdir)
@@ -129,6 +142,10 @@ def project(tiny_workdir: Paths, store: str, monkeypatch: pytest.MonkeyPatch) ->
     # relative paths, as in the real params.yaml: dvc.lock names them so
     rel = Paths(**{k: Path(v).relative_to(root) for k, v in tiny_workdir.model_dump().items()})
     (root / "params.yaml").write_text(yaml.safe_dump({"paths": {k: str(v) for k, v in rel.model_dump().items()}}))
+    (root / ".gitignore").write_text("/data/\n/models/\n")
+    git_in(root, "init", "-q")
+    git_in(root, "add", "-A")
+    git_in(root, "commit", "-q", "-m", "a project")
     return rel
 
 
@@ -168,20 +185,23 @@ def generate_from_folder(folder: Path, chats: list = CHATS, tokens: int = 6) -> 
 
 
 def test_hash_is_dvcs(tmp_path: Path) -> None:
-    """The content hash is DVC's own md5 of a folder, so it equals the one in dvc.lock."""
-    from dvc_data.hashfile.build import build
-    from dvc_data.hashfile.db import HashFileDB
-    from dvc_objects.fs.local import LocalFileSystem
-
-    folder = tmp_path / "model"
+    """The content hash is DVC's own md5 (its code computes it): what `dvc add` records of a folder
+    and of a file, inside a DVC project (honouring .dvcignore) and outside one."""
+    project = tmp_path / "project"
+    folder = project / "model"
     (folder / "sub").mkdir(parents=True)
     (folder / "config.json").write_text('{"a": 1}\n')
     (folder / "sub" / "w.bin").write_bytes(bytes(range(256)) * 10)
-    fs = LocalFileSystem()
-    _, _, obj = build(HashFileDB(fs, str(tmp_path / "odb")), str(folder), fs, "md5", dry_run=True)
-    assert Hasher().folder(folder) == obj.hash_info.value
-    _, _, obj = build(HashFileDB(fs, str(tmp_path / "odb")), str(folder / "config.json"), fs, "md5", dry_run=True)
-    assert Hasher().file(folder / "config.json") == obj.hash_info.value
+    (project / "notes.txt").write_text("a file\n")
+    outside = dvc_hash(folder), dvc_hash(project / "notes.txt")
+    run_in(project, "-m", "dvc", "init", "--no-scm", "-q")
+    (project / ".dvcignore").write_text("*.log\n")
+    (folder / "train.log").write_text("not part of the model\n")  # ignored, as DVC ignores it
+    run_in(project, "-m", "dvc", "add", "-q", "model", "notes.txt")
+    for path, hashed in zip(("model", "notes.txt"), outside, strict=True):
+        (recorded,) = yaml.safe_load((project / f"{path}.dvc").read_text())["outs"]
+        assert dvc_hash(project / path, project) == recorded["md5"] == hashed, path
+    assert outside[0].endswith(".dir") and not outside[1].endswith(".dir")
 
 
 def test_upstream_chain_follows_deps_to_their_producers() -> None:
@@ -199,10 +219,15 @@ def test_upstream_chain_follows_deps_to_their_producers() -> None:
     assert upstream(lock, "models/other") == [] and upstream({}, "models/ppo") == []
 
 
-def test_eval_tags_take_the_models_row_and_its_skips() -> None:
-    assert eval_tags(EVALUATION, "ppo") == {"eval.perplexity": "1021.5", "eval.hhh_alignment": "0.75",
-                                            "eval.skipped.humaneval_sandbox": "generation timed out"}
-    assert eval_tags(EVALUATION, "quantized/nf4") == {"eval.skipped.all": "does not load"}
+def test_the_evaluation_verdict_is_one_line_and_the_scores_are_metrics() -> None:
+    assert verdict(EVALUATION, "ppo") == ("against base: better on perplexity; no clear change on 1 (95% paired "
+                                          "intervals); 1 cell skipped")
+    assert verdict(EVALUATION, "quantized/torchao_int8") == "against ppo: worse on perplexity (95% paired intervals)"
+    assert verdict(EVALUATION, "base") == "scored on 2 metrics, no row before it to compare with"
+    assert verdict(EVALUATION, "quantized/nf4").startswith("not evaluated") and verdict(EVALUATION, None) == \
+        verdict(EVALUATION, "quantized/nf4")
+    assert eval_metrics(EVALUATION, "ppo") == {"ppo.perplexity": 1021.5, "ppo.hhh_alignment": 0.75}
+    assert eval_metrics(EVALUATION, None) == {}
 
 
 def test_rows_are_chats_or_strings_and_raw_text_without_a_chat_template(tiny_inputs: Paths) -> None:
@@ -237,8 +262,10 @@ def test_config_guards_the_alias_and_the_name() -> None:
 
 
 def test_registers_every_model_with_lineage_and_loads_it_back_by_alias(project: Paths,
-                                                                       request: pytest.FixtureRequest) -> None:
-    """Through the CLI (the runner's stage run): both models, their tags, artifacts and samples."""
+                                                                       request: pytest.FixtureRequest,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the CLI (the runner's stage run, under a pipeline run): both models, their record,
+    artifacts, metrics and datasets, and their samples."""
     import mlflow
 
     from stages.register import main
@@ -247,41 +274,65 @@ def test_registers_every_model_with_lineage_and_loads_it_back_by_alias(project: 
     params = yaml.safe_load(Path("params.yaml").read_text())
     Path("params.yaml").write_text(yaml.safe_dump({**params, "register": cfg.model_dump(),
                                                    "quantize": tiny_config("quantize").model_dump(mode="json")}))
+    git_in(Path("."), "commit", "-q", "-am", "the register section")  # params are records, but commit them all
+    pipeline = client().create_run(client().get_experiment_by_name(tracking.EXPERIMENT).experiment_id,
+                                   run_name="pipeline")
+    monkeypatch.setenv(tracking.PARENT_ENV, pipeline.info.run_id)
     assert main([]) == 0
+    client().set_terminated(pipeline.info.run_id)
     metrics = json.loads((project.report_dir("register") / "metrics.json").read_text())
     variant = f"{cfg.name}-torchao_int8"
     assert metrics["models_registered"] == 2 and metrics["versions_created"] == 2 and metrics["skipped"] == {}
     assert metrics["registered"][cfg.name] == {
         "folder": "models/ppo", "source": "ppo", "version": 1, "new": True, "alias": "candidate",
-        "model_md5": Hasher().folder(project.ppo), "evaluated": True}
+        "model_md5": dvc_hash(project.ppo), "evaluated": True}
     assert metrics["registered"][variant]["source"] == "quantized/torchao_int8"
 
+    # the version's record: a handful of short tags
     lock = yaml.safe_load(Path("dvc.lock").read_text())["stages"]
     final = client().get_model_version_by_alias(cfg.name, "candidate")
     tags = final.tags
     assert str(final.version) == "1"
-    assert tags["llm_forge.model_md5"] == lock["ppo"]["outs"][0]["md5"]  # the dvc.lock hash of models/ppo
-    assert tags["llm_forge.lineage_verified"] == "true" and tags["llm_forge.dvc_stage"] == "ppo"
-    assert tags["dvc.ppo.outs.models/ppo"] == lock["ppo"]["outs"][0]["md5"]
-    assert tags["dvc.base.outs.models/base"] == lock["base"]["outs"][0]["md5"]  # the whole upstream chain
-    assert tags["dvc.tokenize.outs.data/tokenized"] == lock["tokenize"]["outs"][0]["md5"]
-    assert not any(k.startswith(("dvc.reward.", "dvc.quantize.", "dvc.evaluate.")) for k in tags)
-    assert tags["eval.perplexity"] == "1021.5" and tags["eval.hhh_alignment"] == "0.75"
-    assert tags["eval.skipped.humaneval_sandbox"] == "generation timed out"
-    assert tags["llm_forge.source"] == "ppo" and tags["llm_forge.folder"] == "models/ppo"
+    head = git_in(Path("."), "rev-parse", "HEAD").stdout.strip()
+    assert tags == {
+        "git.commit": head, "git.clean": "true",
+        "params.md5": dvc_hash(Path("params.yaml")), "dvc.lock.md5": dvc_hash(Path("dvc.lock")),
+        "data.md5": tags["data.md5"],
+        "eval.verdict": verdict(EVALUATION, "ppo"),
+        "llm_forge.model_md5": lock["ppo"]["outs"][0]["md5"],  # the dvc.lock hash of models/ppo
+        "llm_forge.folder": "models/ppo", "llm_forge.lineage": "verified"}
+    tokenized = lock["tokenize"]["outs"][0]
+    import hashlib
 
+    # the data it was trained on: data/tokenized (models/base is a model, data/dedup not in its chain)
+    assert tags["data.md5"] == hashlib.md5(f"data/tokenized {tokenized['md5']}\n".encode()).hexdigest()
     vtags = client().get_model_version_by_alias(variant, "candidate").tags
-    assert vtags["dvc.quantize.outs.models/quantized"] == lock["quantize"]["outs"][0]["md5"]
-    assert vtags["llm_forge.lineage_verified"] == "true"
-    assert vtags["dvc.ppo.outs.models/ppo"] == tags["llm_forge.model_md5"]  # made from the registered final model
-    assert vtags["eval.hhh_alignment"] == "0.5"
+    assert vtags["llm_forge.lineage"] == "verified" and vtags["llm_forge.folder"] == "models/quantized/torchao_int8"
+    assert vtags["eval.verdict"] == "against ppo: worse on perplexity (95% paired intervals)"
+    assert vtags["data.md5"] == tags["data.md5"] and vtags["dvc.lock.md5"] == tags["dvc.lock.md5"]
 
-    # logged in the runner's stage run, with params.yaml, lineage and the evaluation table beside the weights
+    # logged in the runner's stage run, with params.yaml, dvc.lock, lineage and the evaluation table
+    # beside the weights
     assert client().get_run(final.run_id).info.run_name == "register"
     logged = mlflow.get_logged_model(final.source.removeprefix("models:/"))  # the version's LoggedModel
     assert logged.params["ppo.updates"] == "2" and logged.params["base.dtype"] == "float32"
     files = {Path(f.path).name for f in mlflow.artifacts.list_artifacts(f"models:/{cfg.name}@candidate/artifacts")}
-    assert {"ppo", "lineage.json", "evaluation.json", "params.yaml"} <= files  # the folder keeps its name
+    assert {"ppo", "lineage.json", "evaluation.json", "params.yaml", "dvc.lock"} <= files  # the folder keeps its name
+    lineage = mlflow.artifacts.download_artifacts(f"models:/{cfg.name}/1/artifacts/lineage.json")
+    record = json.loads(Path(lineage).read_text())
+    assert record["git"] == {"commit": head, "clean": True, "uncommitted": []}
+    assert list(record["stages"]) == ["base", "tokenize", "ppo"] == upstream(lock, "models/ppo")
+    assert record["datasets"] == {"data/tokenized": {"md5": tokenized["md5"], "size": tokenized["size"],
+                                                     "files": tokenized["nfiles"]}}
+    assert record["machine"]["torch_threads"] >= 1 and record["model"]["verified"] is True
+    # the model's metrics: its evaluation row, and its dataset's size linked to the dataset (the
+    # model's page lists the datasets from these); the pipeline run lists the model as an output
+    found = {(m.key, m.dataset_name, m.dataset_digest): m.value for m in logged.metrics}
+    assert found == {("ppo.perplexity", None, None): 1021.5, ("ppo.hhh_alignment", None, None): 0.75,
+                     ("data/tokenized.bytes", "data/tokenized", tokenized["md5"]): tokenized["size"]}
+    outputs = client().get_run(pipeline.info.run_id).outputs.model_outputs
+    assert {o.model_id for o in outputs} == {logged.model_id, mlflow.get_logged_model(
+        client().get_model_version_by_alias(variant, "candidate").source.removeprefix("models:/")).model_id}
 
     # loaded back from the registry, each answers a chat as the pipeline's greedy generator answers
     # the folder's chat-template rendering of it; a string is one user message
@@ -327,7 +378,8 @@ def test_unchanged_model_is_not_registered_again_and_a_changed_one_moves_the_ali
     assert changed["registered"][variant]["new"] is False  # its folder did not change
     assert str(client().get_model_version_by_alias(cfg.name, "candidate").version) == "2"
     v2 = versions(cfg.name)[1]
-    assert v2.tags["llm_forge.lineage_verified"] == "false"  # dvc.lock still describes the old models/ppo
+    assert v2.tags["llm_forge.lineage"].startswith("unverified: dvc.lock records ")  # it describes the old models/ppo
+    assert v2.tags["git.clean"] == "true"  # new weights are an output, not code
     assert generate_by_alias(cfg.name) == generate_from_folder(project.ppo)  # the alias serves the new weights
 
     weights.write_bytes(original)  # back to the first model: its version again, no duplicate
@@ -384,7 +436,8 @@ def test_models_that_do_not_load_are_skipped_or_stop_the_stage(project: Paths, r
     assert "not a model folder" in m["skipped"]["models/quantized/notes"]
     assert versions(f"{cfg.name}-nf4") == []
     tags = client().get_model_version_by_alias(cfg.name, "candidate").tags
-    assert tags["llm_forge.lineage"] == "none (no dvc.lock)" and not any(k.startswith("dvc.") for k in tags)
+    assert tags["llm_forge.lineage"] == "none: no dvc.lock" and tags["dvc.lock.md5"] == "none (no dvc.lock)"
+    assert tags["data.md5"] == "none (no data in dvc.lock)"
 
     (project.ppo / "model.safetensors").write_bytes(b"broken")
     with pytest.raises(StageError, match="models/ppo does not load"):
@@ -406,3 +459,44 @@ def test_cli_reports_bad_input_in_one_line(project: Paths, request: pytest.Fixtu
     assert len(err) == 1 and err[0].startswith("error: register: evaluation table ")  # the stage named once
     assert "run the evaluate stage" in err[0]
     assert versions(cfg.name) == []
+
+
+def test_a_version_made_from_uncommitted_code_is_marked_and_not_rebuilt(project: Paths, request: pytest.FixtureRequest,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    """A code change not committed: the version says so, and `flows.reproduce` refuses it (exit 2,
+    one sentence). A clean version of a commit this repository lacks is refused the same way."""
+    import mlflow
+
+    from flows.reproduce import main as reproduce
+
+    cfg = config(request)
+    run(cfg, project)  # from the committed tree: clean
+    assert client().get_model_version(cfg.name, "1").tags["git.clean"] == "true"
+    capsys.readouterr()
+    assert reproduce([f"models:/{cfg.name}/1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: cannot rebuild models:/{cfg.name}/1: version 1 of {cfg.name} was made from commit "
+                   f"{client().get_model_version(cfg.name, '1').tags['git.commit'][:12]}, which this repository does "
+                   "not have (fetch the branch that holds it)"]
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    Path("tweak.py").write_text("LEARNING_RATE = 1.0\n")  # new code, not committed
+    (project.report_dir("ppo")).mkdir(parents=True, exist_ok=True)
+    (project.report_dir("ppo") / "samples.jsonl").write_text("{}\n")  # a report: no code
+    weights = project.ppo / "model.safetensors"  # and a model it made: a new version
+    torch.manual_seed(2)
+    save_file({k: v + 0.01 * torch.randn_like(v) for k, v in load_file(str(weights)).items()}, str(weights),
+              metadata={"format": "pt"})
+    assert run(cfg, project)["registered"][cfg.name]["version"] == 2
+    version = client().get_model_version(cfg.name, "2")
+    assert version.tags["git.clean"] == "false"
+    lineage = Path(mlflow.artifacts.download_artifacts(f"models:/{cfg.name}/2/artifacts/lineage.json"))
+    record = json.loads(lineage.read_text())
+    assert record["git"]["uncommitted"] == ["tweak.py"] and record["git"]["clean"] is False
+    capsys.readouterr()
+    assert reproduce([f"models:/{cfg.name}/2"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: cannot rebuild models:/{cfg.name}/2: version 2 of {cfg.name} was made from a "
+                           "working tree with uncommitted code (git.clean: false")
