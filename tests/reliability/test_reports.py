@@ -1,0 +1,77 @@
+"""Promise: a stage run that fails leaves the last finished run's reports as they were (its
+`metrics.json` above all: what `dvc metrics diff` and the pipeline's summary read), and says where
+its own partial reports are. A training stage's rerun continues the curve the failed run drew
+(tests/stages/test_sft.py kills sft after a checkpoint and checks the one curve across both runs)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.common.config import Paths, StageConfig, StageError
+from stages.common.runner import run_stage
+
+PATH_KEYS = tuple(Paths.model_fields)
+
+
+class FakeConfig(StageConfig):
+    fail: str  # "no", "bad_input" or "crash"
+
+
+def report_then(cfg: FakeConfig, paths: Paths) -> dict:
+    """A stage that writes its report, then fails as `cfg.fail` says."""
+    report = paths.report_dir("fake")
+    (report / "table.md").write_text(f"written by a run that fails: {cfg.fail}\n")
+    if cfg.fail == "bad_input":
+        raise StageError("fake.input: row 3 has no text")
+    if cfg.fail == "crash":
+        raise RuntimeError("the stage crashed")
+    return {"docs_in": 2, "docs_out": 2, "dropped": {}}
+
+
+def run_fake(project: Path, fail: str) -> int:
+    params = {"paths": {k: f"out/{k}" for k in PATH_KEYS}, "fake": {"fail": fail}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    return run_stage("fake", FakeConfig, report_then, ["--no-mlflow"])
+
+
+def files(folder: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("fail", ["bad_input", "crash"])
+def test_a_failed_run_keeps_the_last_reports_and_names_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture,
+                                                               caplog: pytest.LogCaptureFixture, fail: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert run_fake(tmp_path, "no") == 0
+    report = tmp_path / "out/reports/fake"
+    finished = files(report)
+    assert json.loads(finished["metrics.json"])["docs_out"] == 2 and "table.md" in finished
+    assert [p.name for p in report.parent.iterdir()] == ["fake"]  # nothing beside it after a finished run
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="llm_forge"):
+        if fail == "crash":
+            with pytest.raises(RuntimeError, match="the stage crashed"):
+                run_fake(tmp_path, fail)
+        else:
+            assert run_fake(tmp_path, fail) == 2
+    assert files(report) == finished  # the last finished run's reports, metrics.json included
+    partial = report.with_name(".fake.partial")
+    assert files(partial)["table.md"] == f"written by a run that fails: {fail}\n"
+    assert "metrics.json" not in files(partial)
+    (said,) = [r.getMessage() for r in caplog.records if "did not finish" in r.getMessage()]
+    assert said == ("fake did not finish: its reports so far are in out/reports/.fake.partial/; "
+                    "out/reports/fake/ keeps the last finished run's")
+    if fail == "bad_input":  # the error is still the one sentence, last on stderr
+        assert capsys.readouterr().err.strip().splitlines()[-1] == "error: fake: fake.input: row 3 has no text"
+
+    # the next run that finishes replaces the reports, and the partial folder is gone
+    assert run_fake(tmp_path, "no") == 0
+    assert files(report)["table.md"] == "written by a run that fails: no\n"
+    assert not partial.exists()
