@@ -65,13 +65,13 @@ def markdown(values: Table, errors: Table, columns: list[str], metric_names: dic
 
 
 def with_chart(table: Path, chart: Path) -> str:
-    """The table's markdown with the chart below it, inline (a data URI), for a page that shows
-    markdown and nothing else, such as a Prefect artifact."""
+    """The chart, inline (a data URI), above the table's markdown: for a page that shows markdown
+    and nothing else, such as a Prefect artifact."""
     import base64
 
     text = table.read_text(encoding="utf-8")
     if chart.is_file():
-        text += f"\n![{chart.name}](data:image/png;base64,{base64.b64encode(chart.read_bytes()).decode()})\n"
+        text = f"![{chart.name}](data:image/png;base64,{base64.b64encode(chart.read_bytes()).decode()})\n\n{text}"
     return text
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.flows.conftest import screenshot, wait_http
-from tests.flows.test_mlflow_ui import free_port, make_ui, stop
+from tests.flows.conftest import free_port, screenshot, stop, wait_http
+from tests.flows.test_mlflow_ui import make_ui
 
 # Two runs of the pipeline that differ in sft's learning rate: name -> (params, metrics). Every metric
 # differs between them, and each value prints the same in Python and in the UI (short, exact in binary).

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -20,14 +18,9 @@ import pytest
 
 from stages.common.tracking import EXPERIMENT
 from tests.conftest import ROOT
+from tests.flows.conftest import free_port, stop
 
 DIGEST = "0123456789abcdef0123456789abcdef.dir"  # the shape of a DVC folder hash
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(base: str, endpoint: str, **query: str) -> bytes:
@@ -116,17 +109,3 @@ def test_make_ui_serves_the_projects_runs(project: Path, tmp_path: Path) -> None
         assert served == (project / "reports/clean/metrics.json").read_bytes()
     finally:
         stop(server)
-
-
-def stop(server: subprocess.Popen) -> None:
-    # the server's workers are in its process group: stop them all, the group only
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
-        try:
-            os.killpg(server.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            server.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue

@@ -54,6 +54,6 @@ def test_the_prefect_artifact_holds_the_table_and_the_same_chart(tmp_path: Path)
     comparison_chart({"sft": {"against": "pretrain", "perplexity": diff(-0.1, -0.2, -0.05, True)}}, ["perplexity"],
                      tmp_path / "chart.png")
     shown = with_chart(tmp_path / "table.md", tmp_path / "chart.png")
-    assert shown.startswith((tmp_path / "table.md").read_text())
+    assert shown.endswith((tmp_path / "table.md").read_text())  # the chart first: what a person reads first
     (inline,) = re.findall(r"!\[chart.png\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", shown)
     assert base64.b64decode(inline) == (tmp_path / "chart.png").read_bytes()
