@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from tests.conftest import make_project, project_env, run_in
-from tests.flows.conftest import screenshot, stop
+from tests.flows.conftest import free_port, screenshot, stop
 
 pytestmark = pytest.mark.slow
 
@@ -341,6 +341,18 @@ def test_make_serve_is_the_same_deployment_from_one_process(project: Path, worke
         assert deployment.concurrency_options.collision_strategy.value == "CANCEL_NEW"
     finally:
         stop(served)
+
+
+def test_deploying_without_a_server_is_one_sentence(capsys: pytest.CaptureFixture) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.deploy import main
+
+    with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api"}):  # nothing listens there
+        assert main([]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the Prefect server at http://127.0.0.1:") and err.count("\n") == 0, err
+    assert "does not answer" in err and "prefect server start" in err
 
 
 def test_a_second_pipeline_run_stops_without_writing(tmp_path: Path) -> None:
