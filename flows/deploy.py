@@ -38,7 +38,6 @@ from flows.retrain import DEPLOYMENT, FLOW, RetrainConfig, retrain
 from stages.common.config import ConfigError, load_section, read_yaml
 
 DESCRIPTION = "Retrain on a fresh snapshot; promote the candidate only when the gate says so."
-CONCURRENCY_MESSAGE = "Deployment concurrency limit reached."  # the state message Prefect gives a cancelled run
 
 
 class NoServer(RuntimeError):
