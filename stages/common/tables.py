@@ -143,6 +143,8 @@ def _point(c: dict[str, Any], metric: str) -> tuple[float, float, float]:
 
 
 def _panel(ax: Any, metric: str, pairs: list[tuple[str, dict[str, Any]]], lower: bool) -> str:
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
     zero = _zero(metric)
     ys = list(range(len(pairs)))[::-1]  # the first pair on top, as in the table
     ends = [zero]
@@ -152,6 +154,9 @@ def _panel(ax: Any, metric: str, pairs: list[tuple[str, dict[str, Any]]], lower:
         color = BETTER if c["better"] else WORSE if worse else UNCLEAR
         ax.errorbar(value, y, xerr=[[value - low], [high - value]], fmt="o", color=color, ecolor=color,
                     elinewidth=2.5, capsize=4, markersize=6)
+        # the figure itself at the panel's edge: a difference too small for the axis is still read
+        ax.annotate(f"{value:.2f}" if metric == WIN_RATE else f"{value:+.3g}" if value else "0", (1.02, y),
+                    xycoords=("axes fraction", "data"), va="center", fontsize=7, color=color)
         ends += [low, high]
     span = max(abs(e - zero) for e in ends) or 1.0
     left, right = zero - 1.15 * span, zero + 1.15 * span
@@ -160,9 +165,11 @@ def _panel(ax: Any, metric: str, pairs: list[tuple[str, dict[str, Any]]], lower:
     better_left = lower and metric != WIN_RATE
     ax.axvspan(left if better_left else zero, zero if better_left else right, color=BETTER, alpha=0.07, lw=0)
     ax.axvline(zero, color="black", linewidth=1)
-    ax.text(0.02 if better_left else 0.98, 0.98, "← better" if better_left else "better →", transform=ax.transAxes,
-            ha="left" if better_left else "right", va="top", fontsize=8, color=BETTER)
+    ax.set_xlabel("← better" if better_left else "better →", fontsize=8, color=BETTER,
+                  loc="left" if better_left else "right")
     ax.set_yticks(ys, [label for label, _ in pairs], fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     what = {WIN_RATE: "reward_score: share of answers the reward model prefers",
             "perplexity": "perplexity: difference in log perplexity"}.get(metric, f"{metric}: difference")
     title = what + (" (lower is better)" if lower else "")
