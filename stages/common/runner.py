@@ -192,7 +192,11 @@ def _run_staged(name: str, cfg: BaseModel, paths: Paths, run: Callable[..., dict
 
 
 def _kept(name: str, partial: Path, report: Path) -> None:
-    """Say where a failed run's reports are, and that the last finished run's are untouched."""
+    """Say where a failed run's reports are, and that the last finished run's are untouched; a run
+    that wrote none (bad input found before any work) leaves no folder and nothing to say."""
+    if not any(p.name != "params.yaml" for p in partial.iterdir()):
+        shutil.rmtree(partial, ignore_errors=True)
+        return
     last = "keeps the last finished run's" if (report / "metrics.json").is_file() else "holds no finished run"
     log.warning("%s did not finish: its reports so far are in %s/; %s/ %s", name, _shown(partial), _shown(report),
                 last)

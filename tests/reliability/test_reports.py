@@ -75,3 +75,14 @@ def test_a_failed_run_keeps_the_last_reports_and_names_its_own(tmp_path: Path, m
     assert run_fake(tmp_path, "no") == 0
     assert files(report)["table.md"] == "written by a run that fails: no\n"
     assert not partial.exists()
+
+
+def test_bad_input_found_before_any_report_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(cfg: FakeConfig, paths: Paths) -> dict:
+        raise StageError("fake.input: the file data/in.jsonl does not exist")
+
+    monkeypatch.chdir(tmp_path)
+    params = {"paths": {k: f"out/{k}" for k in PATH_KEYS}, "fake": {"fail": "bad_input"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert run_stage("fake", FakeConfig, refuse, ["--no-mlflow"]) == 2
+    assert not (tmp_path / "out/reports").exists() or not any((tmp_path / "out/reports").iterdir())
