@@ -11,9 +11,10 @@ it as `run(cfg, paths, <section>=...)`: one value stays in one place. The runner
 `run(cfg, paths)`, writes the metrics it returns to `reports/<stage>/metrics.json` (the DVC metrics
 file) and logs everything to MLflow. The stage's reports go to `reports/.<stage>.partial/` while it
 runs (its `paths.report_dir(<stage>)`), and replace `reports/<stage>/` only when it has finished: a
-run that fails or is killed leaves the last finished run's reports and metrics as they were, and
-says where its own partial reports are (a training stage's rerun continues their `curves.csv`,
-as it resumes from that run's checkpoint). Bad input ends the process with exit code 2
+run that fails or is killed leaves the last finished run's reports and metrics as they were (under
+`dvc repro` too, which deletes a stage's declared outputs first: `reports/.<stage>.last/` keeps
+links to them), and says where its own partial reports are (a training stage's rerun continues
+their `curves.csv`, as it resumes from that run's checkpoint). Bad input ends the process with exit code 2
 and one sentence on stderr, not a traceback; so does an output that cannot be written (a full disk,
 a read-only folder), which names the folder and leaves its previous contents as they were. A data
 stage whose worker died says so in one sentence and exits 1: a rerun may pass.
@@ -107,6 +108,10 @@ def run_stage(name: str, cfg_cls: type[C], run: Callable[..., dict[str, Any]],
 
 
 PARTIAL = ".{}.partial"  # a stage's report folder while it runs, beside the last finished run's
+# Hard links to the last finished run's reports. `dvc repro` deletes a stage's declared outputs
+# (its metrics.json, curves, chart) before it runs the stage: the runner puts them back from here,
+# so that until a run finishes, reports/<stage>/ is the last finished run's, as dvc.lock says.
+LAST = ".{}.last"
 CURVES = "curves.csv"  # what a training stage's next run continues (stages.common.training.Curves)
 
 
@@ -124,6 +129,19 @@ def partial_dir(report: Path) -> Path:
     return report.with_name(PARTIAL.format(report.name))
 
 
+def _linked(src: Path, dest: Path, missing_only: bool) -> None:
+    """Every file under `src` linked (hard links: no copy) at the same place under `dest`."""
+    for f in sorted(src.rglob("*")):
+        target = dest / f.relative_to(src)
+        if f.is_file() and not (missing_only and target.exists()):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.unlink(missing_ok=True)
+            try:
+                os.link(f, target)
+            except OSError:  # a filesystem without hard links
+                shutil.copy2(f, target)
+
+
 def _staged(paths: Paths, name: str, partial: Path) -> StagedPaths:
     staged = StagedPaths(**{k: getattr(paths, k) for k in Paths.model_fields})
     staged._staged[name] = partial
@@ -133,7 +151,9 @@ def _staged(paths: Paths, name: str, partial: Path) -> StagedPaths:
 def _run_and_report(name: str, cfg: BaseModel, paths: Paths, run: Callable[..., dict[str, Any]],
                     extra: dict[str, Any], *, training: bool, mlflow_on: bool) -> int:
     report = paths.report_dir(name)
-    partial = partial_dir(report)
+    partial, last = partial_dir(report), report.with_name(LAST.format(report.name))
+    if last.is_dir():
+        _linked(last, report, missing_only=True)
     # A training stage's rerun continues the curve of the run before it (the one that failed or
     # was killed, else the last finished one): it resumes from that run's checkpoint.
     curve = next((f.read_bytes() for f in (partial / CURVES, report / CURVES) if training and f.is_file()), None)
@@ -164,6 +184,8 @@ def _run_and_report(name: str, cfg: BaseModel, paths: Paths, run: Callable[..., 
     with atomic_dir(report) as tmp:  # the finished run's folder replaces the last one's
         tmp.rmdir()
         os.replace(partial, tmp)
+    shutil.rmtree(last, ignore_errors=True)
+    _linked(report, last, missing_only=False)
     log.info("%s done in %.1fs: %s", name, metrics["seconds"], _summary(metrics))
     return 0
 

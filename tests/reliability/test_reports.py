@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import yaml
 
 from stages.common.config import Paths, StageConfig, StageError
 from stages.common.runner import run_stage
+from tests.conftest import ROOT, project_env
 
 PATH_KEYS = tuple(Paths.model_fields)
 
@@ -52,7 +55,7 @@ def test_a_failed_run_keeps_the_last_reports_and_names_its_own(tmp_path: Path, m
     report = tmp_path / "out/reports/fake"
     finished = files(report)
     assert json.loads(finished["metrics.json"])["docs_out"] == 2 and "table.md" in finished
-    assert [p.name for p in report.parent.iterdir()] == ["fake"]  # nothing beside it after a finished run
+    assert not report.with_name(".fake.partial").exists()  # no partial folder after a finished run
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="llm_forge"):
@@ -86,3 +89,47 @@ def test_bad_input_found_before_any_report_leaves_no_folder(tmp_path: Path, monk
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert run_stage("fake", FakeConfig, refuse, ["--no-mlflow"]) == 2
     assert not (tmp_path / "out/reports").exists() or not any((tmp_path / "out/reports").iterdir())
+
+
+# The fake stage as a DVC stage: `dvc repro` deletes its declared outputs before running it.
+DVC_STAGE = """
+import sys
+sys.path.insert(0, {root!r})
+from tests.reliability.test_reports import FakeConfig, report_then
+from stages.common.runner import run_stage
+sys.exit(run_stage("fake", FakeConfig, report_then, ["--no-mlflow"]))
+"""
+DVC_YAML = """
+stages:
+  fake:
+    cmd: python fake.py
+    deps: [fake.py]
+    params: [fake]
+    metrics:
+      - out/reports/fake/metrics.json:
+          cache: false
+"""
+
+
+def test_under_dvc_repro_a_failed_run_keeps_the_last_metrics(tmp_path: Path) -> None:
+    (tmp_path / "fake.py").write_text(DVC_STAGE.format(root=str(ROOT)))
+    (tmp_path / "dvc.yaml").write_text(DVC_YAML)
+
+    def repro(fail: str) -> subprocess.CompletedProcess:
+        params = {"paths": {k: f"out/{k}" for k in PATH_KEYS}, "fake": {"fail": fail}}
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        return subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=tmp_path, env=project_env(tmp_path),
+                              capture_output=True, text=True, timeout=300)
+
+    assert subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path).returncode == 0
+    assert repro("no").returncode == 0, "first run"
+    metrics = tmp_path / "out/reports/fake/metrics.json"
+    finished = metrics.read_text()
+    failed = repro("bad_input")
+    assert failed.returncode != 0
+    assert metrics.read_text() == finished  # DVC deleted it before the run; it is back
+    assert "out/reports/.fake.partial/" in failed.stderr
+    shown = subprocess.run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    (workspace,) = json.loads(shown.stdout).values()  # without git, the workspace is the one revision
+    assert workspace["data"]["out/reports/fake/metrics.json"]["data"]["docs_out"] == 2
