@@ -14,10 +14,10 @@ runs (its `paths.report_dir(<stage>)`), and replace `reports/<stage>/` only when
 run that fails or is killed leaves the last finished run's reports and metrics as they were (under
 `dvc repro` too, which deletes a stage's declared outputs first: `reports/.<stage>.last/` keeps
 links to them), and says where its own partial reports are (a training stage's rerun continues
-their `curves.csv`, as it resumes from that run's checkpoint). Bad input ends the process with exit code 2
-and one sentence on stderr, not a traceback; so does an output that cannot be written (a full disk,
-a read-only folder), which names the folder and leaves its previous contents as they were. A data
-stage whose worker died says so in one sentence and exits 1: a rerun may pass.
+their `curves.csv`, as it resumes from that run's checkpoint). Bad input ends the process with exit
+code 2 and one sentence on stderr, not a traceback; so does an output that cannot be written (a
+full disk, a read-only folder), which names the folder and leaves its previous contents as they
+were. A data stage whose worker died says so in one sentence and exits 1: a rerun may pass.
 """
 
 from __future__ import annotations
