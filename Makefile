@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= true
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup run test bench lock clean-outputs ui serve retrain reproduce FORCE
+.PHONY: setup run test bench lock clean-outputs ui deploy worker serve retrain reproduce FORCE
 
 setup: $(VENV)/.installed assets/lm_eval/.complete .dvc/config.local
 
@@ -53,13 +53,14 @@ test: setup
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q
 
-# The MLflow UI on the project's store (`make ui UI_PORT=...` when the port is taken). The stages'
-# artifacts are under mlartifacts/ (the experiment's own location, which the UI reads directly);
-# an experiment created through the UI's server keeps its artifacts there too. One worker: one
-# person looks at it.
+# The MLflow UI on the project's store (`make ui UI_PORT=...` when the port is taken). The address
+# it prints opens the experiment's training runs (MLflow 3's UI takes its mode from the address).
+# The stages' artifacts are under mlartifacts/ (the experiment's own location, which the UI reads
+# directly); an experiment created through the UI's server keeps its artifacts there too. One
+# worker: one person looks at it.
 UI_PORT ?= 5000
 ui: $(VENV)/.installed
-	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT) (Ctrl-C stops it)"
+	@echo "MLflow UI: $$($(BIN)/python -m stages.common.tracking ui-address http://127.0.0.1:$(UI_PORT)) (Ctrl-C stops it)"
 	@$(BIN)/python -c "import urllib.request as u; u.urlopen('$(PREFECT_API_URL)/health', timeout=2); \
 	  print('Prefect UI: $(PREFECT_API_URL)'.removesuffix('/api'))" 2>/dev/null || true
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
@@ -69,10 +70,20 @@ ui: $(VENV)/.installed
 # terminal serves it (and its UI, one level up from /api) on this default address.
 PREFECT_API_URL ?= http://127.0.0.1:4200/api
 
-# The retraining deployment (flows/retrain.py) on `retrain.schedule`, served to that server by this
-# process, which also runs the flow runs (Ctrl-C stops it). `make retrain` runs it once, now.
+# The retraining deployment (flows/deploy.py, settings in params.yaml's `retrain`). `make deploy`
+# makes the work pool, deploys the flow to it on `retrain.schedule` (one run at a time) and makes
+# the message automations; `make worker` is `prefect worker start` on that pool, running each flow
+# run as a process here (Ctrl-C stops it; the schedule goes on, and runs wait for a worker).
+# `make serve` instead serves the deployment from one process that runs the flow runs itself.
+# `make retrain` runs the flow once, now, without a server.
+deploy: setup
+	PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/python -m flows.deploy
+
+worker: setup
+	PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/python -m flows.deploy --worker
+
 serve: setup
-	PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/python -m flows.retrain --serve
+	PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/python -m flows.deploy --serve
 
 retrain: setup
 	$(BIN)/python -m flows.retrain

@@ -284,8 +284,10 @@ def publish(done: list[str], experiment_id: str | None, parent_id: str | None, l
         paths = load_section(Paths, "paths", read_yaml(ROOT / "params.yaml"))
         table = ROOT / paths.reports / EVALUATION / "table.md"
         if EVALUATION in done and table.is_file():
-            create_markdown_artifact(key="evaluation", markdown=table.read_text(encoding="utf-8"),
-                                     description="The evaluation table of this pipeline run")
+            from stages.common.tables import with_chart
+
+            create_markdown_artifact(key="evaluation", markdown=with_chart(table, table.with_name("chart.png")),
+                                     description="The evaluation table and chart of this pipeline run")
         if parent_id and experiment_id:
             import mlflow
 

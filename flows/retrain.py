@@ -20,8 +20,11 @@ One run, under the project lock (`flows.pipeline.project_lock`):
 4. `dvc push` to the project's default remote (`retrain.push`), so the data and models of the new
    `dvc.lock` are stored; `dvc.lock` and `gate.json` are left for the commit.
 
-    python -m flows.retrain [--params FILE] [--force]   # one run now
-    python -m flows.retrain --serve                      # the deployment, on `retrain.schedule`
+The decision is also a Prefect event (`flows.notify`): a promotion reaches the team as a message
+when `retrain.notify` names a notification block. The deployment (a work pool and its worker, or
+one serving process) is `flows.deploy`.
+
+    python -m flows.retrain [--params FILE] [--force]   # one run now, in this terminal
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import yaml
 from prefect import flow, get_run_logger, task
 from pydantic import Field
 
-from flows import gate
+from flows import gate, notify
 from flows.gate import GateConfig
 from flows.pipeline import ROOT, check, dvc_command, exit_code, pipeline, project_lock, repro, use_params
 from stages.common import tracking
@@ -59,9 +62,14 @@ class RetrainConfig(StageConfig):
     """The `retrain` section: the scheduled retraining flow and its champion gate."""
 
     schedule: str = Field(min_length=9)
-    """Cron of the served deployment (`make serve`), e.g. `0 3 * * 1`: Mondays at 03:00."""
+    """Cron of the deployment (`make deploy`, `make serve`), e.g. `0 3 * * 1`: Mondays at 03:00."""
     timezone: str = Field(min_length=1)
     """The schedule's time zone (an IANA name, e.g. `UTC`, `Europe/Paris`)."""
+    work_pool: str = Field(min_length=1)
+    """The Prefect work pool (process type) `make deploy` deploys to and `make worker` takes runs from."""
+    notify: str | None = Field(pattern=r"^[\w-]+/.+$")
+    """The Prefect notification block that sends the messages (a run failed, `champion` moved), as
+    `<block type>/<name>`, e.g. `slack-webhook/llm-forge` (null: no messages)."""
     snapshot: list[str] = Field(min_length=1)
     """`dvc.yaml` stages that read the sources: rerun on every run, their outputs' hashes say
     whether the data changed."""
@@ -299,33 +307,21 @@ def retrain(params_file: str | None = None, force: bool = False) -> dict[str, An
             logger.info("data %s: running the pipeline", "unchanged" if unchanged else "changed")
             parent_run_id = pipeline().parent_run_id
         result = judge(cfg, params, paths, parent_run_id, logger)
+        notify.announce(result, gate_markdown(result))
         result["status"] = "decided"
         result["push"] = push(logger) if cfg.push else "off (retrain.push)"
         return result
-
-
-def serve() -> None:
-    """Serve the deployment on `retrain.schedule` (this process is its worker: Ctrl-C stops it)."""
-    cfg = load_section(RetrainConfig, "retrain", read_yaml(ROOT / "params.yaml"))
-    from prefect.schedules import Cron
-
-    retrain.serve(name=DEPLOYMENT, schedule=Cron(cfg.schedule, timezone=cfg.timezone),
-                  description="Retrain on a fresh snapshot; promote the candidate only when the gate says so.")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__.splitlines()[0])
     ap.add_argument("--params", help="run on this params file's values (merged into params.yaml)")
     ap.add_argument("--force", action="store_true", help="judge the candidate even when nothing changed")
-    ap.add_argument("--serve", action="store_true", help="serve the scheduled deployment instead of running once")
     args = ap.parse_args(argv)
 
     def run() -> None:
         if not args.params:
             check()  # before Prefect starts (with --params, the flow checks the merged file)
-        if args.serve:
-            serve()
-            return
         with project_lock():
             result = retrain(args.params, args.force)
         print(result.get("message") or result["decision"]["reason"])

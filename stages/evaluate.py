@@ -35,12 +35,13 @@ the second line of defence): `contamination` counts them.
 
 Writes `reports/evaluate/`: `metrics.json` (models x metrics, `stderr` the same shape, the DVC
 metrics; `folders` names each row's model folder, which is how `register` finds a model's scores),
-`table.md` (value ± error, then the comparisons), `chart.png` (one panel per metric, with error
-bars), `items/<row>.json` (every per-item value) and `results/<row>.json` (lm-eval's results). A
-model that does not load, a task file that is missing, malformed or empty, a metric a row cannot
-produce (no chat template, no judge), a task that runs model-written code where no sandbox can
-start (`evaluate.code_sandbox`, `stages/common/sandbox.py`): a one-line reason in `skipped`, the cell
-left empty, and every other cell still evaluated.
+`table.md` (value ± error, then the comparisons), `chart.png` (the comparisons: per metric, each
+row's difference from the row it is set against, with its interval), `items/<row>.json` (every
+per-item value) and `results/<row>.json` (lm-eval's results). A model that does not load, a task
+file that is missing, malformed or empty, a metric a row cannot produce (no chat template, no
+judge), a task that runs model-written code where no sandbox can start (`evaluate.code_sandbox`,
+`stages/common/sandbox.py`): a one-line reason in `skipped`, the cell left empty, and every other
+cell still evaluated.
 
     python -m stages.evaluate [--params params.yaml]
 """
@@ -500,7 +501,7 @@ def score(results: dict[str, Any], task: str) -> tuple[str, float] | None:
 
 def run(cfg: EvaluateConfig, paths: Paths, sft: SftConfig) -> dict[str, Any]:
     from stages.common.lm import free
-    from stages.common.tables import bar_chart, markdown
+    from stages.common.tables import comparison_chart, markdown
 
     report = paths.report_dir("evaluate")
     rows = model_rows(cfg, paths)
@@ -542,7 +543,7 @@ def run(cfg: EvaluateConfig, paths: Paths, sft: SftConfig) -> dict[str, Any]:
     errors = {row: {m: round(c.stderr, 6) for m, c in cells.items()} for row, cells in table.items()}
     (report / "table.md").write_text(markdown(values, errors, columns, metric_names, skipped, seen, comparisons,
                                               lower_is_better=LOWER_IS_BETTER))
-    bar_chart(values, errors, columns, report / "chart.png", lower_is_better=LOWER_IS_BETTER)
+    comparison_chart(comparisons, columns, report / "chart.png", lower_is_better=LOWER_IS_BETTER)
     log.info("\n%s", (report / "table.md").read_text())
     cells = sum(len(v) for v in table.values())
     # every model row has each column but the scorers' rows', which have that one alone

@@ -7,12 +7,17 @@ A stage module ends with
 
 so `python -m stages.clean [--params params.yaml]` runs it. A stage that needs a value of another
 section names it in `reads` (its module's `READS`, and the key in its dvc.yaml `params`), and gets
-it as `run(cfg, paths, <section>=...)`: one value stays in one place. The runner clears the stage's
-report folder, calls `run(cfg, paths)`, writes the metrics it returns to `reports/<stage>/metrics.json`
-(the DVC metrics file) and logs everything to MLflow. Bad input ends the process with exit code 2
-and one sentence on stderr, not a traceback; so does an output that cannot be written (a full disk,
-a read-only folder), which names the folder and leaves its previous contents as they were. A data
-stage whose worker died says so in one sentence and exits 1: a rerun may pass.
+it as `run(cfg, paths, <section>=...)`: one value stays in one place. The runner calls
+`run(cfg, paths)`, writes the metrics it returns to `reports/<stage>/metrics.json` (the DVC metrics
+file) and logs everything to MLflow. The stage's reports go to `reports/.<stage>.partial/` while it
+runs (its `paths.report_dir(<stage>)`), and replace `reports/<stage>/` only when it has finished: a
+run that fails or is killed leaves the last finished run's reports and metrics as they were (under
+`dvc repro` too, which deletes a stage's declared outputs first: `reports/.<stage>.last/` keeps
+links to them), and says where its own partial reports are (a training stage's rerun continues
+their `curves.csv`, as it resumes from that run's checkpoint). Bad input ends the process with exit
+code 2 and one sentence on stderr, not a traceback; so does an output that cannot be written (a
+full disk, a read-only folder), which names the folder and leaves its previous contents as they
+were. A data stage whose worker died says so in one sentence and exits 1: a rerun may pass.
 """
 
 from __future__ import annotations
@@ -31,11 +36,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, PrivateAttr
 
 from stages.common import tracking
 from stages.common.config import Paths, StageError, load_section, read_yaml
-from stages.common.io import write_json
+from stages.common.io import atomic_dir, write_json
 from stages.common.shards import ShardFailed
 
 C = TypeVar("C", bound=BaseModel)
@@ -102,38 +107,121 @@ def run_stage(name: str, cfg_cls: type[C], run: Callable[..., dict[str, Any]],
         return 2
 
 
+PARTIAL = ".{}.partial"  # a stage's report folder while it runs, beside the last finished run's
+# Hard links to the last finished run's reports. `dvc repro` deletes a stage's declared outputs
+# (its metrics.json, curves, chart) before it runs the stage: the runner puts them back from here,
+# so that until a run finishes, reports/<stage>/ is the last finished run's, as dvc.lock says.
+LAST = ".{}.last"
+CURVES = "curves.csv"  # what a training stage's next run continues (stages.common.training.Curves)
+
+
+class StagedPaths(Paths):
+    """`Paths` whose report folder of the running stage is its partial folder: the stage writes
+    there, and the runner swaps it into place when the stage has finished."""
+
+    _staged: dict[str, Path] = PrivateAttr(default_factory=dict)
+
+    def report_dir(self, stage: str) -> Path:
+        return self._staged.get(stage) or super().report_dir(stage)
+
+
+def partial_dir(report: Path) -> Path:
+    return report.with_name(PARTIAL.format(report.name))
+
+
+def _linked(src: Path, dest: Path, missing_only: bool) -> None:
+    """Every file under `src` linked (hard links: no copy) at the same place under `dest`."""
+    for f in sorted(src.rglob("*")):
+        target = dest / f.relative_to(src)
+        if f.is_file() and not (missing_only and target.exists()):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.unlink(missing_ok=True)
+            try:
+                os.link(f, target)
+            except OSError:  # a filesystem without hard links
+                shutil.copy2(f, target)
+
+
+def _staged(paths: Paths, name: str, partial: Path) -> StagedPaths:
+    staged = StagedPaths(**{k: getattr(paths, k) for k in Paths.model_fields})
+    staged._staged[name] = partial
+    return staged
+
+
 def _run_and_report(name: str, cfg: BaseModel, paths: Paths, run: Callable[..., dict[str, Any]],
                     extra: dict[str, Any], *, training: bool, mlflow_on: bool) -> int:
     report = paths.report_dir(name)
-    if report.exists() and not training:
-        shutil.rmtree(report)
-    # A training stage keeps its report folder: a resumed run continues its curves.csv.
-    (report / "metrics.json").unlink(missing_ok=True)
-    report.mkdir(parents=True, exist_ok=True)
+    partial, last = partial_dir(report), report.with_name(LAST.format(report.name))
+    if last.is_dir():
+        _linked(last, report, missing_only=True)
+    # A training stage's rerun continues the curve of the run before it (the one that failed or
+    # was killed, else the last finished one): it resumes from that run's checkpoint.
+    curve = next((f.read_bytes() for f in (partial / CURVES, report / CURVES) if training and f.is_file()), None)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    if curve is not None:
+        (partial / CURVES).write_bytes(curve)
     # The resolved config beside the results, so every report says what produced it.
     resolved = {name: cfg.model_dump(mode="json"), **{k: v.model_dump(mode="json") for k, v in extra.items()}}
-    (report / "params.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    (partial / "params.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
+    try:
+        metrics = _run_staged(name, cfg, _staged(paths, name, partial), run, extra, resolved, partial, report,
+                              mlflow_on=mlflow_on)
+    except StageError as err:
+        _kept(name, partial, report)
+        print(f"error: {name}: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if write_failure(err) is not None:  # a full or read-only disk: leave no folder behind
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            _kept(name, partial, report)
+        raise
+    except BaseException:
+        _kept(name, partial, report)
+        raise
+    with atomic_dir(report) as tmp:  # the finished run's folder replaces the last one's
+        tmp.rmdir()
+        os.replace(partial, tmp)
+    shutil.rmtree(last, ignore_errors=True)
+    _linked(report, last, missing_only=False)
+    log.info("%s done in %.1fs: %s", name, metrics["seconds"], _summary(metrics))
+    return 0
+
+
+def _run_staged(name: str, cfg: BaseModel, paths: Paths, run: Callable[..., dict[str, Any]], extra: dict[str, Any],
+                resolved: dict[str, Any], partial: Path, report: Path, *, mlflow_on: bool) -> dict[str, Any]:
+    """The stage, writing its reports into `partial`; returns its metrics."""
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if mlflow_on:
             # the stage's own keys as they are, the sections it reads under their names
             stack.enter_context(tracking.stage_run(name, {**resolved[name], **{k: resolved[k] for k in extra}},
-                                                   report_dir=report))
+                                                   report_dir=partial, home=report))
         try:
             metrics = run(cfg, paths, **extra)
-        except StageError as err:
+        except StageError:
             if mlflow_on:  # what the stage reported before it failed (validation results)
-                tracking.log_report(name, report)
+                tracking.log_report(name, partial)
                 tracking.fail()
-            print(f"error: {name}: {err}", file=sys.stderr)
-            return 2
+            raise
         metrics = {**metrics, "seconds": round(time.perf_counter() - started, 2)}
-        write_json(report / "metrics.json", metrics)
+        write_json(partial / "metrics.json", metrics)
         if mlflow_on:
-            tracking.log_stage_result(name, metrics, report)
-    log.info("%s done in %.1fs: %s", name, metrics["seconds"], _summary(metrics))
-    return 0
+            tracking.log_stage_result(name, metrics, partial)
+    return metrics
+
+
+def _kept(name: str, partial: Path, report: Path) -> None:
+    """Say where a failed run's reports are, and that the last finished run's are untouched; a run
+    that wrote none (bad input found before any work) leaves no folder and nothing to say."""
+    if not any(p.name != "params.yaml" for p in partial.iterdir()):
+        shutil.rmtree(partial, ignore_errors=True)
+        return
+    last = "keeps the last finished run's" if (report / "metrics.json").is_file() else "holds no finished run"
+    log.warning("%s did not finish: its reports so far are in %s/; %s/ %s", name, _shown(partial), _shown(report),
+                last)
 
 
 # OSErrors that mean an output could not be written, for a cause a user fixes outside the code.

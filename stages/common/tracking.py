@@ -57,15 +57,15 @@ KIND = "custom_model_development"
 log = logging.getLogger(__name__)
 
 
-def setup(root: Path = Path(".")) -> str:
-    """Point MLflow at the project's store and experiment; returns the experiment id. The
-    experiment is marked as one of training runs unless it already carries a kind (a user who
-    chose another kind in the UI keeps it)."""
+def setup(root: Path = Path("."), uri: str | None = None) -> str:
+    """Point MLflow at the project's store and experiment (or at the store `uri`); returns the
+    experiment id. The experiment is marked as one of training runs unless it already carries a
+    kind (a user who chose another kind in the UI keeps it)."""
     import mlflow
 
     root = root.resolve()
     own = f"sqlite:///{root / 'mlflow.db'}"
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or own
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or own
     if uri.startswith(("http://", "https://")):
         for key, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
@@ -141,13 +141,20 @@ def _written_by_a_stage(dep: Any, outs: list[Any]) -> bool:
 class _Record:
     """What the current stage's run has to record, kept so that it survives the server."""
 
-    def __init__(self, stage: str, params: Mapping[str, Any], report_dir: Path) -> None:
-        self.stage, self.report_dir = stage, Path(report_dir)
+    def __init__(self, stage: str, params: Mapping[str, Any], report_dir: Path, home: Path) -> None:
+        import time
+        import uuid
+
+        self.stage, self.report_dir, self.home = stage, Path(report_dir), Path(home)
+        self.id = uuid.uuid4().hex  # the replay's key: it sends this record once
         self.params = flatten(params)
         self.metrics: dict[str, float] = {}
         self.tags: dict[str, str] = {}
         self.inputs: dict[str, str] = {}  # input dataset path -> DVC md5
         self.run_id: str | None = None
+        self.parent_run_id = os.environ.get(PARENT_ENV) or None
+        self.start_ms, self.end_ms = int(time.time() * 1000), None
+        self.status = "RUNNING"
         self.error: str | None = None  # set when the run went offline
 
     def go_offline(self, err: BaseException) -> None:
@@ -156,8 +163,14 @@ class _Record:
         self.save()
         if first:
             log.warning("MLflow at %s is unreachable (%s): %s goes on, and its params and metrics are "
-                        "kept in %s", tracking_uri_shown(), self.error, self.stage,
-                        self.report_dir / OFFLINE_FILE)
+                        "kept in %s (`python -m stages.common.tracking replay` sends them)", tracking_uri_shown(),
+                        self.error, self.stage, self.home / OFFLINE_FILE)
+
+    def end(self, status: str) -> None:
+        import time
+
+        self.status, self.end_ms = status, int(time.time() * 1000)
+        self.save()
 
     def save(self) -> None:
         from stages.common.io import write_json
@@ -165,9 +178,10 @@ class _Record:
         if self.error is None:
             return
         write_json(self.report_dir / OFFLINE_FILE, {
-            "stage": self.stage, "tracking_uri": tracking_uri_shown(), "error": self.error,
-            "run_id": self.run_id, "params": self.params, "metrics": self.metrics, "tags": self.tags,
-            "inputs": self.inputs, "artifacts": str(self.report_dir)})
+            "stage": self.stage, "id": self.id, "tracking_uri": tracking_uri_shown(), "error": self.error,
+            "experiment": EXPERIMENT, "run_id": self.run_id, "parent_run_id": self.parent_run_id,
+            "status": self.status, "start_ms": self.start_ms, "end_ms": self.end_ms, "params": self.params,
+            "metrics": self.metrics, "tags": self.tags, "inputs": self.inputs, "artifacts": str(self.home)})
 
 
 _current: _Record | None = None
@@ -213,15 +227,17 @@ def _offline() -> bool:
 
 @contextmanager
 def stage_run(stage: str, params: Mapping[str, Any], root: Path = Path("."),
-              report_dir: Path | None = None) -> Iterator[Any]:
+              report_dir: Path | None = None, home: Path | None = None) -> Iterator[Any]:
     """An MLflow run for `stage`; nested under the flow's parent run when there is one. Yields
-    the run, or None when the tracking server cannot be reached (the run is kept offline)."""
+    the run, or None when the tracking server cannot be reached (the run is kept offline, in
+    `report_dir`; `home`: where that folder will be once the stage has finished, if elsewhere)."""
     import mlflow
 
     global _current
-    record = _Record(stage, params, report_dir or Path(root) / "reports" / stage)
+    report_dir = report_dir or Path(root) / "reports" / stage
+    record = _Record(stage, params, report_dir, home or report_dir)
     _current = record
-    parent = os.environ.get(PARENT_ENV) or None
+    parent = record.parent_run_id
     record.tags = {"llm_forge.stage": stage}
     commit = git_commit(root)
     if commit:
@@ -250,6 +266,8 @@ def stage_run(stage: str, params: Mapping[str, Any], root: Path = Path("."),
 def _end(run: Any, status: str) -> None:
     import mlflow
 
+    if _current is not None and _current.status == "RUNNING":
+        _current.end(status)
     if run is None or mlflow.active_run() is None:
         return
     if _offline():
@@ -345,7 +363,7 @@ def fail() -> None:
 
     if _current is not None:
         _current.tags["llm_forge.failed"] = "true"
-        _current.save()
+        _current.end("FAILED")
     _attempt(mlflow.set_tag, "llm_forge.failed", "true")
     if mlflow.active_run() is not None:
         if _offline():
@@ -368,3 +386,161 @@ def flatten_numbers(data: Mapping[str, Any], prefix: str = "") -> dict[str, floa
 def metric_key(name: str) -> str:
     # MLflow keys allow letters, digits, _ - . / and space; reasons can hold other characters.
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)
+
+
+# ---------------------------------------------------------------------------------------------
+# the MLflow UI's address, and the replay of what a stage kept offline
+
+# MLflow 3's UI reads its mode from the address: without this, a fresh browser opens the
+# experiment in its GenAI mode (traces), whatever the experiment's kind tag says.
+TRAINING_RUNS = "#/experiments/{}/runs?workflowType=machine_learning"
+
+
+def ui_address(root: Path, base: str) -> str:
+    """Where `make ui` (serving the project's own store at `base`) shows the experiment's training
+    runs; the experiment is made, as a stage makes it, when no stage has run yet."""
+    experiment_id = setup(root, f"sqlite:///{Path(root).resolve() / 'mlflow.db'}")
+    return f"{base.rstrip('/')}/{TRAINING_RUNS.format(experiment_id)}"
+
+
+REPLAYED_TAG = "llm_forge.replayed"  # on a run that a replay completed: the record's id
+RECORD_TAG = "llm_forge.offline_record"  # on a run a replay made: the record's id
+
+
+def offline_records(reports: Path) -> list[Path]:
+    """Every record a stage kept offline under `reports`: in a finished run's report folder, or in
+    the partial folder of a run that failed."""
+    return sorted([*Path(reports).glob(f"*/{OFFLINE_FILE}"), *Path(reports).glob(f".*.partial/{OFFLINE_FILE}")])
+
+
+def replay(record_file: Path, root: Path = Path(".")) -> str:
+    """Send one kept record to the tracking store (`MLFLOW_TRACKING_URI`): its run (the one the
+    stage had opened, or a new one under the pipeline run it belonged to), params, metrics, tags,
+    input datasets, the files of its report folder and its curve, then the run's end. A record
+    already sent is not sent again. Returns what was done, in a few words."""
+    import json
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.exceptions import MlflowException
+
+    kept = json.loads(Path(record_file).read_text())
+    key = kept.get("id") or _digest(Path(record_file))  # a record written before records had an id
+    experiment_id = setup(root)
+    client = mlflow.MlflowClient()
+
+    def existing(run_id: str | None) -> Any:
+        if not run_id:
+            return None
+        try:
+            return client.get_run(run_id)
+        except MlflowException:
+            return None
+
+    run = existing(kept.get("run_id"))
+    if run is None:  # the stage never reached the server, or an earlier replay stopped half-way
+        made = client.search_runs([experiment_id], f"tags.`{RECORD_TAG}` = '{key}'", max_results=1)
+        run = made[0] if made else None
+    if run is not None and run.data.tags.get(REPLAYED_TAG) == key:
+        return f"already sent (run {run.info.run_id})"
+    parent = existing(kept.get("parent_run_id"))
+    if run is None:
+        tags = {RECORD_TAG: key, "mlflow.runName": kept["stage"]}
+        if parent is not None:
+            tags["mlflow.parentRunId"] = parent.info.run_id
+        run = client.create_run(experiment_id, start_time=kept.get("start_ms"), tags=tags, run_name=kept["stage"])
+    run_id = run.info.run_id
+    now = int(time.time() * 1000)
+    stamp = kept.get("end_ms") or now
+    logged = run.data.params
+    params = [Param(k, v) for k, v in kept.get("params", {}).items() if k not in logged]
+    metrics = [Metric(k, float(v), stamp, 0) for k, v in kept.get("metrics", {}).items()]
+    tags = [RunTag(k, str(v)) for k, v in kept.get("tags", {}).items()]
+    for i in range(0, max(len(params), len(metrics), len(tags)), 100):  # MLflow's batch limit on params
+        client.log_batch(run_id, metrics=metrics[i:i + 100], params=params[i:i + 100], tags=tags[i:i + 100])
+    folder = Path(record_file).parent
+    _replay_curve(client, run_id, folder / "curves.csv", stamp)
+    datasets = input_datasets(kept.get("inputs", {}))
+    if datasets:
+        from mlflow.entities import DatasetInput
+
+        client.log_inputs(run_id, [DatasetInput(d._to_mlflow_entity(), []) for d in datasets])
+    files = [f for f in folder.iterdir() if f.name != OFFLINE_FILE]
+    for f in files:
+        if f.is_dir():
+            client.log_artifacts(run_id, str(f), artifact_path=f"{kept['stage']}/{f.name}")
+        else:
+            client.log_artifact(run_id, str(f), artifact_path=kept["stage"])
+    status = kept.get("status") if kept.get("status") in ("FINISHED", "FAILED", "KILLED") else "FAILED"
+    client.set_terminated(run_id, status=status, end_time=kept.get("end_ms") or now)
+    client.set_tag(run_id, REPLAYED_TAG, key)  # last: a replay stopped before this does the rest again
+    where = f" under pipeline run {parent.info.run_id}" if parent is not None else ""
+    return f"sent as run {run_id}{where} ({len(metrics)} metrics, {len(files)} report files, {status.lower()})"
+
+
+def _replay_curve(client: Any, run_id: str, curves: Path, stamp: int) -> None:
+    """The training curve's points (a training stage's curves.csv) that the run does not hold yet."""
+    import csv
+
+    from mlflow.entities import Metric
+
+    if not curves.is_file():
+        return
+    with curves.open() as f:
+        rows = list(csv.DictReader(f))
+    points = []
+    for key in {k for r in rows for k in r} - {"step"}:
+        have = {m.step for m in client.get_metric_history(run_id, metric_key(key))}
+        points += [Metric(metric_key(key), float(r[key]), stamp, int(r["step"])) for r in rows
+                   if r.get(key) not in (None, "") and int(r["step"]) not in have]
+    for i in range(0, len(points), 1000):
+        client.log_batch(run_id, metrics=points[i:i + 1000])
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from stages.common.config import ConfigError, Paths, load_section, read_yaml
+
+    ap = argparse.ArgumentParser(prog="python -m stages.common.tracking",
+                                 description="The project's MLflow store from the command line.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    send = sub.add_parser("replay", help="send every record a stage kept offline (reports/<stage>/"
+                                         f"{OFFLINE_FILE}) to the tracking server, once")
+    send.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (its paths.reports)")
+    show = sub.add_parser("ui-address", help="the MLflow UI's page of the experiment's training runs")
+    show.add_argument("base", help="where the UI serves the project's store, e.g. http://127.0.0.1:5000")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "ui-address":
+        print(ui_address(Path("."), args.base))
+        return 0
+    try:
+        reports = load_section(Paths, "paths", read_yaml(args.params), str(args.params)).reports
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    records = offline_records(reports)
+    if not records:
+        print(f"nothing to send: no {OFFLINE_FILE} under {reports}/")
+        return 0
+    failed = 0
+    for record in records:
+        try:
+            print(f"{record}: {replay(record)}")
+        except Exception as err:  # the server is still down, or refused the record: the next replay retries
+            failed += 1
+            print(f"{record}: not sent ({describe(err)})", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

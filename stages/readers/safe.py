@@ -50,13 +50,18 @@ def files_of(path: Path, pattern: str | None) -> Iterator[Path | Drop]:
     else:
         root, files = path.parent.resolve(), [path]
     for file in files:
-        real = file.resolve()
-        if not real.is_relative_to(root):
-            yield Drop("symlink_outside_source", f"{file} -> {real}")
-        elif not real.is_file():
-            yield Drop("unreadable_file", str(file))
-        else:
-            yield file
+        yield inside(file, root)
+
+
+def inside(file: Path, root: Path) -> Path | Drop:
+    """`file`, or why a source rooted at the real folder `root` may not read it: its real path
+    leaves `root` (a symlink out of the source), or it is no regular file."""
+    real = file.resolve()
+    if not real.is_relative_to(root):
+        return Drop("symlink_outside_source", f"{file} -> {real}")
+    if not real.is_file():
+        return Drop("unreadable_file", str(file))
+    return file
 
 
 def decompressed(f: IO[bytes], name: str) -> IO[bytes]:

@@ -13,6 +13,10 @@ browser or a driver); without them the test is skipped, and `.ci/run` installs t
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -82,3 +86,45 @@ def wait_http(url: str, timeout: float, process: object = None) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"{url} did not answer within {timeout:.0f} s")
         time.sleep(0.3)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(server: subprocess.Popen) -> None:
+    """Stop a server started with `start_new_session=True`: its process group (its workers and
+    children), that group only; TERM first, KILL if it does not go."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            server.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """`prefect server start` on a free loopback port with its own home (a fresh database), once per
+    test session: {"api": its API URL, "ui": its UI's address, "env": an environment that talks to
+    it}. Tests that use it make their own flows, deployments and blocks, under their own names."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api, "PREFECT_UI_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    with (home / "server.log").open("w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                   "--port", str(port)], cwd=home, env=env, start_new_session=True,
+                                  stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        wait_http(f"{api}/health", 300, server)  # the first start migrates a fresh database
+        yield {"api": api, "ui": f"http://127.0.0.1:{port}", "env": env, "log": home / "server.log"}
+    finally:
+        stop(server)

@@ -1,8 +1,12 @@
-"""Promise: the MLflow UI compares two pipeline runs in a real browser. A test starts `mlflow server`
-on loopback (the flags `make ui` uses), logs two runs into the project's experiment through it, opens
-the compare view of the two in headless Chromium and checks that the page shows both runs and, on the
-rows of the params and metrics that differ, each run's own value; it saves a screenshot
-($LLM_FORGE_SCREENSHOTS, else the test's tmp dir)."""
+"""Promise: the MLflow UI shows a new user the work, in a real browser (headless Chromium).
+
+- The address `make ui` prints, opened as printed, shows the tiny pipeline's run with its stage
+  runs nested under it (the training runs, not the GenAI traces page); the registered version's
+  page reads its lineage in a few lines.
+- The compare view of two pipeline runs (logged through `mlflow server`, the flags `make ui` uses)
+  shows both runs and, on the rows of the params and metrics that differ, each run's own value.
+
+Each test saves a screenshot ($LLM_FORGE_SCREENSHOTS, else the test's tmp dir)."""
 
 from __future__ import annotations
 
@@ -14,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.flows.conftest import screenshot, wait_http
-from tests.flows.test_mlflow_ui import free_port, stop
+from tests.flows.conftest import free_port, screenshot, stop, wait_http
+from tests.flows.test_mlflow_ui import make_ui
 
 # Two runs of the pipeline that differ in sft's learning rate: name -> (params, metrics). Every metric
 # differs between them, and each value prints the same in Python and in the UI (short, exact in binary).
@@ -118,3 +122,82 @@ def test_compare_view_shows_both_runs_and_their_metrics(server: str, browser, tm
     assert table_row("sft.learning_rate") == ["sft.learning_rate", *(RUNS[c][0]["sft.learning_rate"] for c in columns)]
     metrics = metric_rows()
     assert metrics == {key: [str(RUNS[c][1][key]) for c in columns] for key in RUNS[columns[0]][1]}
+
+
+# --- what `make ui` opens on, over the tiny pipeline's own store -------------------------------
+
+STAGES_WAIT_S = 60  # the runs table of a store with fifteen runs, on a busy machine
+
+
+@pytest.fixture(scope="module")
+def ui(tiny_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`make ui` in the tiny project that ran; yields the address it printed."""
+    server, address = make_ui(tiny_project, free_port(), tmp_path_factory.mktemp("ui") / "ui.out")
+    try:
+        yield address
+    finally:
+        stop(server)
+
+
+def run_names(browser) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    cells = browser.find_elements(By.XPATH, "//div[@role='gridcell' and @col-id='attributes.`Run Name`']")
+    return [c.text.strip().splitlines()[-1] for c in cells if c.text.strip()]  # after the run's colour label
+
+
+def test_make_ui_opens_on_the_pipeline_run_and_its_stage_runs(ui: str, tiny_project: Path, browser) -> None:
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from flows.pipeline import stage_order
+
+    browser.get(ui)  # exactly what `make ui` printed
+    try:
+        WebDriverWait(browser, STAGES_WAIT_S).until(lambda b: run_names(b) == ["pipeline"])
+        # the stage runs are nested under the pipeline run: its row opens on them
+        pipeline_cell = browser.find_element(By.XPATH, "//div[@role='gridcell' and @col-id='attributes.`Run Name`']")
+        pipeline_cell.find_element(By.XPATH, ".//button").click()
+        stages = [s.rpartition(":")[2] for s in stage_order(None, tiny_project)]  # `dvc.yaml:name` from elsewhere
+        WebDriverWait(browser, STAGES_WAIT_S).until(lambda b: len(run_names(b)) == 1 + len(stages))
+    except TimeoutException:
+        pytest.fail(f"the runs table did not show the pipeline and its stage runs within {STAGES_WAIT_S} s; it shows "
+                    f"{run_names(browser)}:\n{browser.find_element(By.TAG_NAME, 'body').text[:2000]}")
+    finally:
+        screenshot(browser, "mlflow-training-runs")
+    names = run_names(browser)
+    assert names[0] == "pipeline" and sorted(names[1:]) == sorted(stages), names
+    body = browser.find_element(By.TAG_NAME, "body").text
+    assert f"{1 + len(stages)} matching runs" in body
+    assert "Evaluation runs" not in body  # the model-training side of the UI, not the GenAI one
+
+
+@pytest.mark.xfail(strict=True, reason="needs issue 22's record of a version: a handful of tags (today every "
+                                       "dvc.lock hash upstream, about ninety rows)")
+def test_the_registered_versions_page_reads_its_lineage_in_a_few_lines(ui: str, tiny_project: Path,
+                                                                       browser) -> None:
+    import mlflow
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    version = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tiny_project / 'mlflow.db'}") \
+        .get_model_version_by_alias("llm-forge", "candidate").version
+    browser.get(f"{ui.partition('/#/')[0]}/#/models/llm-forge/versions/{version}")
+
+    def tags(b) -> list[str]:
+        rows = b.find_elements(By.XPATH, "//table/tbody/tr")
+        return [r.text.strip() for r in rows if r.text.strip()]
+
+    try:
+        WebDriverWait(browser, STAGES_WAIT_S).until(lambda b: f"Version {version}" in b.find_element(
+            By.TAG_NAME, "body").text and tags(b))
+    except TimeoutException:
+        pytest.fail(f"the version page did not show within {STAGES_WAIT_S} s")
+    finally:
+        screenshot(browser, "mlflow-model-version")
+    body = browser.find_element(By.TAG_NAME, "body").text
+    assert "Source Run" in body and "register" in body  # the run that made it, one click away
+    shown = tags(browser)
+    assert len(shown) <= 8, f"{len(shown)} tag rows: {shown[:12]}"

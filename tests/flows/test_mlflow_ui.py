@@ -1,14 +1,13 @@
 """Promise: `make ui` prints its address and serves the project's own store as a new user needs it:
-the experiment opens on its training runs, and a stage's metrics, input datasets and report files
-are there. The test takes the commands from `make -n ui` (so it checks the Makefile's flags) and
-runs them itself, stopping the server by its process group."""
+the address opens the experiment's training runs, and a stage's metrics, input datasets and report
+files are there (tests/flows/test_browser.py opens that address in a browser). The test takes the
+commands from `make -n ui` (so it checks the Makefile's flags) and runs them itself, stopping the
+server by its process group."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -19,14 +18,9 @@ import pytest
 
 from stages.common.tracking import EXPERIMENT
 from tests.conftest import ROOT
+from tests.flows.conftest import free_port, stop
 
 DIGEST = "0123456789abcdef0123456789abcdef.dir"  # the shape of a DVC folder hash
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(base: str, endpoint: str, **query: str) -> bytes:
@@ -60,33 +54,46 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
+def make_ui(project: Path, port: int, log: Path) -> tuple[subprocess.Popen, str]:
+    """`make ui UI_PORT=port` in `project`, its commands as `make -n` prints them (so the Makefile's
+    flags are what runs) with this checkout's environment; once the UI answers: (its process, the
+    address it printed first). Stop it with `stop`."""
+    # -n: print the recipe without running it; -o: take the set-up as done; BIN: this checkout's venv
+    shown = subprocess.run(["make", "-n", "-f", str(ROOT / "Makefile"), "-o", ".venv/.installed", "ui",
+                            f"UI_PORT={port}", f"BIN={ROOT / '.venv/bin'}"], cwd=project, capture_output=True,
+                           text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the code of this checkout, wherever the project is
+    with log.open("w") as out:
+        server = subprocess.Popen(["bash", "-c", shown.stdout], cwd=project, stdout=out, stderr=subprocess.DEVNULL,
+                                  env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 150
+    while True:
+        try:
+            if get(base, "health"):
+                break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            stop(server)
+            pytest.fail(f"mlflow ui did not start ({server.returncode}): {log.read_text()[-2000:]}")
+        time.sleep(0.5)
+    first = log.read_text().splitlines()[0]  # the address comes first, before the server's own lines
+    address = first.removeprefix("MLflow UI: ").removesuffix(" (Ctrl-C stops it)")
+    assert first == f"MLflow UI: {address} (Ctrl-C stops it)", first
+    return server, address
+
+
 def test_make_ui_serves_the_projects_runs(project: Path, tmp_path: Path) -> None:
     port = free_port()
-    (project / ".venv").symlink_to(ROOT / ".venv", target_is_directory=True)
-    # -n: print the recipe without running it; -o: take the set-up as done
-    shown = subprocess.run(["make", "-n", "-f", str(ROOT / "Makefile"), "-o", ".venv/.installed", "ui",
-                            f"UI_PORT={port}"], cwd=project, capture_output=True, text=True, timeout=60)
-    assert shown.returncode == 0, shown.stderr
-    log = tmp_path / "ui.out"
-    with log.open("w") as out:
-        server = subprocess.Popen(["bash", "-c", shown.stdout], cwd=project, stdout=out,
-                                  stderr=subprocess.DEVNULL, start_new_session=True)
+    server, address = make_ui(project, port, tmp_path / "ui.out")
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 150
-        while True:
-            try:
-                if get(base, "health"):
-                    break
-            except OSError:
-                pass
-            assert server.poll() is None, f"mlflow ui exited {server.returncode}"
-            assert time.monotonic() < deadline, "mlflow ui did not start"
-            time.sleep(0.5)
-        # the address comes first, before the server's own lines
-        assert log.read_text().splitlines()[0] == f"MLflow UI: {base} (Ctrl-C stops it)"
-
         exp = json.loads(get(base, "ajax-api/2.0/mlflow/experiments/get-by-name", experiment_name=EXPERIMENT))
+        # the address opens the experiment's training runs, in the UI's model-training mode
+        experiment_id = exp["experiment"]["experiment_id"]
+        assert address == f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
         tags = {t["key"]: t["value"] for t in exp["experiment"]["tags"]}
         assert tags["mlflow.experimentKind"] == "custom_model_development"
         (run,) = post(base, "ajax-api/2.0/mlflow/runs/search",
@@ -102,17 +109,3 @@ def test_make_ui_serves_the_projects_runs(project: Path, tmp_path: Path) -> None
         assert served == (project / "reports/clean/metrics.json").read_bytes()
     finally:
         stop(server)
-
-
-def stop(server: subprocess.Popen) -> None:
-    # the server's workers are in its process group: stop them all, the group only
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
-        try:
-            os.killpg(server.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            server.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue

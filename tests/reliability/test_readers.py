@@ -188,3 +188,72 @@ def test_a_file_over_the_size_cap_is_dropped_and_named(paths: Paths, tmp_path: P
     assert any(f"{src / 'big.txt'}" in d for d in details)
     assert any(f"{lines}:2" in d for d in details)
     assert any("a.zip!big.txt" in d for d in details)
+
+
+# --- `hf` sources: a `save_to_disk` folder is a folder of files, a hub name is streamed ----------
+
+HF_FIELDS = {"split": "train", "text_field": "text", "id_field": "id"}
+
+
+def saved_dataset(folder: Path, rows: list[dict], shards: int) -> list[Path]:
+    """A DatasetDict with a `train` split saved to `folder` in `shards` data files; returns them."""
+    import datasets
+
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
+    splits.save_to_disk(str(folder), num_shards={"train": shards})
+    return sorted((folder / "train").glob("*.arrow"))
+
+
+def test_an_hf_folder_is_read_like_files_symlink_rule_and_size_cap(paths: Paths, tmp_path: Path) -> None:
+    import shutil
+
+    rows = [{"id": f"en{i}", "text": t} for i, t in enumerate(ENGLISH)] + [{"id": "huge", "text": "word " * 400}]
+    src = tmp_path / "ds"
+    saved_dataset(src, rows[:2], 1)
+    (second,) = saved_dataset(tmp_path / "elsewhere", rows[2:], 1)
+    # the second data file of the source is a link to one outside it that holds a secret
+    outside = saved_dataset(tmp_path / "outside", [{"id": "s", "text": SECRET}], 1)[0]
+    state = json.loads((src / "train/state.json").read_text())
+    state["_data_files"].append({"filename": "linked.arrow"})
+    (src / "train/state.json").write_text(json.dumps(state))
+    (src / "train/linked.arrow").symlink_to(outside)
+    # and a third one is a real file in it, with a row over the cap
+    shutil.copy2(second, src / "train/third.arrow")
+    state["_data_files"].append({"filename": "third.arrow"})
+    (src / "train/state.json").write_text(json.dumps(state))
+
+    m, docs = collect(paths, [{"name": "hf", "type": "hf", "path": str(src), "max_docs": None, **HF_FIELDS}],
+                      max_file_bytes=1000)
+    assert docs == {"en0": ENGLISH[0], "en1": ENGLISH[1], "en2": ENGLISH[2]}
+    assert m["dropped"] == {"symlink_outside_source": 1, "record_too_large": 1}
+    assert SECRET not in json.dumps(dropped_details(paths)) + "".join(docs.values())
+    details = {d["reason"]: d["detail"] for d in dropped_details(paths)}
+    assert details["symlink_outside_source"].startswith(str(src / "train/linked.arrow"))
+    assert details["record_too_large"] == f"{src}#3: over 1000 bytes"
+
+
+def test_an_hf_dataset_that_cannot_be_read_is_one_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+    import huggingface_hub.constants
+
+    from stages.common.config import StageError
+
+    def refusal(path: str, **fields: object) -> str:
+        src = TypeAdapter(CorpusSource).validate_python(
+            {"name": "mine", "type": "hf", "path": path, "max_docs": None, **HF_FIELDS, **fields})
+        with pytest.raises(StageError) as err:
+            list(READERS["corpus"]["hf"](src, "collect.sources[0] (mine)", Counter()))
+        message = str(err.value)
+        assert message.count("\n") == 0 and message.startswith(
+            f"collect.sources[0] (mine): cannot read the dataset '{path}' (split {fields.get('split', 'train')}): ")
+        return message
+
+    saved_dataset(tmp_path / "ds", [{"id": "a", "text": ENGLISH[0]}], 1)
+    assert refusal(str(tmp_path / "ds"), split="test").endswith("it has no split 'test' (splits: train)")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain/notes.txt").write_text(ENGLISH[0])
+    assert "holds no state.json: not a `save_to_disk` folder" in refusal(str(tmp_path / "plain"))
+    # a hub name this machine cannot reach (offline mode: the library answers at once, no retries)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert "Couldn't reach 'someone/missing-dataset'" in refusal("someone/missing-dataset")

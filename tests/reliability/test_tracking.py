@@ -64,13 +64,10 @@ def offline_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if "unreachable" in line]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path: Path):
-    """A real `mlflow server` on a free loopback port: (uri, process, its store's URI)."""
-    port = free_port()
-    store = f"sqlite:///{tmp_path / 'server.db'}"
+def start_server(port: int, store: str, artifacts: Path) -> subprocess.Popen:
+    """`mlflow server` on loopback `port` with `store`, once it answers its health check."""
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", store, "--default-artifact-root", str(tmp_path / "server-art"),
+                             "--backend-store-uri", store, "--default-artifact-root", str(artifacts),
                              "--workers", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 150
@@ -78,13 +75,21 @@ def mlflow_server(tmp_path: Path):
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
                 if r.status == 200:
-                    break
+                    return proc
         except OSError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail("mlflow server did not start")
         time.sleep(0.5)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    """A real `mlflow server` on a free loopback port: (uri, process, its store's URI)."""
+    port = free_port()
+    store = f"sqlite:///{tmp_path / 'server.db'}"
+    proc = start_server(port, store, tmp_path / "server-art")
     yield f"http://127.0.0.1:{port}", proc, store
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -282,3 +287,110 @@ def test_the_projects_own_store_keeps_artifacts_in_the_project(tmp_path: Path,
     exp = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'elsewhere.db'}").get_experiment(
         tracking.setup(tmp_path))
     assert "mlartifacts" not in exp.artifact_location
+
+
+# --- the replay: what a stage kept offline goes to the server once it is back --------------------
+
+# A stage named by its first argument; it writes a report file and a training curve, and, when
+# told to, waits once its MLflow run is open until the test has stopped the server.
+OFFLINE_STAGE = """
+import pathlib, sys
+import time
+from stages.common.config import StageConfig
+from stages.common.runner import run_stage
+
+class FakeConfig(StageConfig):
+    files: int
+
+def run(cfg, paths):
+    name = sys.argv[1]
+    if sys.argv[2] == "wait":
+        pathlib.Path("started").touch()
+        while not pathlib.Path("go").exists():
+            time.sleep(0.05)
+    report = paths.report_dir(name)
+    (report / "table.md").write_text(f"{name}'s table")
+    (report / "curves.csv").write_text("step,train_loss\\n0,2.5\\n1,2.0\\n2,1.5\\n")
+    return {"docs_in": cfg.files, "docs_out": cfg.files, "dropped": {"none": 0}}
+
+sys.exit(run_stage(sys.argv[1], FakeConfig, run, ["--params", "params.yaml"]))
+"""
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+
+
+def test_replay_sends_what_stages_kept_offline_once(tmp_path: Path, mlflow_server) -> None:
+    import mlflow
+
+    from stages.common.tracking import PARENT_ENV, REPLAYED_TAG
+
+    uri, server, store = mlflow_server
+    port = int(uri.rsplit(":", 1)[1])
+    project = tmp_path / "project"
+    project.mkdir()
+    params = {"paths": {k: f"out/{k}" for k in PATH_KEYS}, "early": {"files": 3}, "late": {"files": 5}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment(EXPERIMENT)
+    parent = client.create_run(experiment_id, run_name="pipeline").info.run_id  # as the pipeline flow makes it
+    env = {**env_for(project, uri), PARENT_ENV: parent}
+
+    # `early` opens its run, then the server stops; `late` starts while it is down
+    early = subprocess.Popen([sys.executable, "-c", OFFLINE_STAGE, "early", "wait"], cwd=project, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (project / "started").exists():
+        assert early.poll() is None and time.monotonic() < deadline, early.communicate()
+        time.sleep(0.05)
+    stop(server)
+    (project / "go").touch()
+    assert early.wait(timeout=120) == 0, early.stderr.read()[-3000:]
+    late = subprocess.run([sys.executable, "-c", OFFLINE_STAGE, "late", "now"], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert late.returncode == 0, late.stderr[-3000:]
+    records = {n: json.loads((project / f"out/reports/{n}" / OFFLINE_FILE).read_text()) for n in ("early", "late")}
+    assert records["early"]["run_id"] and records["late"]["run_id"] is None
+    assert {r["parent_run_id"] for r in records.values()} == {parent}
+
+    restarted = start_server(port, store, tmp_path / "server-art")  # the same server, back
+    try:
+        replay = [sys.executable, "-m", "stages.common.tracking", "replay"]
+        first = subprocess.run(replay, cwd=project, env=env_for(project, uri), capture_output=True, text=True,
+                               timeout=300)
+        assert first.returncode == 0, first.stdout + first.stderr[-3000:]
+        assert first.stdout.count("sent as run") == 2, first.stdout
+        runs = {r.info.run_name: r for r in client.search_runs([experiment_id])}
+        assert sorted(runs) == ["early", "late", "pipeline"]
+        assert runs["early"].info.run_id == records["early"]["run_id"]  # the run the stage had opened
+        for name, files in (("early", 3), ("late", 5)):
+            run = runs[name]
+            assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent
+            assert run.data.params == {"files": str(files)}
+            # the stage's metrics, and the last point of its curve (what the UI's metrics column shows)
+            assert run.data.metrics == {**records[name]["metrics"], "train_loss": 1.5}
+            assert run.data.metrics["docs_out"] == files
+            listed = {a.path for a in client.list_artifacts(run.info.run_id, name)}
+            assert {f"{name}/metrics.json", f"{name}/table.md", f"{name}/curves.csv"} <= listed
+            assert f"{name}/{OFFLINE_FILE}" not in listed
+            assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train_loss")] == \
+                [(0, 2.5), (1, 2.0), (2, 1.5)]
+            assert run.data.tags[REPLAYED_TAG] == records[name]["id"]
+
+        # a second replay adds nothing: no run, no metric point, no artifact
+        def state() -> list:
+            found = client.search_runs([experiment_id])
+            return sorted((r.info.run_name, r.data.metrics, len(client.get_metric_history(r.info.run_id, "train_loss")),
+                           sorted(a.path for a in client.list_artifacts(r.info.run_id, r.info.run_name)))
+                          for r in found)
+
+        before = state()
+        again = subprocess.run(replay, cwd=project, env=env_for(project, uri), capture_output=True, text=True,
+                               timeout=300)
+        assert again.returncode == 0 and again.stdout.count("already sent") == 2, again.stdout + again.stderr
+        assert state() == before
+    finally:
+        os.killpg(restarted.pid, signal.SIGKILL)
+        restarted.wait()
