@@ -43,6 +43,9 @@ class CalibratedOptions(StageConfig):
     """Symmetric (a scale per group) or asymmetric (a scale and a zero point: fits skewed groups)."""
     calibration_blocks: int = Field(ge=1)
     """Train blocks of data/tokenized that calibrate the quantization."""
+    calibration: Literal["head", "spread"]
+    """Which train blocks: the first ones (head: one document or two) or evenly spaced over the
+    whole train split (spread: every source of the corpus)."""
 
     @field_validator("group_size")
     @classmethod
@@ -63,17 +66,21 @@ class HQQOptions(StageConfig):
     """Grouping axis: 1 groups along the input (GPTQ's and GGUF's way), 0 along the output."""
 
 
-def calibration_ids(paths: Any, n_blocks: int) -> list[list[int]]:
-    """The first `n_blocks` train blocks of data/tokenized, as token id lists."""
+def calibration_ids(paths: Any, n_blocks: int, which: str) -> list[list[int]]:
+    """`n_blocks` train blocks of data/tokenized (the first ones, or evenly spaced over the split),
+    as token id lists."""
     import datasets
 
     train = datasets.load_from_disk(str(paths.tokenized))["train"]
-    return [list(map(int, ids)) for ids in train.select(range(min(n_blocks, len(train))))["input_ids"]]
+    n = min(n_blocks, len(train))
+    rows = range(n) if which == "head" else [i * len(train) // n for i in range(n)]
+    return [list(map(int, ids)) for ids in train.select(rows)["input_ids"]]
 
 
-def quantize_gptq(opts: Any, src: Path, paths: Any, tokenizer: Any) -> Any:
+def quantize_gptq(opts: Any, src: Path, paths: Any, tokenizer: Any, **gptqmodel: Any) -> Any:
     """GPTQ with GPTQModel; the quantized model (GPTQModel's wrapper, whose `save_pretrained`
-    writes a standard checkpoint)."""
+    writes a standard checkpoint). `gptqmodel`: more of GPTQModel's `QuantizeConfig` (what
+    `bench/quantize_bench.py` varies, e.g. `damp_percent`)."""
     import torch
 
     lm.gptqmodel_env()
@@ -82,11 +89,11 @@ def quantize_gptq(opts: Any, src: Path, paths: Any, tokenizer: Any) -> Any:
 
     cuda = torch.cuda.is_available()
     # offload_to_disk (GPTQModel's default) would write the model's layers to a /tmp folder of its own
-    q = GPTQModelConfig(bits=opts.bits, group_size=opts.group_size, sym=opts.sym, desc_act=False,
-                        offload_to_disk=False)
+    q = GPTQModelConfig(**{"bits": opts.bits, "group_size": opts.group_size, "sym": opts.sym, "desc_act": False,
+                           "offload_to_disk": False, **gptqmodel})
     dtype = torch.float16 if cuda else torch.float32  # on a CPU, fp32 activations
     model = GPTQModel.load(str(src), q, device="cuda" if cuda else "cpu", dtype=dtype)
-    blocks = calibration_ids(paths, opts.calibration_blocks)
+    blocks = calibration_ids(paths, opts.calibration_blocks, opts.calibration)
     model.quantize([{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in blocks], batch_size=1,
                    tokenizer=tokenizer, backend=BACKEND.AUTO if cuda else BACKEND.TORCH)
     return GPTQModelFolder(model)
@@ -110,17 +117,20 @@ class GPTQModelFolder:
         self.model.save(str(folder))
 
 
-def quantize_hqq(opts: Any, src: Path) -> Any:
-    """HQQ with the `hqq` library, on the unquantized model in fp32 (fp16 on a GPU)."""
+def quantize_hqq(opts: Any, src: Path, compute_dtype: str | None = None, **weight: Any) -> Any:
+    """HQQ with the `hqq` library, on the unquantized model in fp32 (fp16 on a GPU) or
+    `compute_dtype`. `weight`: more of hqq's weight settings (what `bench/quantize_bench.py`
+    varies, e.g. `optimize`)."""
     import torch
     from hqq.core.quantize import BaseQuantizeConfig
     from hqq.models.hf.base import AutoHQQHFModel
     from transformers import AutoModelForCausalLM
 
     cuda = torch.cuda.is_available()
-    dtype = torch.float16 if cuda else torch.float32
+    dtype = getattr(torch, compute_dtype) if compute_dtype else torch.float16 if cuda else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype).eval()
     q = BaseQuantizeConfig(nbits=opts.bits, group_size=opts.group_size, axis=opts.axis)
+    q["weight_quant_params"].update(weight)
     AutoHQQHFModel.quantize_model(model, quant_config=q, compute_dtype=dtype, device="cuda" if cuda else "cpu")
     return HQQFolder(model, {"quant_method": "hqq", "nbits": opts.bits, "group_size": opts.group_size,
                              "axis": opts.axis, "compute_dtype": str(dtype).removeprefix("torch.")})

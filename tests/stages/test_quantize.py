@@ -264,12 +264,50 @@ def test_bench_measures_its_variants_as_the_stage_does(q_paths: Paths, tmp_path:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "out"
     assert quantize_bench.main(["--params", str(tmp_path / "params.yaml"), "--blocks", "2", "--thresholds", "6", "1",
-                                "--variants", "nf4", "int8@6", "int8@1", "q4_1_grid", "--out", str(out)]) == 0
+                                "--variants", "nf4", "int8@6", "int8@1", "q4_1_grid", "int_zero_grid",
+                                "--gptq", "act_group_aware=false,damp_percent=0.02,calibration=spread",
+                                "--out", str(out)]) == 0
     result = json.loads((out / "results.json").read_text())
-    assert list(result["methods"]) == ["nf4", "int8@6", "int8@1", "q4_1_grid"] and result["skipped"] == {}
+    gptq = "gptq[act_group_aware=false,damp_percent=0.02,calibration=spread]"
+    assert list(result["methods"]) == ["nf4", "int8@6", "int8@1", "q4_1_grid", "int_zero_grid", gptq]
+    assert result["skipped"] == {}
     stage = run(cfg(methods=["nf4"], perplexity_blocks=2), q_paths)
     assert result["reference"]["perplexity"] == stage["reference"]["perplexity"]
     assert result["methods"]["nf4"]["perplexity"] == stage["methods"]["nf4"]["perplexity"]
-    assert math.isfinite(result["methods"]["q4_1_grid"]["perplexity"])
+    assert all(math.isfinite(result["methods"][grid]["perplexity"]) for grid in ("q4_1_grid", "int_zero_grid"))
+    # the spec reached GPTQModel: its folder records the changed settings beside the stage's own
+    recorded = result["methods"][gptq]["quantization_config"]
+    assert recorded["meta"]["act_group_aware"] is False and recorded["meta"]["damp_percent"] == 0.02
+    assert recorded["group_size"] == cfg().gptq.group_size and recorded["sym"] == cfg().gptq.sym
+    assert result["methods"][gptq]["quantize_seconds"] <= result["methods"][gptq]["seconds"]
     table = (out / "table.md").read_text()
-    assert "| int8@1 |" in table and "| q4_1_grid (in memory) |" in table
+    assert "| int8@1 |" in table and "| q4_1_grid (in memory) |" in table and f"| {gptq} |" in table
+
+
+def test_grids_the_bench_rounds_to() -> None:
+    """q4_1_grid keeps weights already on a min-and-step grid; int_zero_grid moves each group (one
+    holding both signs) by the same amount, under half a step: the integer zero point cannot reach
+    the group's own minimum."""
+    import torch
+
+    from bench import quantize_bench
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 4, bias=False)
+    with torch.no_grad():  # each group of 32: 16 levels from a float minimum, both ends used
+        levels = torch.randint(0, 16, (4, 2, 32)).float()
+        levels[..., 0], levels[..., 1] = 0, 15
+        step = torch.rand(4, 2, 1) * 0.01 + 0.001
+        low = -step * (torch.rand(4, 2, 1) * 14 + 0.5)  # below 0, and the top level above it
+        layer.weight.copy_((levels * step + low).view(4, 64))
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.layers = torch.nn.ModuleList([layer])
+    on_grid = layer.weight.detach().clone()
+
+    quantize_bench.round_to_grid(model)
+    torch.testing.assert_close(layer.weight.detach(), on_grid, rtol=0, atol=1e-6)
+    quantize_bench.round_to_grid(model, integer_zero=True)
+    moved = (layer.weight.detach() - on_grid).view(4, 2, 32)
+    assert torch.allclose(moved, moved[..., :1].expand_as(moved), atol=1e-6)  # one shift per group
+    assert (moved[..., 0].abs() <= step[..., 0] / 2 + 1e-6).all() and moved.abs().max() > 1e-4
