@@ -33,7 +33,8 @@ def test_a_panel_per_metric_that_moved_in_a_grid(tmp_path: Path) -> None:
     # metrics in the table's order, the win rate beside judge_score; arithmetic and humaneval,
     # where no model differs from the one before on any item, have no panel
     assert titles == ["perplexity: difference in log perplexity (lower is better)", "judge_score: difference",
-                      "judge_win_rate: share of prompts whose answer the judge prefers", "pairwise_accuracy: difference"]
+                      "judge_win_rate: share of prompts whose answer the judge prefers",
+                      "pairwise_accuracy: difference"]
     height, width, _ = matplotlib.image.imread(out).shape
     assert width <= 1400 and height > 400  # a grid: three columns, two rows (not one long row)
 
