@@ -167,9 +167,9 @@ def answer_logps(model: Any, rows: list[tuple[list[int], list[int]]], batch_size
 
 def model_hash(folder: Path) -> str:
     """A model folder's content hash as DVC computes it: which sft model the cached log-probs belong to."""
-    from stages.common.lineage import Hasher
+    from stages.common.lineage import dvc_hash
 
-    return Hasher().folder(folder)
+    return dvc_hash(folder)
 
 
 def read_scored(folder: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -470,7 +470,7 @@ def test_a_version_made_from_uncommitted_code_is_marked_and_not_rebuilt(project:
     from flows.reproduce import main as reproduce
 
     cfg = config(request)
-    run(cfg, project)  # from the committed tree: clean
+    run(cfg, project, tiny_config("quantize"))  # from the committed tree: clean
     assert client().get_model_version(cfg.name, "1").tags["git.clean"] == "true"
     capsys.readouterr()
     assert reproduce([f"models:/{cfg.name}/1"]) == 2
@@ -489,7 +489,7 @@ def test_a_version_made_from_uncommitted_code_is_marked_and_not_rebuilt(project:
     torch.manual_seed(2)
     save_file({k: v + 0.01 * torch.randn_like(v) for k, v in load_file(str(weights)).items()}, str(weights),
               metadata={"format": "pt"})
-    assert run(cfg, project)["registered"][cfg.name]["version"] == 2
+    assert run(cfg, project, tiny_config("quantize"))["registered"][cfg.name]["version"] == 2
     version = client().get_model_version(cfg.name, "2")
     assert version.tags["git.clean"] == "false"
     lineage = Path(mlflow.artifacts.download_artifacts(f"models:/{cfg.name}/2/artifacts/lineage.json"))
