@@ -277,13 +277,17 @@ def test_a_stage_that_failed_on_bad_input_is_not_retried(tmp_path: Path) -> None
 
 
 def test_the_flow_published_the_evaluation_table_and_mlflow_links_as_prefect_artifacts(tiny_project: Path) -> None:
+    import base64
     import sqlite3
 
     # the flow's temporary Prefect server kept its database in the project's PREFECT_HOME
     with sqlite3.connect(tiny_project / ".prefect/prefect.db") as db:
         found = {key: json.loads(data) if isinstance(data, str) else data
                  for key, data in db.execute("select key, data from artifact")}
-    assert found["evaluation"] == (tiny_project / "reports/evaluate/table.md").read_text()
+    # the chart inline above the table: the Prefect UI shows markdown and nothing else
+    chart = base64.b64encode((tiny_project / "reports/evaluate/chart.png").read_bytes()).decode()
+    assert found["evaluation"] == (f"![chart.png](data:image/png;base64,{chart})\n\n"
+                                   + (tiny_project / "reports/evaluate/table.md").read_text())
     links = found["mlflow-runs"]
     assert all(f"[{stage}](http" in links for stage in ("pipeline", "collect", "evaluate", "register")), links
     for stage in ("clean", "decontam", "dedup", "tokenize"):  # each data stage's progress bar, full at the end
