@@ -38,7 +38,7 @@ from pydantic import Field, field_validator
 
 from stages.common import stats
 from stages.common.config import StageConfig
-from stages.evaluate import LOWER_IS_BETTER, PAIRWISE, SCORERS
+from stages.common.scores import LOWER_IS_BETTER, PAIRWISE, SCORERS
 
 Items = Mapping[str, Mapping[str, float]]  # metric -> item id -> value
 SCORED_BY = {column: row for row, (_, column) in SCORERS.items()}  # metric -> the scorer row it needs

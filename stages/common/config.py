@@ -37,6 +37,14 @@ class ConfigError(StageError):
     """A params file that cannot be turned into the typed config a stage asks for."""
 
 
+class SectionPart(BaseModel):
+    """The keys of another stage's section that a stage reads (its `READS`): the stage that owns
+    the section declares its config as this part plus its own keys, so each key has one type, and
+    checks the rest of the section."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
 class StageConfig(BaseModel):
     """Base for every typed config: unknown keys are an error, values are immutable."""
 
@@ -87,6 +95,11 @@ class Paths(StageConfig):
 
     def report_dir(self, stage: str) -> Path:
         return self.reports / stage
+
+    def sft_held_out(self) -> Path:
+        """The instructions sft held out, as it rendered them (prompt-completion, cut to its
+        `max_length`) and in its order: sft writes them, evaluate measures the instruction loss on them."""
+        return self.report_dir("sft") / "held_out.jsonl"
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -189,7 +202,7 @@ def stage_sections(dvc_file: Path = DVC_FILE) -> dict[str, type[BaseModel]]:
                 top = str(key).split(".")[0]
                 if top in reads:
                     sections.setdefault(top, reads[top])
-        sections.setdefault(name, own)
+        sections[name] = own  # a stage's own config checks its whole section; another's READS only a part
     for name in FLOWS:
         sections[name] = getattr(importlib.import_module(f"flows.{name}"), f"{name.capitalize()}Config")
     for name in HOW:
