@@ -8,7 +8,6 @@ output that DVC could cache.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -75,20 +74,6 @@ def record_text(kind: str, record: Mapping[str, Any]) -> str:
     if kind == "instructions":
         return "\n\n".join(m["content"] for m in record["messages"])
     return "\n\n".join(record[f] for f in TEXT_FIELDS[kind])
-
-
-def resolve_path(spec: str | Path, root: Path = Path(".")) -> Path:
-    """A path from params: `pkg://package/rel/path` is a file inside an installed package
-    (the offline assets ship that way), anything else is relative to the project root."""
-    spec = str(spec)
-    if spec.startswith("pkg://"):
-        package, _, rel = spec[len("pkg://") :].partition("/")
-        found = importlib.util.find_spec(package)
-        if found is None or not found.submodule_search_locations:
-            raise FileNotFoundError(f"{spec}: package '{package}' is not installed (run `make setup`)")
-        return Path(list(found.submodule_search_locations)[0]) / rel
-    path = Path(spec)
-    return path if path.is_absolute() else root / path
 
 
 @contextmanager

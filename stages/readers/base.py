@@ -7,8 +7,8 @@ from typing import Any
 
 from pydantic import Field
 
-from stages.common.config import StageConfig, StageError
-from stages.common.io import Drop, resolve_path
+from stages.common.config import StageConfig, StageError, resolve_path
+from stages.common.io import Drop
 
 
 class Source(StageConfig):

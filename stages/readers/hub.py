@@ -21,8 +21,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from stages.common.config import StageError
-from stages.common.io import Drop, resolve_path
+from stages.common.config import StageError, resolve_path
+from stages.common.io import Drop
 from stages.readers.base import Item, Source, text_record
 from stages.readers.chat import instruction, preference
 from stages.readers.safe import inside

@@ -7,17 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.common.config import (
-    FLOWS,
-    HOW,
-    ConfigError,
-    Paths,
-    config_class,
-    load_section,
-    overlay,
-    read_yaml,
-    stage_sections,
-)
+from stages.common.config import HOW, ConfigError, Paths, config_class, load_section, overlay, read_yaml
+from stages.common.params_check import FLOWS, stage_sections
 from stages.common.profile import apply
 
 ROOT = Path(__file__).resolve().parents[2]
