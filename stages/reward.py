@@ -308,7 +308,7 @@ def run(cfg: RewardConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(STAGE, RewardConfig, run, argv, training=True)
+    return run_stage(STAGE, RewardConfig, run, argv, training=TrainConfig)
 
 
 if __name__ == "__main__":

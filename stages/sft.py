@@ -274,7 +274,7 @@ def run(cfg: SftConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(STAGE, SftConfig, run, argv, training=True)
+    return run_stage(STAGE, SftConfig, run, argv, training=TrainConfig)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,10 @@ class TrainConfig(StageConfig):
     keep_checkpoints: bool
     """Keep a stage's checkpoints after it has finished (for inspection)."""
 
+    def relaunch(self, stage: str, argv: list[str]) -> int | None:
+        """The runner's hook: `relaunch_if_distributed` with this section."""
+        return relaunch_if_distributed(stage, self, argv)
+
 
 class Lora(StageConfig):
     """Low-rank adapters (peft), the same in every training stage; merged before saving."""
