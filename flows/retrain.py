@@ -55,7 +55,6 @@ from stages.register import RegisterConfig
 FLOW = "llm-forge-retrain"
 DEPLOYMENT = "scheduled"
 CHAMPION, PREVIOUS = "champion", "previous-champion"
-SIDES = ("candidate", CHAMPION)  # folders of `paths.gate`, and rows `gate/<side>` of the evaluation
 TAG = "gate"  # model version and run tags: gate.decision, gate.reason, gate.<metric>.<field>
 
 

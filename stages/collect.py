@@ -169,7 +169,7 @@ def collect_kind(kind: str, sources: list[Any], cfg: CollectConfig, stats: Count
 def run(cfg: CollectConfig, paths: Paths, evaluate: EvaluationSets) -> dict[str, Any]:
     stats: Counter[str] = Counter()
     drops: list[dict[str, str]] = []
-    total, per_kind, samples, sources, shards = Tally(), {}, {}, {}, {}
+    total, per_kind, samples, sources = Tally(), {}, {}, {}
     splits: Counter[str] = Counter()
     test_prompts: set[str] = set()  # normalized prompts of the `test` part
 
@@ -202,7 +202,6 @@ def run(cfg: CollectConfig, paths: Paths, evaluate: EvaluationSets) -> dict[str,
             collect_kind(kind, getattr(cfg, SECTIONS[kind]), cfg, counts, drops, tally, evaluate.holdout, emit,
                          **({"screen": screen} if kind == "instructions" else {}))
             writer.close()
-            shards[kind] = writer.shards
             tally.check(f"collect {kind}")
             held = {k.partition(".")[2]: counts.pop(k) for k in sorted(counts) if k.startswith(HELD_OUT)}
             per_kind[kind] = {**tally.as_metrics(), "shards": writer.shards, **({HELD_OUT: held} if held else {})}

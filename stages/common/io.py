@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from stages.common.atomic import atomic_file
 from stages.common.shards import kind_dir, read_shard, shard_path, shard_paths, write_table
 
 # The three kinds of data the pipeline carries, each a folder of Parquet shards in every data
@@ -250,16 +251,11 @@ def quarantine_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 
 def write_json(path: Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
