@@ -112,7 +112,7 @@ def deploy(cfg: RetrainConfig) -> list[str]:
         from flows import notify
 
         try:
-            made = notify.install(cfg.notify)
+            made = notify.install(cfg.notify, FLOW)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         done.append(f"automations {', '.join(made)}: messages through {cfg.notify}")

@@ -5,14 +5,15 @@ values), so every metric is judged on the paired differences (`stages.common.sta
 
 - a metric that a scorer of the evaluation (the judge, `judge_score`; the proxy, `proxy_reward`)
   gives is only believed when that scorer is: its pairwise accuracy on the preference data's test
-  pairs must have its 95% interval above 0.5. When it does not, the gate cannot decide: the champion
+  pairs must have its interval above 0.5. When it does not, the gate cannot decide: the champion
   stays, and the reason says why;
-- the primary metric must improve by at least `margin`, with the lower end of the 95% interval of
+- the primary metric must improve by at least `margin`, with the lower end of the interval of
   the improvement above zero: better by the margin, and better beyond the items' noise;
 - a guard metric fails when it is significantly worse than the champion's beyond its tolerance: the
-  whole 95% interval of the paired difference lies on the worse side of the tolerance (a guard is a
+  whole interval of the paired difference lies on the worse side of the tolerance (a guard is a
   price the team accepts up to a point; it refuses once the items show, beyond their noise, that the
   price was exceeded);
+- every interval is the paired bootstrap's at `evaluate.confidence`;
 - every floor must hold on the challenger's own value (with no champion yet, the floors alone
   decide, so the first model must be good enough to serve);
 - a metric the challenger (or the champion, for a comparison) lacks fails the gate: no decision
@@ -38,7 +39,7 @@ from pydantic import Field, field_validator
 
 from stages.common import stats
 from stages.common.config import StageConfig
-from stages.evaluate import LOWER_IS_BETTER, PAIRWISE, SCORERS
+from stages.common.scores import LOWER_IS_BETTER, PAIRWISE, SCORERS
 
 Items = Mapping[str, Mapping[str, float]]  # metric -> item id -> value
 SCORED_BY = {column: row for row, (_, column) in SCORERS.items()}  # metric -> the scorer row it needs

@@ -57,13 +57,12 @@ def announce(result: dict[str, Any], figures: str) -> None:
                         "reason": decision["reason"], "figures": figures})
 
 
-def automations(block_document_id: Any) -> list[Any]:
-    """The two automations, sending through the block document `block_document_id`."""
+def automations(block_document_id: Any, flow_name: str) -> list[Any]:
+    """The two automations about the flow `flow_name`, sending through the block document
+    `block_document_id`."""
     from prefect.automations import Automation, EventTrigger, Posture, SendNotification
 
-    from flows.retrain import FLOW
-
-    flow = {"prefect.resource.role": "flow", "prefect.resource.name": FLOW}
+    flow = {"prefect.resource.role": "flow", "prefect.resource.name": flow_name}
     failed = Automation(
         name=FAILED, description="A run of the retraining flow failed or crashed: say so, with its error.",
         trigger=EventTrigger(expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
@@ -77,9 +76,9 @@ def automations(block_document_id: Any) -> list[Any]:
     return [failed, moved]
 
 
-def install(block: str) -> list[str]:
-    """Make the automations on the current Prefect server, sending through the notification
-    block `block` (`<type>/<name>`); an automation of the same name is replaced. Returns their
+def install(block: str, flow_name: str) -> list[str]:
+    """Make the automations about the flow `flow_name` on the current Prefect server, sending
+    through the notification block `block` (`<type>/<name>`); an automation of the same name is replaced. Returns their
     names. A ValueError names a block that is not there or cannot send messages."""
     from prefect.automations import Automation
     from prefect.blocks.core import Block
@@ -93,7 +92,7 @@ def install(block: str) -> list[str]:
     if not isinstance(found, NotificationBlock):
         raise ValueError(f"retrain.notify: the block '{block}' is a {type(found).__name__}, which sends no messages")
     made = []
-    for automation in automations(found._block_document_id):
+    for automation in automations(found._block_document_id, flow_name):
         while True:  # a rerun replaces what an earlier one made
             try:
                 Automation.read(name=automation.name).delete()

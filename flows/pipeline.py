@@ -48,7 +48,8 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_progress_artifact, update_progress_artifact  # noqa: E402
 
 from stages.common import tracking  # noqa: E402
-from stages.common.config import ConfigError, Paths, check_params, load_section, read_yaml  # noqa: E402
+from stages.common.config import ConfigError, Paths, load_section, read_yaml  # noqa: E402
+from stages.common.params_check import check_params  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # The stage whose metrics hold the evaluation table (`models`: row -> metric -> value, and

@@ -295,7 +295,10 @@ def prepare(tree: Path, files: dict[str, Path]) -> None:
 def check_params(tree: Path) -> None:
     """The recorded params against the commit's configs, source paths included: one sentence,
     before any stage runs, when a source is no longer there."""
-    done = subprocess.run([sys.executable, "-m", "stages.common.config", "check"], cwd=tree,
+    # a commit before params_check.py existed checks with `python -m stages.common.config check`
+    command = (["stages.common.params_check"] if (tree / "stages/common/params_check.py").is_file()
+               else ["stages.common.config", "check"])
+    done = subprocess.run([sys.executable, "-m", *command], cwd=tree,
                           env=stage_env(None), capture_output=True, text=True)
     if done.returncode == 2:
         raise CannotRebuild(f"the recorded params cannot run at this commit: "

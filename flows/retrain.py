@@ -48,13 +48,13 @@ from flows.pipeline import ROOT, check, dvc_command, exit_code, pipeline, projec
 from stages.common import tracking
 from stages.common.config import Paths, StageConfig, load_section, read_yaml
 from stages.common.io import write_json
-from stages.evaluate import PAIRWISE, SCORERS, EvaluateConfig
+from stages.common.scores import PAIRWISE, SCORERS
+from stages.evaluate import EvaluateConfig
 from stages.register import RegisterConfig
 
 FLOW = "llm-forge-retrain"
 DEPLOYMENT = "scheduled"
 CHAMPION, PREVIOUS = "champion", "previous-champion"
-SIDES = ("candidate", CHAMPION)  # folders of `paths.gate`, and rows `gate/<side>` of the evaluation
 TAG = "gate"  # model version and run tags: gate.decision, gate.reason, gate.<metric>.<field>
 
 

@@ -19,8 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
-from stages.common.config import Paths, StageConfig, StageError
-from stages.common.io import atomic_dir, resolve_path
+from stages.common.config import Paths, StageConfig, StageError, resolve_path
+from stages.common.io import atomic_dir
 from stages.common.runner import run_stage
 
 log = logging.getLogger("llm_forge.base")

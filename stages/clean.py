@@ -60,6 +60,7 @@ from stages.common.quality import (
     too_little_left,
 )
 from stages.common.runner import run_stage
+from stages.common.sections import CleanLimits
 from stages.common.shards import (
     DataConfig,
     ShardTask,
@@ -77,7 +78,9 @@ log = logging.getLogger("llm_forge.clean")
 READS = {"data": DataConfig}  # how the shards run (no dvc.yaml param: it never changes the output)
 
 
-class CleanConfig(StageConfig):
+class CleanConfig(CleanLimits, StageConfig):
+    """The `clean` section: its size limit (stages/common/sections.py, validate checks it) plus these."""
+
     # --- repair and markup ---
     unicode_form: Literal["NFC", "NFKC"] | None
     """Unicode normal form applied to every text (NFKC also folds full-width forms; null: none)."""
@@ -91,10 +94,6 @@ class CleanConfig(StageConfig):
     """Wiki sections dropped whole, matched by heading title (case-insensitive)."""
     redact_pii: bool
     """Replace PII and secrets with placeholders such as <EMAIL> (patterns in stages.common.pii)."""
-    # --- size ---
-    max_chars: int = Field(gt=0)
-    """Longest record in characters (all its text fields together); longer ones drop as too_long.
-    `validate` checks the corpus against this same limit."""
     # --- language ---
     languages: list[str]
     """Corpus languages kept (ISO 639-1 codes from py3langid); empty: any language."""

@@ -34,19 +34,18 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from stages.common.benchmarks import HELD_OUT, Holdout
+from stages.common.benchmarks import HELD_OUT, EvaluationSets, Holdout
 from stages.common.config import Paths, StageConfig, StageError
 from stages.common.io import KINDS, Drop, Tally, atomic_dir, content_id, record_bytes, records_table, write_jsonl
 from stages.common.preferences import PARTS, SPLIT, TEST, PreferenceSplit, normalize_prompt
 from stages.common.runner import run_stage
 from stages.common.shards import ShardWriter
 from stages.common.text import SURROGATE, fix_surrogates
-from stages.evaluate import EvaluateConfig
 from stages.readers import archive, bigbench, chat, files, hub, jsonl, mediawiki, parquet
 
 log = logging.getLogger("llm_forge.collect")
 
-READS = {"evaluate": EvaluateConfig}  # `evaluate.holdout`: the part of a shared source kept for evaluation
+READS = {"evaluate": EvaluationSets}  # `evaluate.holdout`: the part of a shared source kept for evaluation
 
 CorpusSource = Annotated[
     jsonl.JsonlSource | parquet.ParquetSource | files.TextSource | files.TaggedSource | mediawiki.MediaWikiSource
@@ -167,10 +166,10 @@ def collect_kind(kind: str, sources: list[Any], cfg: CollectConfig, stats: Count
 # --- the stage -------------------------------------------------------------------------------
 
 
-def run(cfg: CollectConfig, paths: Paths, evaluate: EvaluateConfig) -> dict[str, Any]:
+def run(cfg: CollectConfig, paths: Paths, evaluate: EvaluationSets) -> dict[str, Any]:
     stats: Counter[str] = Counter()
     drops: list[dict[str, str]] = []
-    total, per_kind, samples, sources, shards = Tally(), {}, {}, {}, {}
+    total, per_kind, samples, sources = Tally(), {}, {}, {}
     splits: Counter[str] = Counter()
     test_prompts: set[str] = set()  # normalized prompts of the `test` part
 
@@ -203,7 +202,6 @@ def run(cfg: CollectConfig, paths: Paths, evaluate: EvaluateConfig) -> dict[str,
             collect_kind(kind, getattr(cfg, SECTIONS[kind]), cfg, counts, drops, tally, evaluate.holdout, emit,
                          **({"screen": screen} if kind == "instructions" else {}))
             writer.close()
-            shards[kind] = writer.shards
             tally.check(f"collect {kind}")
             held = {k.partition(".")[2]: counts.pop(k) for k in sorted(counts) if k.startswith(HELD_OUT)}
             per_kind[kind] = {**tally.as_metrics(), "shards": writer.shards, **({HELD_OUT: held} if held else {})}

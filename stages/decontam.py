@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import Field
 
 from stages.common import benchmarks
+from stages.common.benchmarks import EvaluationSets
 from stages.common.config import Paths, StageConfig
 from stages.common.io import (
     KINDS,
@@ -52,11 +53,10 @@ from stages.common.shards import (
     tasks_for,
     write_table,
 )
-from stages.evaluate import EvaluateConfig
 
 log = logging.getLogger("llm_forge.decontam")
 
-READS = {"evaluate": EvaluateConfig,  # the evaluation sets are the ones evaluate scores
+READS = {"evaluate": EvaluationSets,  # the evaluation sets are the ones evaluate scores
          "data": DataConfig}  # how the shards run (no dvc.yaml param: it never changes the output)
 
 
@@ -69,7 +69,7 @@ def reason(task: str) -> str:
     return f"overlaps_{task}"
 
 
-def evaluation_sets(evaluate: EvaluateConfig) -> tuple[dict[str, list[benchmarks.Item]], dict[str, str]]:
+def evaluation_sets(evaluate: EvaluationSets) -> tuple[dict[str, list[benchmarks.Item]], dict[str, str]]:
     """task -> the items a model may be scored on, and task -> why it has none."""
     manager = benchmarks.task_manager(evaluate.task_dir, evaluate.tasks)
     built, skipped = benchmarks.load_tasks(manager, evaluate.tasks, evaluate.task_dir)
@@ -134,7 +134,7 @@ def decontam_shard(task: ShardTask, sets: Sets) -> dict[str, Any]:
     return {**tally.as_metrics(), "samples": samples}
 
 
-def run(cfg: DecontamConfig, paths: Paths, evaluate: EvaluateConfig, data: DataConfig) -> dict[str, Any]:
+def run(cfg: DecontamConfig, paths: Paths, evaluate: EvaluationSets, data: DataConfig) -> dict[str, Any]:
     started = time.perf_counter()
     n = evaluate.contamination_ngram
     sets, skipped = evaluation_sets(evaluate)

@@ -350,7 +350,7 @@ def run(cfg: DpoConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(STAGE, DpoConfig, run, argv, training=True)
+    return run_stage(STAGE, DpoConfig, run, argv, training=TrainConfig)
 
 
 if __name__ == "__main__":

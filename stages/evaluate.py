@@ -11,8 +11,8 @@ with its standard error, and the per-item values of each row are kept, so that t
 by item:
 
 - `perplexity`: of the val blocks of `data/tokenized` (pretrain's own metric);
-- `instruction_loss`: loss on the answer tokens of the instructions sft held out, rendered with the
-  chat template as sft trained (sft's own metric);
+- `instruction_loss`: loss on the answer tokens of the instructions sft held out
+  (`reports/sft/held_out.jsonl`, as sft rendered them), through the chat template (sft's own metric);
 - `judge_score`: the judge's score of the row's greedy answers to the prompts of the preference
   data's `test` part: what we believe of an aligned model, since no model was optimized against the
   judge; in `comparisons`, `judge_win_rate`, the paired share of prompts whose answer the judge
@@ -59,37 +59,24 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from stages.common import benchmarks, sandbox, stats
-from stages.common.benchmarks import Holdout
+from stages.common.benchmarks import EvaluationSets
 from stages.common.config import Paths, StageConfig, StageError
 from stages.common.io import read_records, write_json
 from stages.common.preferences import SPLIT, TEST, normalize_prompt, pair_messages
 from stages.common.runner import run_stage
-from stages.sft import SftConfig
+from stages.common.scores import (
+    INSTRUCTION_LOSS,
+    JUDGE_SCORE,
+    LOWER_IS_BETTER,
+    METRIC_NAMES,
+    PAIRWISE,
+    PERPLEXITY,
+    PROXY_REWARD,
+    SCORERS,
+    WIN_RATE,
+)
 
 log = logging.getLogger("llm_forge.evaluate")
-
-READS = {"sft": SftConfig}  # the held-out instructions are the ones sft held out
-
-PERPLEXITY, INSTRUCTION_LOSS, JUDGE_SCORE, PROXY_REWARD, PAIRWISE = (
-    "perplexity", "instruction_loss", "judge_score", "proxy_reward", "pairwise_accuracy")
-LOWER_IS_BETTER = (PERPLEXITY, INSTRUCTION_LOSS)
-# The scorers of the rows' answers, each a row of its own (its pairwise accuracy on the test pairs):
-# row -> (the `paths` key of its folder, the column it fills in every model row). The judge first:
-# what we believe; the proxy: what RL optimized.
-SCORERS = {"judge": ("judge", JUDGE_SCORE), "proxy": ("reward", PROXY_REWARD)}
-WIN_RATE = {JUDGE_SCORE: "judge_win_rate", PROXY_REWARD: "proxy_win_rate"}
-METRIC_NAMES = {PERPLEXITY: "token perplexity", INSTRUCTION_LOSS: "answer-token loss",
-                JUDGE_SCORE: "judge's mean score", PROXY_REWARD: "proxy's mean reward", PAIRWISE: "pairwise acc"}
-
-
-class TaskConfig(StageConfig):
-    limit: int | None = Field(ge=1)
-    """Items scored (the first ones of the set, or of its evaluation part; null: all of them)."""
-    max_new_tokens: int | None = Field(ge=1)
-    """Generated tokens at most, for generative tasks (null: the task YAML's `max_gen_toks`)."""
-    holdout: bool
-    """The set is also a training source (collect reads it with `holdout: true`): score only the
-    items `evaluate.holdout` keeps for evaluation."""
 
 
 class PreferenceConfig(StageConfig):
@@ -103,19 +90,12 @@ class PreferenceConfig(StageConfig):
     """Greedy tokens of each answer."""
 
 
-class EvaluateConfig(StageConfig):
+class EvaluateConfig(EvaluationSets, StageConfig):
+    """The `evaluate` section: the evaluation sets (stages/common/benchmarks.py) plus these."""
+
     models: list[str]
     """Table rows, in order: `paths` keys whose model folder is scored (a folder of model folders,
     such as `quantized`, gives a row per model inside; `quantized/<method>` names one of them)."""
-    task_dir: Path
-    """Folder of lm-eval task YAMLs (`TaskManager(include_path=...)`)."""
-    tasks: dict[str, TaskConfig]
-    """lm-eval task name -> its limits; the table's benchmark columns, in this order."""
-    holdout: Holdout
-    """How a set marked `holdout` splits into a training and an evaluation part (collect uses the same)."""
-    contamination_ngram: int = Field(ge=4)
-    """Tokens (words; a CJK character counts as one) in a run that an item shares with a training
-    record to count as seen: decontam removes such records, evaluate counts what is left."""
     perplexity_blocks: int | None = Field(ge=2)
     """Val blocks of `data/tokenized` for held-out perplexity (null: all of them)."""
     instruction_items: int | None = Field(ge=2)
@@ -285,23 +265,20 @@ def load_scorers(cfg: EvaluateConfig, paths: Paths, held: Held) -> None:
                 f"the {row} model in {folder} does not load: {type(err).__name__}: {str(err)[:200]}")
 
 
-def held_out(cfg: EvaluateConfig, paths: Paths, sft: SftConfig) -> Held:
-    from stages.common.lm import load_tokenizer, val_blocks
-    from stages.sft import prepare
+def held_out(cfg: EvaluateConfig, paths: Paths) -> Held:
+    from stages.common.lm import val_blocks
 
     held = Held()
     try:
         held.blocks = val_blocks(paths.tokenized, cfg.perplexity_blocks)
     except StageError as err:
         held.skipped[PERPLEXITY] = str(err)
-    tokenizer = load_tokenizer(paths.base, fallback=Path(paths.tokenized) / "tokenizer")
-    records = read_records(paths.dedup, "instructions")
-    if not getattr(tokenizer, "chat_template", None):
-        held.skipped[INSTRUCTION_LOSS] = "the tokenizer has no chat template (sft's loss is measured through it)"
-    elif not records:
-        held.skipped[INSTRUCTION_LOSS] = f"{paths.dedup} holds no instructions"
+    instructions = paths.sft_held_out()
+    if not instructions.is_file():
+        held.skipped[INSTRUCTION_LOSS] = f"{instructions} does not exist (sft writes it: run the sft stage)"
     else:
-        val = prepare(records, tokenizer, sft)[1][: cfg.instruction_items]
+        with instructions.open(encoding="utf-8") as f:
+            val = [json.loads(line) for line in f if line.strip()][: cfg.instruction_items]
         held.instructions = val or None
         if not val:
             held.skipped[INSTRUCTION_LOSS] = "sft holds out no instruction (sft.val_fraction)"
@@ -499,7 +476,7 @@ def score(results: dict[str, Any], task: str) -> tuple[str, float] | None:
 # the stage
 
 
-def run(cfg: EvaluateConfig, paths: Paths, sft: SftConfig) -> dict[str, Any]:
+def run(cfg: EvaluateConfig, paths: Paths) -> dict[str, Any]:
     from stages.common.lm import free
     from stages.common.tables import comparison_chart, markdown
 
@@ -511,7 +488,7 @@ def run(cfg: EvaluateConfig, paths: Paths, sft: SftConfig) -> dict[str, Any]:
         del built[task]
         skipped[task] = reason
     unsafe = sandbox.warning(built, cfg.code_sandbox)
-    held = held_out(cfg, paths, sft)
+    held = held_out(cfg, paths)
     skipped.update(held.skipped)
     seen = contamination(built, cfg, training_ngrams(paths, cfg.contamination_ngram))
     table: dict[str, dict[str, Cell]] = {}
@@ -566,7 +543,7 @@ def run(cfg: EvaluateConfig, paths: Paths, sft: SftConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("evaluate", EvaluateConfig, run, argv, reads=READS)
+    return run_stage("evaluate", EvaluateConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -379,7 +379,7 @@ def save(job: Job, policy: Any, metrics: dict[str, Any], rows: list[dict[str, An
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("ppo", PpoConfig, run, argv, training=True)
+    return run_stage("ppo", PpoConfig, run, argv, training=TrainConfig)
 
 
 if __name__ == "__main__":

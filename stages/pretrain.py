@@ -350,7 +350,7 @@ def train_steps(cfg: PretrainConfig, job: Setup, ckpts: Checkpoints, curves: Cur
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("pretrain", PretrainConfig, run, argv, training=True)
+    return run_stage("pretrain", PretrainConfig, run, argv, training=TrainConfig)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from stages.common import lm, quantizers
 from stages.common.config import Paths, StageConfig
 from stages.common.io import atomic_dir, write_json
 from stages.common.runner import run_stage
+from stages.common.sections import FinalModel
 from stages.common.training import model_metrics, stable_safetensors
 
 log = logging.getLogger("llm_forge.quantize")
@@ -47,11 +48,10 @@ log = logging.getLogger("llm_forge.quantize")
 Method = Literal["nf4", "int8", "torchao_int8", "gptq", "hqq"]
 
 
-class QuantizeConfig(StageConfig):
-    """The `quantize` section: which quantizations of the final model to make and how to measure them."""
+class QuantizeConfig(FinalModel, StageConfig):
+    """The `quantize` section: the final model (stages/common/sections.py, register reads it), which
+    quantizations of it to make and how to measure them."""
 
-    model: Literal["dpo", "ppo"]
-    """The aligned model that ships: quantized here and registered by `register` (both are evaluated)."""
     methods: list[Method]
     """Methods to run, in order: nf4 / int8 (bitsandbytes), torchao_int8 (int8 weight-only), gptq
     (GPTQModel), hqq."""
@@ -73,10 +73,6 @@ class QuantizeConfig(StageConfig):
     """GPTQ: bits, group size, symmetric or not, calibration blocks."""
     hqq: quantizers.HQQOptions
     """HQQ: bits, group size, axis."""
-
-    def final(self, paths: Paths) -> Path:
-        """The folder of the final model."""
-        return {"dpo": paths.dpo, "ppo": paths.ppo}[self.model]
 
     @field_validator("methods")
     @classmethod

@@ -73,11 +73,11 @@ from stages.common.config import PARAMS_FILE, Paths, StageConfig, StageError
 from stages.common.io import write_json
 from stages.common.lineage import LOCK_FILE, Record, dvc_hash, project_path, read_lock, record, tag_key
 from stages.common.runner import run_stage
-from stages.quantize import QuantizeConfig
+from stages.common.sections import FinalModel
 
 log = logging.getLogger("llm_forge.register")
 
-READS = {"quantize": QuantizeConfig}  # `quantize.model`: the final model, the one quantize quantized
+READS = {"quantize": FinalModel}  # `quantize.model`: the final model, the one quantize quantized
 
 STAGE = "register"
 GENERATOR = Path(__file__).resolve().parent / "common" / "generator.py"
@@ -200,7 +200,7 @@ def verdict(table: dict[str, Any], row: str | None) -> str:
 
 
 def candidates(cfg: RegisterConfig, paths: Paths, table: dict[str, Any],
-               quantize: QuantizeConfig) -> tuple[list[Candidate], dict[str, str]]:
+               quantize: FinalModel) -> tuple[list[Candidate], dict[str, str]]:
     """The final model, then each quantized variant (sorted); and folder -> reason for folders skipped."""
     final = Path(quantize.final(paths))
     if not (final / "config.json").is_file():
@@ -352,7 +352,7 @@ def register_one(cand: Candidate, cfg: RegisterConfig, paths: Paths, table: dict
     return version, sample
 
 
-def run(cfg: RegisterConfig, paths: Paths, quantize: QuantizeConfig) -> dict[str, Any]:
+def run(cfg: RegisterConfig, paths: Paths, quantize: FinalModel) -> dict[str, Any]:
     import contextlib
 
     import mlflow

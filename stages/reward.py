@@ -43,8 +43,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from stages.common import training as tr
-from stages.common.config import Paths, StageError
-from stages.common.io import is_val, read_records, resolve_path
+from stages.common.config import Paths, StageError, resolve_path
+from stages.common.io import is_val, read_records
 from stages.common.preferences import JUDGE, PARTS, REWARD, SPLIT, normalize_prompt, pair_messages
 from stages.common.runner import run_stage
 from stages.common.training import TrainConfig, TrainerStageConfig
@@ -308,7 +308,7 @@ def run(cfg: RewardConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(STAGE, RewardConfig, run, argv, training=True)
+    return run_stage(STAGE, RewardConfig, run, argv, training=TrainConfig)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ train or held-out by a salted hash of their id; the held-out loss is measured be
 training. `method` picks full fine-tuning, LoRA, or QLoRA (base loaded 4-bit NF4); adapters are
 merged into a plain full-precision model at the end, so later stages load a normal model.
 Writes `models/sft/` (model, tokenizer, `llm_forge.yaml`, `metrics.json`), and in
-`reports/sft/` the training curves (`curves.csv`) and greedy generations for a few held-out
-prompts before and after (`samples.jsonl`). A record whose rendering is longer than `max_length`
-tokens loses the tail of its input (the last user message: an instruction comes first, the article
-after it), never its answer, and is counted under `truncated`; a record without an answer, or whose
-answer leaves no room for any of its input, is skipped and counted under `dropped`.
+`reports/sft/` the training curves (`curves.csv`), greedy generations for a few held-out
+prompts before and after (`samples.jsonl`) and the held-out examples as trained on
+(`held_out.jsonl`: evaluate's instruction loss is measured on them). A record whose rendering is
+longer than `max_length` tokens loses the tail of its input (the last user message: an instruction
+comes first, the article after it), never its answer, and is counted under `truncated`; a record
+without an answer, or whose answer leaves no room for any of its input, is skipped and counted
+under `dropped`.
 Checkpoints go to `<train.checkpoints>/sft/`; a killed run resumes from the last one.
 
     python -m stages.sft [--params params.yaml]
@@ -262,6 +264,7 @@ def run(cfg: SftConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
     if main:
         after = greedy(merged, tokenizer, sample_prompts, cfg.sample_max_new_tokens)
         examples = (val_examples or train_examples)[: cfg.samples]
+        write_jsonl(paths.sft_held_out(), val_examples)
         write_jsonl(paths.report_dir(STAGE) / "samples.jsonl",
                     [{"id": e["id"], "prompt": e["prompt"][-1]["content"], "reference": e["completion"][0]["content"],
                       "before": b, "after": a} for e, b, a in zip(examples, before, after)])
@@ -271,7 +274,7 @@ def run(cfg: SftConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(STAGE, SftConfig, run, argv, training=True)
+    return run_stage(STAGE, SftConfig, run, argv, training=TrainConfig)
 
 
 if __name__ == "__main__":

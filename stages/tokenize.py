@@ -43,6 +43,7 @@ from stages.common.shards import (
     read_shard,
     run_shards,
     tasks_for,
+    write_arrays,
 )
 
 log = logging.getLogger("llm_forge.tokenize")
@@ -197,12 +198,7 @@ def encode_shard(task: ShardTask, enc: Encoding) -> dict[str, Any]:
         arrays[f"{name}_lengths"] = lengths
         docs[name] = len(texts)
     seconds = time.perf_counter() - started
-    path = task.out("tokens").with_suffix(".npz")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    tmp.replace(path)
+    write_arrays(task.out("tokens").with_suffix(".npz"), arrays)
     return {"docs_in": len(records), "docs": docs, "seconds": seconds}
 
 

@@ -28,18 +28,18 @@ from typing import Any
 
 from pydantic import Field
 
-from stages.clean import CleanConfig
 from stages.common.config import Paths, StageConfig, StageError
 from stages.common.io import KINDS, SCHEMAS, write_json
 from stages.common.pii import PATTERNS as PII_PATTERNS
 from stages.common.runner import run_stage
+from stages.common.sections import CleanLimits
 from stages.common.shards import DataConfig, ShardTask, parts_dir, read_shard, run_shards, tasks_for, write_array
 
 log = logging.getLogger("llm_forge.validate")
 
 # the longest document allowed is the one clean lets through; `data`: how the shards run (no
 # dvc.yaml param: it never changes the verdict)
-READS = {"clean": CleanConfig, "data": DataConfig}
+READS = {"clean": CleanLimits, "data": DataConfig}
 
 
 class ValidateConfig(StageConfig):
@@ -201,7 +201,7 @@ def describe(kind: str, r: dict[str, Any]) -> str:
 # --- the stage -------------------------------------------------------------------------------
 
 
-def run(cfg: ValidateConfig, paths: Paths, clean: CleanConfig, data: DataConfig) -> dict[str, Any]:
+def run(cfg: ValidateConfig, paths: Paths, clean: CleanLimits, data: DataConfig) -> dict[str, Any]:
     """Validate `paths.dedup` shard by shard; the longest corpus document allowed is `clean.max_chars`."""
     import numpy as np
     import pyarrow.parquet as pq

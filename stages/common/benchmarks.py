@@ -1,7 +1,7 @@
 """The evaluation sets, as the stages that keep them apart from training see them.
 
 evaluate scores the lm-eval tasks of `evaluate.tasks` (YAMLs in `evaluate.task_dir`); decontam
-removes every training record that shares a run of `decontam.ngram` tokens with one of their items
+removes every training record that shares a run of `evaluate.contamination_ngram` tokens with one of their items
 (the n-gram overlap test of the GPT-3 paper), and evaluate repeats the check on what it scores.
 A source that feeds both training and evaluation (hhh_alignment: its preferred answers are SFT
 targets and reward-model pairs, and it is a benchmark) is split once by a salted hash of the item
@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import Field
 
-from stages.common.config import StageConfig, StageError
+from stages.common.config import SectionPart, StageConfig, StageError
 from stages.common.io import is_val
 from stages.common.text import CJK
 
@@ -53,6 +53,31 @@ class Holdout(StageConfig):
         if not isinstance(value, str):
             raise StageError(f"evaluate.holdout.key: the item {str(item)[:120]} has no text field {self.key!r}")
         return is_val(" ".join(value.split()), self.salt, self.eval_fraction)
+
+
+class TaskConfig(StageConfig):
+    limit: int | None = Field(ge=1)
+    """Items scored (the first ones of the set, or of its evaluation part; null: all of them)."""
+    max_new_tokens: int | None = Field(ge=1)
+    """Generated tokens at most, for generative tasks (null: the task YAML's `max_gen_toks`)."""
+    holdout: bool
+    """The set is also a training source (collect reads it with `holdout: true`): score only the
+    items `evaluate.holdout` keeps for evaluation."""
+
+
+class EvaluationSets(SectionPart):
+    """The part of the `evaluate` section that says what the evaluation sets are: evaluate scores
+    them, decontam keeps them out of training, collect trains on a shared source's other part."""
+
+    task_dir: Path
+    """Folder of lm-eval task YAMLs (`TaskManager(include_path=...)`)."""
+    tasks: dict[str, TaskConfig]
+    """lm-eval task name -> its limits; the table's benchmark columns, in this order."""
+    holdout: Holdout
+    """How a set marked `holdout` splits into a training and an evaluation part (collect uses the same)."""
+    contamination_ngram: int = Field(ge=4)
+    """Tokens (words; a CJK character counts as one) in a run that an item shares with a training
+    record to count as seen: decontam removes such records, evaluate counts what is left."""
 
 
 # --- n-grams --------------------------------------------------------------------------------------

@@ -4,21 +4,16 @@ Each stage declares a pydantic model whose fields are its `params.yaml` section:
 and a one-line doc per field, and no default for a key params.yaml sets (DVC tracks params by
 what params.yaml holds, so a value only in code would be invisible to `dvc params diff`; a test
 enforces it). Unknown keys and mistyped values fail with a message that names the
-key as written in the params file (`clean.min_words: ...`), never deep inside a stage.
-
-`check_params` checks the whole params file at once, before any stage runs (the flow calls it,
-and so can a user): every section a `dvc.yaml` stage reads, loaded into its typed config, and the
-source paths `collect` will open; every problem is named in one message.
-
-    python -m stages.common.config check [--params params.yaml]
+key as written in the params file (`clean.min_words: ...`), never deep inside a stage. The
+whole file is checked at once by `stages.common.params_check`. This module imports no other
+module of the project: every other one may import it.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib
-import sys
+import importlib.util
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,6 +30,14 @@ class StageError(RuntimeError):
 
 class ConfigError(StageError):
     """A params file that cannot be turned into the typed config a stage asks for."""
+
+
+class SectionPart(BaseModel):
+    """The keys of another stage's section that a stage reads (its `READS`): the stage that owns
+    the section declares its config as this part plus its own keys, so each key has one type, and
+    checks the rest of the section."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 class StageConfig(BaseModel):
@@ -88,6 +91,11 @@ class Paths(StageConfig):
     def report_dir(self, stage: str) -> Path:
         return self.reports / stage
 
+    def sft_held_out(self) -> Path:
+        """The instructions sft held out, as it rendered them (prompt-completion, cut to its
+        `max_length`) and in its order: sft writes them, evaluate measures the instruction loss on them."""
+        return self.report_dir("sft") / "held_out.jsonl"
+
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -136,10 +144,11 @@ def load_section(cls: type[C], section: str, params: dict[str, Any], source: str
     try:
         return cls.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(f"{source}: " + "; ".join(_problems(err, section))) from None
+        raise ConfigError(f"{source}: " + "; ".join(key_problems(err, section))) from None
 
 
-def _problems(err: ValidationError, section: str) -> list[str]:
+def key_problems(err: ValidationError, section: str) -> list[str]:
+    """One line per problem of `err`, naming its key as written in the params file."""
     lines = []
     for e in err.errors():
         key = ".".join([section, *(str(p) for p in e["loc"])])
@@ -162,112 +171,21 @@ def config_class(stage: str) -> type[BaseModel]:
     return next(v for k, v in vars(module).items() if k.lower() == f"{stage}config" and isinstance(v, type))
 
 
-# Flows that read a params section of their own (`flows/<name>.py`, class `<Name>Config`): a
-# flow is not a `dvc.yaml` stage, so the graph does not name it.
-FLOWS = ("retrain",)
-
 # Sections that say how stages run, never what they write (`data`: the executor of the data
 # stages): the stages read them, but no `dvc.yaml` stage lists them, so another executor or worker
 # count keeps DVC's cache. Section -> "module:Class" of its typed config.
 HOW = {"data": "stages.common.shards:DataConfig"}
 
 
-def stage_sections(dvc_file: Path = DVC_FILE) -> dict[str, type[BaseModel]]:
-    """Every params section a `dvc.yaml` stage reads -> its typed config: the stage's own section
-    (module `stages.<name>`, class `<Name>Config`), the sections its module `READS`, and the
-    shared `train` section of the training stages; then the flows' sections and the `HOW` ones."""
-    from stages.common.training import TrainConfig
-
-    stages = (yaml.safe_load(Path(dvc_file).read_text(encoding="utf-8")) or {}).get("stages") or {}
-    sections: dict[str, type[BaseModel]] = {"paths": Paths}
-    for name, spec in stages.items():
-        module = importlib.import_module(f"stages.{name}")
-        own = config_class(name)
-        reads = {**getattr(module, "READS", {}), "train": TrainConfig, name: own}
-        for entry in (spec or {}).get("params") or []:
-            for key in entry if isinstance(entry, dict) else [entry]:
-                top = str(key).split(".")[0]
-                if top in reads:
-                    sections.setdefault(top, reads[top])
-        sections.setdefault(name, own)
-    for name in FLOWS:
-        sections[name] = getattr(importlib.import_module(f"flows.{name}"), f"{name.capitalize()}Config")
-    for name in HOW:
-        sections[name] = config_class(name)
-    return sections
-
-
-def check_params(params_file: Path = PARAMS_FILE, dvc_file: Path = DVC_FILE, root: Path = Path(".")) -> None:
-    """Load every section of `params_file` the pipeline reads into its typed config and check the
-    source paths collect opens; a ConfigError naming every problem's key, or None."""
-    params = read_yaml(params_file)
-    sections = stage_sections(dvc_file)
-    problems: list[str] = []
-    for section, cls in sections.items():
-        if section not in params:
-            problems.append(f"{section}: section is missing")
-            continue
-        try:
-            cfg = cls.model_validate(params[section] or {})
-        except ValidationError as err:
-            problems.extend(_problems(err, section))
-            continue
-        problems.extend(_missing_paths(cfg, section, root))
-    problems.extend(f"{key}: unknown section (no stage reads it)" for key in params if key not in sections)
-    if problems:
-        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
-        try:
-            shown = Path(params_file).resolve().relative_to(Path(root).resolve())
-        except ValueError:
-            shown = Path(params_file)
-        raise ConfigError(f"{shown} has {count}:\n  " + "\n  ".join(problems))
-
-
-# Source types whose path names something other than a local file (a hub dataset, a URL).
-REMOTE_SOURCES = ("hf", "url")
-
-
-def _missing_paths(cfg: BaseModel, where: str, root: Path) -> list[str]:
-    """`where.path: ... does not exist` for every local source path in `cfg` (a source is a
-    nested config with a `type` and a `path`) that is not on this machine."""
-    from stages.common.io import resolve_path
-
-    found: list[str] = []
-    for field in type(cfg).model_fields:
-        value = getattr(cfg, field)
-        items = list(enumerate(value)) if isinstance(value, (list, tuple)) else [(None, value)]
-        for i, item in items:
-            if not isinstance(item, BaseModel):
-                continue
-            key = f"{where}.{field}" + (f".{i}" if i is not None else "")
-            spec, kind = getattr(item, "path", None), getattr(item, "type", None)
-            if isinstance(spec, str) and isinstance(kind, str) and kind not in REMOTE_SOURCES:
-                try:
-                    path = resolve_path(spec, root)
-                except FileNotFoundError as err:
-                    found.append(f"{key}.path: {err}")
-                    continue
-                if not path.exists():
-                    found.append(f"{key}.path: {spec} does not exist")
-            found.extend(_missing_paths(item, key, root))
-    return found
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m stages.common.config",
-                                 description="Check a params file against every stage's typed config.")
-    ap.add_argument("command", choices=["check"])
-    ap.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file (default: params.yaml)")
-    ap.add_argument("--dvc", type=Path, default=DVC_FILE, help="pipeline graph (default: dvc.yaml)")
-    args = ap.parse_args(argv)
-    try:
-        check_params(args.params, args.dvc)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"{args.params}: every section loads into its stage's config")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def resolve_path(spec: str | Path, root: Path = Path(".")) -> Path:
+    """A path from params: `pkg://package/rel/path` is a file inside an installed package
+    (the offline assets ship that way), anything else is relative to the project root."""
+    spec = str(spec)
+    if spec.startswith("pkg://"):
+        package, _, rel = spec[len("pkg://") :].partition("/")
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise FileNotFoundError(f"{spec}: package '{package}' is not installed (run `make setup`)")
+        return Path(list(found.submodule_search_locations)[0]) / rel
+    path = Path(spec)
+    return path if path.is_absolute() else root / path

@@ -8,7 +8,6 @@ output that DVC could cache.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from stages.common.atomic import atomic_file
 from stages.common.shards import kind_dir, read_shard, shard_path, shard_paths, write_table
 
 # The three kinds of data the pipeline carries, each a folder of Parquet shards in every data
@@ -75,20 +75,6 @@ def record_text(kind: str, record: Mapping[str, Any]) -> str:
     if kind == "instructions":
         return "\n\n".join(m["content"] for m in record["messages"])
     return "\n\n".join(record[f] for f in TEXT_FIELDS[kind])
-
-
-def resolve_path(spec: str | Path, root: Path = Path(".")) -> Path:
-    """A path from params: `pkg://package/rel/path` is a file inside an installed package
-    (the offline assets ship that way), anything else is relative to the project root."""
-    spec = str(spec)
-    if spec.startswith("pkg://"):
-        package, _, rel = spec[len("pkg://") :].partition("/")
-        found = importlib.util.find_spec(package)
-        if found is None or not found.submodule_search_locations:
-            raise FileNotFoundError(f"{spec}: package '{package}' is not installed (run `make setup`)")
-        return Path(list(found.submodule_search_locations)[0]) / rel
-    path = Path(spec)
-    return path if path.is_absolute() else root / path
 
 
 @contextmanager
@@ -265,16 +251,11 @@ def quarantine_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 
 def write_json(path: Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")

@@ -49,11 +49,12 @@ log = logging.getLogger("llm_forge")
 
 def run_stage(name: str, cfg_cls: type[C], run: Callable[..., dict[str, Any]],
               argv: list[str] | None = None, *, reads: Mapping[str, type[BaseModel]] | None = None,
-              training: bool = False) -> int:
+              training: type[BaseModel] | None = None) -> int:
     """Run stage `name` from the params file, with the other sections it `reads` as keyword
-    arguments; a training stage (`training=True`) also gets the shared `train` section as
-    `run(cfg, paths, train=...)` and may relaunch itself under `accelerate launch`, where only
-    the main process writes reports and logs to MLflow."""
+    arguments; a training stage (`training=TrainConfig`: the type of the shared `train` section,
+    passed in so that the runner imports no training code for the other stages) also gets that
+    section as `run(cfg, paths, train=...)` and may relaunch itself under `accelerate launch`
+    (`train.relaunch`), where only the main process writes reports and logs to MLflow."""
     main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if getattr(run, "__module__", None) == "__main__" and getattr(main_spec, "name", None) == f"stages.{name}":
         # `python -m stages.<name>` runs the module as __main__: take its functions and classes
@@ -74,17 +75,15 @@ def run_stage(name: str, cfg_cls: type[C], run: Callable[..., dict[str, Any]],
         cfg = load_section(cfg_cls, name, params, str(args.params))
         paths = load_section(Paths, "paths", params, str(args.params))
         sections = dict(reads or {})
-        if training:
-            from stages.common.training import TrainConfig, relaunch_if_distributed
-
-            sections["train"] = TrainConfig
+        if training is not None:
+            sections["train"] = training
         extra = {key: load_section(cls, key, params, str(args.params)) for key, cls in sections.items()}
     except StageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if training:
+    if training is not None:
         try:
-            code = relaunch_if_distributed(name, extra["train"], sys.argv[1:] if argv is None else argv)
+            code = extra["train"].relaunch(name, sys.argv[1:] if argv is None else argv)
             if code is not None:
                 return code
             if os.environ.get("RANK", "0") != "0":  # a worker of a distributed run: train, report nothing
@@ -95,7 +94,8 @@ def run_stage(name: str, cfg_cls: type[C], run: Callable[..., dict[str, Any]],
             return 2
 
     try:
-        return _run_and_report(name, cfg, paths, run, extra, training=training, mlflow_on=not args.no_mlflow)
+        return _run_and_report(name, cfg, paths, run, extra, training=training is not None,
+                               mlflow_on=not args.no_mlflow)
     except ShardFailed as err:  # not bad input: exit 1, which the pipeline flow retries
         print(f"error: {name}: {err}", file=sys.stderr)
         return 1

@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from stages.common.atomic import atomic_file
 from stages.common.config import StageConfig, StageError
 
 log = logging.getLogger("llm_forge.shards")
@@ -88,25 +89,18 @@ def shard_paths(folder: Path, kind: str) -> list[Path]:
 def write_table(path: Path, table: pa.Table) -> Path:
     """Write `table` to `path` through a temporary sibling, so a reader (or a rerun) never sees
     half a shard."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
-    return path
+    with atomic_file(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return Path(path)
 
 
 def write_arrays(path: Path, arrays: dict[str, Any]) -> Path:
     """numpy arrays to `path` (.npz) through a temporary sibling: a step's per-shard working data."""
     import numpy as np
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def write_array(path: Path, array: Any) -> Path:
@@ -114,13 +108,9 @@ def write_array(path: Path, array: Any) -> Path:
     through a temporary sibling."""
     import numpy as np
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def read_shard(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
@@ -161,7 +151,6 @@ class ShardWriter:
         self.pending: list[dict[str, Any]] = []
         self.pending_bytes = 0
         self.shards = 0
-        self.records = 0
 
     def add(self, record: dict[str, Any]) -> None:
         n = self.size(record)
@@ -169,7 +158,6 @@ class ShardWriter:
             self.flush()
         self.pending.append(record)
         self.pending_bytes += n
-        self.records += 1
 
     def flush(self) -> None:
         if self.pending or not self.shards:
@@ -277,10 +265,8 @@ def run_shards(stage: str, fn: Fn, tasks: list[ShardTask], data: DataConfig, con
         task = tasks[i]
         outputs = sorted(str(p) for p in task.parts.glob(f"*/{task.kind}/part-{task.index:05d}.*"))
         marker = _marker(stage, task)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_name(f".{marker.name}.tmp")
-        tmp.write_text(json.dumps({"key": keys[i], "outputs": outputs, "result": result}))
-        os.replace(tmp, marker)
+        with atomic_file(marker) as tmp:
+            tmp.write_text(json.dumps({"key": keys[i], "outputs": outputs, "result": result}))
         results[i] = result
         progress.step(docs(result))
 

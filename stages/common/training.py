@@ -32,6 +32,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field
 
+from stages.common.atomic import atomic_file
 from stages.common.config import StageConfig, StageError
 from stages.common.io import atomic_dir, write_json
 
@@ -61,6 +62,10 @@ class TrainConfig(StageConfig):
     """Where stages keep resumable checkpoints (not a DVC output; removed after success)."""
     keep_checkpoints: bool
     """Keep a stage's checkpoints after it has finished (for inspection)."""
+
+    def relaunch(self, stage: str, argv: list[str]) -> int | None:
+        """The runner's hook: `relaunch_if_distributed` with this section."""
+        return relaunch_if_distributed(stage, self, argv)
 
 
 class Lora(StageConfig):
@@ -491,12 +496,10 @@ def stable_safetensors(folder: Path) -> None:
         text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes
         if text == raw:
             continue
-        tmp = path.with_name(f".{path.name}.tmp")
-        with path.open("rb") as src, tmp.open("wb") as dst:
+        with atomic_file(path) as tmp, path.open("rb") as src, tmp.open("wb") as dst:
             src.seek(8 + size)
             dst.write(struct.pack("<Q", len(text)) + text)
             shutil.copyfileobj(src, dst, 1 << 20)
-        os.replace(tmp, path)
 
 
 def save_model(final: Path, stage: str, cfg: StageConfig, metrics: dict[str, Any], model: Any,

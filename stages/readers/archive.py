@@ -30,8 +30,8 @@ from stages.readers.safe import chunks_of, decompressed, files_of
 
 class ArchiveSource(Source):
     type: Literal["archive"]
-    glob: str
-    """Members to read, matched like the files of a folder (`**/*.txt`, `data/*.jsonl`)."""
+    glob: str = "**/*"
+    """Members to read, matched like the files of a folder (`**/*.txt`, `data/*.jsonl`; every member by default)."""
     format: Literal["text", "jsonl"]
     """Members are plain text (see `split`) or JSON lines of documents (see `text_field`)."""
     split: Literal["file", "line"] = "file"

@@ -7,16 +7,20 @@ from typing import Any
 
 from pydantic import Field
 
-from stages.common.config import StageConfig, StageError
-from stages.common.io import Drop, resolve_path
+from stages.common.config import StageConfig, StageError, resolve_path
+from stages.common.io import Drop
 
 
 class Source(StageConfig):
+    """A source needs only what identifies it (`name`, `type`, `path`, and what its type cannot do
+    without); every other knob has its natural default here, once, and params.yaml names it only
+    where it differs."""
+
     name: str
     """Short name: the `source` column of every record, and how clean picks its markup rules."""
     path: str
     """File, folder, URL, dataset name; `pkg://package/rel` points inside an installed package."""
-    max_docs: int | None = Field(ge=1)
+    max_docs: int | None = Field(default=None, ge=1)
     """Take at most this many records from the source (null: all)."""
     max_file_bytes: int | None = Field(default=None, ge=1)
     """Largest file, archive member or line this source may read (null: `collect.max_file_bytes`)."""

@@ -22,9 +22,9 @@ from stages.readers.safe import files_of, load
 
 class BigBenchSource(Source):
     type: Literal["bigbench"]
-    prompt_template: str
+    prompt_template: str = "{input}"
     """How the task input becomes the user's prompt (`{input}` is replaced)."""
-    holdout: bool
+    holdout: bool = False
     """The task is also a benchmark: keep only the examples `evaluate.holdout` leaves for training."""
 
 

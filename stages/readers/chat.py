@@ -23,7 +23,7 @@ class AlpacaSource(Source):
 class ChatSource(Source):
     type: Literal["chat"]
     """JSONL of `{"messages": [{"role": ..., "content": ...}, ...]}` records."""
-    messages_field: str
+    messages_field: str = "messages"
     """Field holding the list of messages."""
 
 

@@ -24,9 +24,9 @@ from stages.readers.safe import chunks_of, decompressed, document, files_of, rea
 
 class TextSource(Source):
     type: Literal["text"]
-    glob: str | None
-    """Files to read when `path` is a folder (null when it is one file)."""
-    split: Literal["file", "line"]
+    glob: str = "**/*"
+    """Files to read when `path` is a folder (every file under it; unused when `path` is a file)."""
+    split: Literal["file", "line"] = "file"
     """One document per file, or one per non-empty line (corpora stored one article a line)."""
 
 
@@ -75,8 +75,6 @@ def text_docs(f: IO[bytes], rel: str, name: str, split: str, cap: int | None, st
 
 def read_text(src: TextSource, where: str, stats: Counter[str]) -> Iterator[Item]:
     path = existing(src, where)
-    if path.is_dir() and src.glob is None:
-        raise StageError(f"{where}: {path} is a folder: set `glob` to the files to read")
     for file in files_of(path, src.glob):
         if isinstance(file, Drop):
             yield file

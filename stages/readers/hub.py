@@ -21,8 +21,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from stages.common.config import StageError
-from stages.common.io import Drop, resolve_path
+from stages.common.config import StageError, resolve_path
+from stages.common.io import Drop
 from stages.readers.base import Item, Source, text_record
 from stages.readers.chat import instruction, preference
 from stages.readers.safe import inside
@@ -32,11 +32,11 @@ DICT_FILE, STATE_FILE = "dataset_dict.json", "state.json"  # what `save_to_disk`
 
 class HFSource(Source):
     type: Literal["hf"]
-    split: str
+    split: str = "train"
     """Split of the dataset to read (a DatasetDict folder or a hub dataset)."""
-    text_field: str
+    text_field: str = "text"
     """Column holding the document text (corpus)."""
-    id_field: str | None
+    id_field: str | None = None
     """Column holding the source's id; rows without it get a content id (null: always)."""
 
 

@@ -20,9 +20,9 @@ from stages.readers.safe import HEAD, chunks_of, decompressed, document, files_o
 
 class JsonlSource(Source):
     type: Literal["jsonl"]
-    text_field: str
+    text_field: str = "text"
     """Field holding the document text."""
-    id_field: str | None
+    id_field: str | None = None
     """Field holding the source's id; records without it get a content id (null: always)."""
 
 

@@ -17,8 +17,8 @@ from stages.readers.safe import files_of
 
 class MediaWikiSource(Source):
     type: Literal["mediawiki"]
-    namespaces: list[int]
-    """Page namespaces to keep (0 = articles)."""
+    namespaces: list[int] = [0]
+    """Page namespaces to keep (0 = articles, the default)."""
 
 
 def read_mediawiki(src: MediaWikiSource, where: str, stats: Counter[str]) -> Iterator[Item]:

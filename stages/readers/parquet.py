@@ -18,9 +18,9 @@ from stages.readers.safe import files_of
 
 class ParquetSource(Source):
     type: Literal["parquet"]
-    text_field: str
+    text_field: str = "text"
     """Column holding the document text."""
-    id_field: str | None
+    id_field: str | None = None
     """Column holding the source's id; rows without it get a content id (null: always)."""
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.common.config import ConfigError, check_params
+from stages.common.config import ConfigError
+from stages.common.params_check import check_params
 from stages.common.profile import apply
 from tests.conftest import ROOT, make_project, run_in
 
@@ -75,7 +76,7 @@ def test_the_flow_stops_before_any_stage_with_every_key_named(tmp_path: Path) ->
     assert took < 60, took
 
     # the same check as a command of its own, with the same message
-    check = run_in(project, "-m", "stages.common.config", "check", check=False)
+    check = run_in(project, "-m", "stages.common.params_check", check=False)
     assert check.returncode == 2 and check.stderr == done.stderr
 
 

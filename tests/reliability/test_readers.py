@@ -66,7 +66,7 @@ def test_a_record_with_invalid_utf8_never_changes_how_its_neighbours_are_read(pa
     plain = tmp_path / "mixed.txt"
     plain.write_bytes(b"\n".join([t.encode() for t in ENGLISH] + [b"broken \xff\xfe\x80 line"]
                                  + [t.encode() for t in CHINESE]) + b"\n")
-    m, docs = collect(paths, [source("jsonl", mixed), source("text", plain, split="line", glob=None)])
+    m, docs = collect(paths, [source("jsonl", mixed), source("text", plain, split="line")])
     for r in valid:  # every valid record byte-identical, whatever its neighbour holds
         assert docs[r["id"]].encode("utf-8") == r["text"].encode("utf-8")
     text_docs = [docs[f"mixed.txt:{n}"] for n in (1, 2, 3, 5, 6)]

@@ -365,7 +365,7 @@ def test_evaluate_without_bubblewrap_skips_the_code_cells_and_scores_the_rest(
         tiny_workdir: Paths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)  # the task YAMLs name their data relative to the project
     monkeypatch.setenv("PATH", str(tmp_path))
-    metrics = run(code_config(("humaneval_sandbox", "bigbench_arithmetic")), tiny_workdir, sft=tiny_config("sft"))
+    metrics = run(code_config(("humaneval_sandbox", "bigbench_arithmetic")), tiny_workdir)
     reason = metrics["skipped"]["humaneval_sandbox"]
     assert "its programs were not run" in reason and "apt-get install bubblewrap" in reason
     assert "humaneval_sandbox" not in metrics["models"]["base"] and "bigbench_arithmetic" in metrics["models"]["base"]
@@ -381,7 +381,7 @@ def test_evaluate_runs_code_unsandboxed_only_when_told_and_says_so(
         tiny_workdir: Paths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("PATH", str(tmp_path))
-    metrics = run(code_config(("humaneval_sandbox",), code_sandbox=UNSAFE), tiny_workdir, sft=tiny_config("sft"))
+    metrics = run(code_config(("humaneval_sandbox",), code_sandbox=UNSAFE), tiny_workdir)
     assert "humaneval_sandbox" in metrics["models"]["base"] and metrics["skipped"] == {}
     assert "WITHOUT a sandbox" in metrics["warnings"][0]
     # a number, so the runner logs it to the MLflow run as a metric

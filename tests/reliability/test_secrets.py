@@ -80,7 +80,7 @@ PLANTED = {
 def planted_documents(n: int = 9) -> list[dict]:
     """Real news articles the tiny profile does not collect (lines past its limit of ABC news),
     each with every planted secret in a sentence in its middle."""
-    from stages.common.io import resolve_path
+    from stages.common.config import resolve_path
 
     lines = resolve_path("pkg://gensim/test/test_data/lee_background.cor").read_text().splitlines()
     secrets = ", ".join(PLANTED.values())

@@ -17,7 +17,7 @@ from tests.conftest import ROOT, tiny_config
 # Every key a source type needs besides name, type and path (the configs have no defaults).
 FIELDS = {
     "jsonl": {"text_field": "text", "id_field": "id"}, "parquet": {"text_field": "text", "id_field": "id"},
-    "text": {"glob": "**/*.txt", "split": "file"}, "tagged": {"lines_per_doc": 1},
+    "text": {}, "tagged": {"lines_per_doc": 1},
     "mediawiki": {"namespaces": [0]}, "hf": {"split": "train", "text_field": "text", "id_field": "id"},
     "url": {"max_bytes": 1_000_000, "timeout_s": 10.0}, "alpaca": {}, "chat": {"messages_field": "messages"},
     "pairs": {}, "bigbench": {"prompt_template": "{input}", "holdout": False},
@@ -118,8 +118,6 @@ def test_missing_path_and_unreadable_source_fail_with_one_sentence(paths: Paths,
     junk.write_text("{broken\n[1,\n")
     with pytest.raises(StageError, match=r"collect\.sources\[0\] \(junk\): no readable record"):
         collect(paths, sources=[source("junk", "jsonl", str(junk))])
-    with pytest.raises(StageError, match=r"collect\.sources\[0\] \(dir\): .* is a folder: set `glob`"):
-        collect(paths, sources=[source("dir", "text", str(tmp_path), glob=None)])
     assert not paths.raw.exists()  # nothing half-written
 
 
@@ -242,7 +240,7 @@ def test_legacy_encoded_line_files_are_decoded_line_by_line(paths: Paths, tmp_pa
     fr = ["Ça va très bien, merci beaucoup à vous tous ici.", "Où est la bibliothèque, s'il vous plaît ?"]
     cp = tmp_path / "cp1252.jsonl"
     cp.write_bytes("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in fr).encode("cp1252"))
-    m = collect(paths, sources=[source("zh", "text", str(gbk), split="line", glob=None),
+    m = collect(paths, sources=[source("zh", "text", str(gbk), split="line"),
                                 source("fr", "jsonl", str(cp), id_field=None)])
     texts = [d["text"] for d in read_records(paths.raw, "corpus")]
     assert texts == zh + fr and m["dropped"] == {}

@@ -31,8 +31,17 @@ def config(**changes: object) -> EvaluateConfig:
     return load_section(EvaluateConfig, "evaluate", {"evaluate": section})
 
 
-def evaluate(cfg: EvaluateConfig, paths: Paths) -> dict:
-    return run(cfg, paths, sft=tiny_config("sft"))
+def evaluate(cfg: EvaluateConfig, paths: Paths, held_out: bool = True) -> dict:
+    """evaluate's run; `held_out`: first write the instructions sft holds out, as sft writes them."""
+    if held_out:
+        from stages.common.io import read_records
+        from stages.common.lm import load_tokenizer
+        from stages.sft import prepare
+
+        tokenizer = load_tokenizer(paths.base, fallback=paths.tokenized / "tokenizer")
+        write_jsonl(paths.sft_held_out(), prepare(read_records(paths.dedup, "instructions"), tokenizer,
+                                                  tiny_config("sft"))[1])
+    return run(cfg, paths)
 
 
 def limits(limit: int | None, max_new_tokens: int | None = None, holdout: bool = False) -> dict:
@@ -238,8 +247,10 @@ def test_quantized_folders_become_one_row_each(tiny_workdir: Paths, monkeypatch:
         tiny_model(tiny_workdir, tiny_workdir.quantized / method)
     (tiny_workdir.quantized / ".quantized.tmp-x").mkdir()  # a half-written folder is no row
     monkeypatch.chdir(ROOT)
-    metrics = evaluate(config(models=["quantized"], tasks={}, perplexity_blocks=2), tiny_workdir)
+    metrics = evaluate(config(models=["quantized"], tasks={}, perplexity_blocks=2), tiny_workdir, held_out=False)
     assert list(metrics["models"]) == ["quantized/int8", "quantized/nf4"]
+    # no file of sft's held-out instructions: the instruction loss is a recorded skip, never re-derived
+    assert f"{tiny_workdir.sft_held_out()} does not exist" in metrics["skipped"]["instruction_loss"]
     assert metrics["folders"]["quantized/nf4"] == str(tiny_workdir.quantized / "nf4")
 
 

@@ -82,6 +82,10 @@ def test_full_run_learns_and_writes_a_plain_model(sft_paths: Paths) -> None:
     generates(sft_paths.sft)
     rows = [json.loads(line) for line in (sft_paths.reports / "sft/samples.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and {"id", "prompt", "reference", "before", "after"} <= set(rows[0])
+    # what evaluate's instruction loss is measured on: every held-out example as sft rendered it
+    held = [json.loads(line) for line in sft_paths.sft_held_out().read_text().splitlines()]
+    assert len(held) == m["val_records"] > 0 and [r["id"] for r in held[:2]] == [r["id"] for r in rows]
+    assert held[0]["completion"][0]["role"] == "assistant" and held[0]["prompt"][-1]["role"] == "user"
     curves = (sft_paths.reports / "sft/curves.csv").read_text().splitlines()
     assert curves[0].startswith("step,") and len(curves) > 5
     assert not (sft_paths.reports.parent / "checkpoints/sft").exists()  # removed after success
