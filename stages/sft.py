@@ -145,50 +145,6 @@ def load_tokenizer(folder: Path) -> Any:
     return tokenizer
 
 
-def load_model(folder: Path, method: str, precision: str) -> Any:
-    """The causal LM to train: full precision, or 4-bit NF4 for qlora (which needs bitsandbytes)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    if method != "qlora":
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(tr.device())
-    from transformers import BitsAndBytesConfig
-
-    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=compute)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=compute,
-                                                     device_map={"": tr.device()})
-    except (ImportError, RuntimeError, ValueError) as err:
-        raise StageError(f"sft.method qlora: cannot load {folder} in 4-bit NF4 on this machine ({err}); "
-                         "use method lora or full, or a machine where bitsandbytes runs") from err
-    # bitsandbytes repacks 4-bit weights for its AVX512-BF16 inference kernel the first time a CPU
-    # forward runs without grad (our held-out eval); that kernel has no backward and needs dims
-    # divisible by 32, so training after an eval would break: keep the trainable layout.
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    from peft import prepare_model_for_kbit_training
-
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-
-
-def merged_model(trainer: Any, cfg: SftConfig, base: Path, scratch: Path) -> Any:
-    """The trained model as a plain full-precision causal LM: adapters merged into a base loaded
-    in full precision (for qlora the 4-bit base is not what we ship)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    trainer.save_model(str(scratch))  # gathers sharded weights; adapters only for lora/qlora
-    if cfg.method == "full":
-        return AutoModelForCausalLM.from_pretrained(scratch, dtype=torch.float32).to(tr.device())
-    from peft import PeftModel
-
-    full = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(tr.device())
-    return PeftModel.from_pretrained(full, scratch, torch_dtype=torch.float32).merge_and_unload()
-
-
 def build_trainer(cfg: SftConfig, model: Any, tokenizer: Any, train_examples: list[dict[str, Any]],
                   eval_examples: list[dict[str, Any]], output_dir: Path, precision: str) -> Any:
     """TRL's SFTTrainer on conversational prompt-completion data (loss on the completion only)."""
@@ -233,7 +189,7 @@ def run(cfg: SftConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
     sample_prompts = [e["prompt"] for e in (val_examples or train_examples)[: cfg.samples]]
     tr.seed_everything(cfg.seed)
     precision = tr.resolve_precision(train.precision)
-    model = load_model(paths.pretrain, cfg.method, precision)
+    model = tr.load_trainable_lm(paths.pretrain, cfg.method, precision, "sft")
     before = greedy(model, tokenizer, sample_prompts, cfg.sample_max_new_tokens) if main else []
     checkpoints = tr.Checkpoints(train, STAGE, cfg, paths.pretrain, source, main=main)
     resume_path, resume_step = checkpoints.last()
@@ -247,7 +203,7 @@ def run(cfg: SftConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
     val_after = trainer.evaluate()["eval_loss"] if eval_examples else None
 
     # save: a plain full-precision model, its samples and metrics
-    merged = merged_model(trainer, cfg, paths.pretrain, checkpoints.dir / "final")
+    merged = tr.merged_lm(trainer, cfg.method, paths.pretrain, checkpoints.dir / "final")
     metrics: dict[str, Any] = {
         **tr.split_counts(len(records), train_examples, val_examples, dropped),
         "truncated": truncated,

@@ -534,7 +534,8 @@ def load_trainable_lm(folder: Path, method: str, precision: str, stage: str) -> 
         raise StageError(f"{stage}.method qlora: cannot load {folder} in 4-bit NF4 on this machine ({err}); "
                          "use method lora or full, or a machine where bitsandbytes runs") from err
     # bitsandbytes repacks 4-bit weights for its AVX512-BF16 inference kernel the first time a CPU
-    # forward runs without grad; that kernel has no backward, so keep the trainable layout.
+    # forward runs without grad (a held-out eval); that kernel has no backward and needs dims
+    # divisible by 32, so training after an eval would break: keep the trainable layout.
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False

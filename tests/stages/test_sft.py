@@ -21,7 +21,7 @@ import yaml
 from stages import sft
 from stages.common.config import Paths, StageError
 from stages.common.io import read_records, write_records
-from stages.common.training import TrainConfig
+from stages.common.training import TrainConfig, load_trainable_lm
 from tests.conftest import tiny_config, tiny_params
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,7 +124,7 @@ def test_loss_is_on_the_answer_only(sft_paths: Paths) -> None:
     """What the trainer feeds the model: every prompt token (system, user, the assistant header)
     is -100 in the labels, every answer token (and its end-of-turn) is learned."""
     tok = sft.load_tokenizer(sft_paths.pretrain)
-    model = sft.load_model(sft_paths.pretrain, "full", "fp32")
+    model = load_trainable_lm(sft_paths.pretrain, "full", "fp32", "sft")
     example, _ = sft.to_prompt_completion({"id": "x", "messages": [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
         {"role": "assistant", "content": "Blue, I think."}, {"role": "user", "content": "Another?"},
@@ -194,7 +194,7 @@ def test_a_long_input_loses_its_tail_never_the_answer(sft_paths: Paths) -> None:
     assert kept["short"] == sft.to_prompt_completion(records[1])[0]
 
     # what the trainer feeds the model: the whole cut example, the whole answer learned
-    model = sft.load_model(sft_paths.pretrain, "full", "fp32")
+    model = load_trainable_lm(sft_paths.pretrain, "full", "fp32", "sft")
     trainer = sft.build_trainer(cfg, model, tok, [cut], [], sft_paths.reports.parent / "ck", "fp32")
     batch = trainer.data_collator([trainer.train_dataset[0]])
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
