@@ -85,12 +85,14 @@ import mlflow
 from pathlib import Path
 from stages.common import tracking
 from stages.common.config import load_section, read_yaml
-from stages.register import MD5_TAG, Candidate, RegisterConfig, log_and_register
+from stages.common.lineage import Record
+from stages.register import FOLDER_TAG, MD5_TAG, Candidate, RegisterConfig, log_and_register
 cfg = load_section(RegisterConfig, "register", read_yaml(Path("params.yaml")))
 tracking.setup(Path("."))
 with mlflow.start_run(run_name="hand-registered"):
     v = log_and_register(Candidate("{NAME}", Path("models/base"), "base", True), cfg,
-                         {{MD5_TAG: "untrained-base"}}, {{}}, {{}})
+                         {{MD5_TAG: "untrained-base", FOLDER_TAG: "models/base"}}, Record({{}}, {{}}, {{}}, {{}}),
+                         {{}}, {{}})
 mlflow.MlflowClient().set_registered_model_alias("{NAME}", "champion", v.version)
 print(v.version)
 """
