@@ -212,7 +212,8 @@ def test_from_sft_reruns_sft_and_what_follows_and_names_what_changed_params_chan
         tiny_project: Path, clone: Path) -> None:
     """A record whose params were changed by hand (ppo's learning rate, in the params.yaml logged
     with the model): `--from sft` pulls what sft and later stages read, reruns sft, reward and
-    ppo, finds sft and reward the same and names models/ppo as the output that differs."""
+    ppo, finds sft's and reward's outputs (the proxy and the judge) the same and names models/ppo as
+    the output that differs."""
     import mlflow
 
     uri = f"sqlite:///{tiny_project / 'mlflow.db'}"
@@ -231,7 +232,8 @@ def test_from_sft_reruns_sft_and_what_follows_and_names_what_changed_params_chan
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     rows = table_rows(done.stdout)
     verdicts = {p: v[2] for p, v in rows.items()}
-    assert verdicts == {"models/sft": "same", "models/reward": "same", "models/ppo": "differs"}
+    assert verdicts == {"models/sft": "same", "reports/sft/held_out.jsonl": "same", "models/judge": "same",
+                        "models/reward": "same", "models/ppo": "differs"}
     (ppo,) = [line for line in done.stdout.splitlines() if line.startswith("models/ppo ")]
     assert "model.safetensors" in ppo  # the files of the folder that differ
     assert "1 output(s) differ from the record: models/ppo" in done.stderr
