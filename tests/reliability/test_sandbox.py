@@ -382,7 +382,7 @@ def test_evaluate_runs_code_unsandboxed_only_when_told_and_says_so(
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("PATH", str(tmp_path))
     metrics = run(code_config(("humaneval_sandbox",), code_sandbox=UNSAFE), tiny_workdir)
-    assert "humaneval_sandbox" in metrics["models"]["base"] and metrics["skipped"] == {}
+    assert "humaneval_sandbox" in metrics["models"]["base"] and "humaneval_sandbox" not in metrics["skipped"]
     assert "WITHOUT a sandbox" in metrics["warnings"][0]
     # a number, so the runner logs it to the MLflow run as a metric
     assert flatten_numbers(metrics)["unsandboxed_code_tasks"] == 1.0
