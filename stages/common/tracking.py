@@ -409,8 +409,10 @@ RECORD_TAG = "llm_forge.offline_record"  # on a run a replay made: the record's 
 
 def offline_records(reports: Path) -> list[Path]:
     """Every record a stage kept offline under `reports`: in a finished run's report folder, or in
-    the partial folder of a run that failed."""
-    return sorted([*Path(reports).glob(f"*/{OFFLINE_FILE}"), *Path(reports).glob(f".*.partial/{OFFLINE_FILE}")])
+    the partial folder of a run that failed (not in `.<stage>.last/`, the runner's link to a finished
+    run's folder, which pathlib's glob matches as it matches any folder)."""
+    finished = [p for p in Path(reports).glob(f"*/{OFFLINE_FILE}") if not p.parent.name.startswith(".")]
+    return sorted([*finished, *Path(reports).glob(f".*.partial/{OFFLINE_FILE}")])
 
 
 def replay(record_file: Path, root: Path = Path(".")) -> str:
