@@ -156,6 +156,12 @@ def side_by_side(params: dict[str, Any], paths: Paths) -> Path:
     """The evaluate stage on `paths.gate/{candidate,champion}`, into `reports/retrain/evaluate/`."""
     scratch = dict(params)
     scratch["paths"] = {**params["paths"], "reports": str(Path(params["paths"]["reports"]) / "retrain")}
+    # the instructions sft held out (evaluate's instruction loss), which it reads under its reports
+    held_out = ROOT / paths.sft_held_out()
+    if held_out.is_file():
+        beside = ROOT / paths.model_copy(update={"reports": Path(scratch["paths"]["reports"])}).sft_held_out()
+        beside.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(held_out, beside)
     scratch["evaluate"] = {**params["evaluate"], "models": ["gate"]}
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=ROOT / ".dvc" / "tmp", delete=False) as f:
         yaml.safe_dump(scratch, f, sort_keys=False)
