@@ -290,10 +290,12 @@ def bwrap_options(userns: tuple[str, ...], seccomp_fd: int | None) -> list[str]:
             opts += ["--ro-bind", path, path]
     for path in ETC:
         opts += ["--ro-bind-try", path, path]
+    # the working folder before the interpreter's folders: a virtual environment under /tmp (a
+    # checkout there) is then mounted on top of the tmpfs, not hidden by it
+    opts += ["--size", str(FOLDER_MB * 1024 * 1024), "--tmpfs", WORKDIR]
     for path in python_dirs():
         opts += ["--ro-bind", path, path]
-    opts += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
-             "--size", str(FOLDER_MB * 1024 * 1024), "--tmpfs", WORKDIR, "--chdir", WORKDIR, "--remount-ro", "/"]
+    opts += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev", "--chdir", WORKDIR, "--remount-ro", "/"]
     if seccomp_fd is not None:
         opts += ["--seccomp", str(seccomp_fd)]
     return opts
