@@ -45,7 +45,7 @@ from pydantic import Field
 from stages.common import training as tr
 from stages.common.config import Paths, StageError, resolve_path
 from stages.common.io import is_val, read_records
-from stages.common.preferences import JUDGE, PARTS, REWARD, SPLIT, normalize_prompt, pair_messages
+from stages.common.preferences import JUDGE, PARTS, REWARD, SPLIT, normalize_prompt, pair_messages, pair_texts
 from stages.common.runner import run_stage
 from stages.common.training import TrainConfig, TrainerStageConfig
 
@@ -93,12 +93,9 @@ def prepare(records: list[dict[str, Any]], tokenizer: Any, cfg: RewardConfig) ->
     Held-out by a salted hash of the normalized prompt: every pair of a prompt on one side."""
     train, val, dropped = [], [], Counter()
     for r in records:
-        prompt, chosen, rejected = r.get("prompt") or "", r.get("chosen") or "", r.get("rejected") or ""
-        if not chosen.strip() or not rejected.strip():
-            dropped["empty_answer"] += 1
-            continue
-        if chosen.strip() == rejected.strip():
-            dropped["identical_pair"] += 1
+        (prompt, chosen, rejected), problem = pair_texts(r)
+        if problem:
+            dropped[problem] += 1
             continue
         chosen_ids, rejected_ids = encode(tokenizer, prompt, chosen), encode(tokenizer, prompt, rejected)
         if max(len(chosen_ids), len(rejected_ids)) > cfg.max_length:

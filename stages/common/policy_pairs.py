@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.common.config import StageError
-from stages.common.preferences import POLICY, SPLIT, pair_messages
+from stages.common.preferences import POLICY, SPLIT, pair_messages, pair_texts
 
 log = logging.getLogger("llm_forge.policy_pairs")
 
@@ -89,12 +89,9 @@ def prepare_pairs(records: list[dict[str, Any]], tokenizer: Any, max_length: int
     prefix of the conversation."""
     pairs, dropped = [], Counter()
     for r in records:
-        prompt, chosen, rejected = r.get("prompt") or "", r.get("chosen") or "", r.get("rejected") or ""
-        if not chosen.strip() or not rejected.strip():
-            dropped["empty_answer"] += 1
-            continue
-        if chosen.strip() == rejected.strip():
-            dropped["identical_pair"] += 1
+        (prompt, chosen, rejected), problem = pair_texts(r)
+        if problem:
+            dropped[problem] += 1
             continue
         tokens = [tokenize(tokenizer, prompt, answer) for answer in (chosen, rejected)]
         if tokens[0] is None or tokens[1] is None:

@@ -81,3 +81,14 @@ def pair_messages(prompt: str | list[dict[str, str]], chosen: str, rejected: str
         [{"role": m["role"], "content": m["content"]} for m in prompt]
     return {"prompt": turns, "chosen": [{"role": "assistant", "content": chosen}],
             "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def pair_texts(record: dict) -> tuple[tuple[str, str, str], str | None]:
+    """A pair's prompt, chosen and rejected text, and why it cannot train (`empty_answer`,
+    `identical_pair`) or None: the rule every stage that trains on pairs drops by."""
+    prompt, chosen, rejected = record.get("prompt") or "", record.get("chosen") or "", record.get("rejected") or ""
+    if not chosen.strip() or not rejected.strip():
+        return (prompt, chosen, rejected), "empty_answer"
+    if chosen.strip() == rejected.strip():
+        return (prompt, chosen, rejected), "identical_pair"
+    return (prompt, chosen, rejected), None
