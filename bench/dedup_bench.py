@@ -44,10 +44,11 @@ from pathlib import Path
 from typing import Any
 
 from stages.common.config import Paths, load_section, read_yaml
+from stages.common.duplicates import dedup_texts, normalize
 from stages.common.io import read_records, write_records
 from stages.common.minhash import TOKEN_RE, _char_classes, lsh_bands, shingle_texts
 from stages.common.shards import DataConfig
-from stages.dedup import DedupConfig, dedup_texts, normalize, run
+from stages.dedup import DedupConfig, run
 
 # Share of the corpus given to each kind of planted document; the rest are unique documents.
 EXACT_SHARE = 0.10

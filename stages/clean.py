@@ -1,25 +1,8 @@
-"""clean: repair, de-markup, redact and filter every record before dedup.
+"""clean: repair, de-markup, redact and filter every record (README: "The data stages").
 
-Reads the corpus, instructions and preferences shards of `paths.raw`, shard by shard on the
-executor of the `data` section (`stages.common.shards`), and, record by record:
-
-1. repairs the text (`stages.common.text.repair`): lone surrogates replaced, mojibake fixed
-   (ftfy), Unicode normal form, NUL and other control characters removed (tabs and newlines stay);
-2. corpus only: strips markup by source (`markup` map, else detection) with
-   `stages.common.markup`: MediaWiki with a real parser, HTML with trafilatura;
-3. redacts PII and secrets with the placeholders of `stages.common.pii`, the same patterns
-   `validate` checks;
-4. corpus only: removes the lines the C4 line rules name (no terminal punctuation, no letter,
-   javascript and cookie notices; counted in `lines_removed`), drops the document only when too
-   little is left, then identifies the language (py3langid) and applies the Gopher/C4 document
-   rules of `stages.common.quality`, script-aware so CJK text is measured in characters;
-5. instructions and preferences: size and light checks (no answer, empty answer,
-   identical preference pair).
-
-Every rule returns `None` (keep) or a `Drop(reason, detail)`. Shard N's kept records go to shard N
-of `paths.clean` (same layout; the corpus gains a `lang` column), its dropped records to shard N of
-`paths.quarantine/<kind>/` (id, source, reason, detail, record as JSON).
-`reports/clean/` gets `samples_kept.jsonl`, `samples_dropped.jsonl` and `samples_lines_removed.jsonl`.
+Reads the shards of `paths.raw`; writes each kept record to the same shard of `paths.clean` (the
+corpus gains `lang`), each dropped one with its reason to `paths.quarantine`, and samples of both
+and of the removed lines to `reports/clean/`.
 
     python -m stages.clean [--params params.yaml]
 """
@@ -28,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import shutil
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -37,16 +19,9 @@ from typing import Any, Literal
 from pydantic import Field
 
 from stages.common.config import Paths, StageConfig
-from stages.common.io import (
-    KINDS,
-    Drop,
-    Tally,
-    atomic_dir,
-    quarantine_row,
-    quarantine_table,
-    records_table,
-    write_jsonl,
-)
+from stages.common.datastage import DataStage, write_verdicts
+from stages.common.io import Drop, write_jsonl
+from stages.common.langid import LanguageId
 from stages.common.markup import Markup, strip_markup
 from stages.common.pii import redact
 from stages.common.quality import (
@@ -61,16 +36,7 @@ from stages.common.quality import (
 )
 from stages.common.runner import run_stage
 from stages.common.sections import CleanLimits
-from stages.common.shards import (
-    DataConfig,
-    ShardTask,
-    parts_dir,
-    publish,
-    read_shard,
-    run_shards,
-    tasks_for,
-    write_table,
-)
+from stages.common.shards import DataConfig, ShardTask, read_shard
 from stages.common.text import repair, tidy
 
 log = logging.getLogger("llm_forge.clean")
@@ -160,100 +126,6 @@ class CleanConfig(CleanLimits, StageConfig):
 
 
 # --- the steps -------------------------------------------------------------------------------
-
-
-class LanguageId:
-    """py3langid with normalised probabilities (its model ships inside the package).
-
-    `many` classifies a batch as `classify` does each text, to the same label and probability:
-    py3langid walks a byte automaton over each text in a Python loop (most of clean's time), so
-    here the automaton takes one step for every text of the batch at once, in numpy, and only the
-    last long texts finish in the loop; the feature counts then go through py3langid's own scoring."""
-
-    HEAD = 20_000
-    """Characters of a text read: a long page's head says enough."""
-    LOOP_BELOW = 8
-    """Texts still walking when the batch step hands over to the plain loop (a numpy step costs
-    about as much as this many single-byte steps in Python)."""
-
-    def __init__(self) -> None:
-        import numpy as np
-        from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-        class Scored(LanguageIdentifier):
-            """py3langid's scoring of the feature counts `many` found (its `_raw_score` would walk
-            the text again), against its table widened from float16 to float32 once: numpy
-            widens it anyway for every product, and the sums come out the same."""
-
-            __slots__ = ("visits", "table")
-
-            @staticmethod
-            def _encode(text: str | bytes) -> bytes:
-                # `many` hands over what py3langid's own `_encode` made of the text already
-                return text if isinstance(text, bytes) else LanguageIdentifier._encode(text)
-
-            def _raw_score(self, text: bytes) -> Any:
-                if self.visits:
-                    return self._sparse_score(self.visits, self.table)
-                return super()._raw_score(b"")  # no feature: py3langid's own answer for that
-
-        self.model = Scored.from_model_file(MODEL_FILE, norm_probs=True)
-        self.model.table = self.model.nb_ptc.astype(np.float32)
-        self.next_state = np.frombuffer(self.model.tk_nextmove, np.uint32)
-        self.row_base = np.asarray(self.model._rowbase, np.int64)
-        self.output = np.asarray(self.model.tk_output, np.int32)
-
-    def __call__(self, text: str) -> tuple[str, float]:
-        return self.many([text])[0]
-
-    def many(self, texts: list[str]) -> list[tuple[str, float]]:
-        """(language, probability) of each text."""
-        import numpy as np
-
-        model = self.model
-        encoded = [model._encode(t[: self.HEAD]) for t in texts]
-        lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
-        order = np.argsort(-lengths, kind="stable")  # longest first: the texts still walking are a prefix
-        size = lengths[order]
-        starts = np.cumsum(size) - size
-        data = np.frombuffer(b"".join(encoded[i] for i in order), np.uint8)
-        states = np.empty(data.size, np.int64)  # the automaton's state after each byte
-        state = np.zeros(len(texts), np.int64)
-        walking = np.searchsorted(-size, -np.arange(int(size[0]) + 1 if size.size else 0), side="left")
-        step = 0
-        while step < walking.size and walking[step] > self.LOOP_BELOW:
-            m = walking[step]
-            at = starts[:m] + step
-            state[:m] = self.next_state[self.row_base[state[:m]] + data[at]]
-            states[at] = state[:m]
-            step += 1
-        if step < walking.size:  # the longest few texts: the rest of their bytes in a plain loop
-            next_state, row_base = self.model.tk_nextmove, self.model._rowbase
-            for j in range(int(walking[step])):
-                s = int(state[j])
-                walked = []
-                for byte in data[starts[j] + step: starts[j] + size[j]].tobytes():
-                    s = next_state[row_base[s] + byte]
-                    walked.append(s)
-                states[starts[j] + step: starts[j] + size[j]] = walked
-        # The features each text visits and how often, in the order py3langid's Counter holds them
-        # (first seen first), which sets the order their scores are summed in and so their last bits.
-        features = self.output[states]
-        at = np.flatnonzero(features >= 0)
-        text_of = np.searchsorted(starts, at, side="right") - 1
-        pairs, first, counts = np.unique(text_of * np.int64(self.output.size) + features[at], return_index=True,
-                                         return_counts=True)
-        seen = np.argsort(first, kind="stable")  # grouped by text (texts lie in order), first seen first
-        pairs, counts = pairs[seen], counts[seen]
-        text_of = pairs // self.output.size
-        bounds = np.searchsorted(text_of, np.arange(len(texts) + 1), side="left").tolist()
-        ids, counts = (pairs % self.output.size).tolist(), counts.tolist()
-        out: list[tuple[str, float]] = [("", 0.0)] * len(texts)
-        for j, i in enumerate(order.tolist()):
-            model.visits = dict(zip(ids[bounds[j]: bounds[j + 1]], counts[bounds[j]: bounds[j + 1]]))
-            lang, prob = model.classify(encoded[i])
-            out[i] = (lang, float(prob))
-        return out
 
 
 @dataclass
@@ -400,28 +272,17 @@ def _langid() -> LanguageId:
 
 
 def clean_shard(task: ShardTask, cfg: CleanConfig) -> dict[str, Any]:
-    """Clean one shard: kept records to its `clean` output, dropped ones to its `quarantine`
-    output; returns its counts and the first samples of each group."""
+    """Clean one shard into its `clean` and `quarantine` outputs; returns its tally, its counts
+    and the first samples of each group."""
     cleaner = Cleaner(cfg, _langid())
     records = read_shard(task.source).to_pylist()
     results = (cleaner.corpus_many(records) if task.kind == "corpus"
                else [getattr(cleaner, task.kind)(record) for record in records])
-    tally, kept, quarantined = Tally(), [], []
+    sorted_ = write_verdicts(task, records, results, "clean", "quarantine")
     languages: Counter[str] = Counter()
     kept_samples: dict[str, list[dict[str, Any]]] = defaultdict(list)
     dropped_samples: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for record, result in zip(records, results):
-        tally.docs_in += 1
-        if isinstance(result, Drop):
-            tally.drop(result.reason)
-            row = quarantine_row(record, result)
-            quarantined.append(row)
-            if len(dropped_samples[result.reason]) < cfg.samples_per_reason:
-                where = {k: v for k, v in row.items() if k != "record"}
-                dropped_samples[result.reason].append({"kind": task.kind, **where, "text": _preview(task.kind, record)})
-            continue
-        tally.docs_out += 1
-        kept.append(result)
+    for record, result in sorted_.kept:
         if task.kind == "corpus":
             languages[result["lang"]] += 1
         group = kept_samples[record.get("source") or ""]
@@ -429,10 +290,11 @@ def clean_shard(task: ShardTask, cfg: CleanConfig) -> dict[str, Any]:
             group.append({"kind": task.kind, "id": result.get("id"), "source": result.get("source"),
                           **({"lang": result["lang"]} if task.kind == "corpus" else {}),
                           "text": _preview(task.kind, result)})
-    tally.check(f"clean {task.label}")
-    write_table(task.out("clean"), records_table(task.kind, kept, extra=("lang",) if task.kind == "corpus" else ()))
-    write_table(task.out("quarantine"), quarantine_table(quarantined))
-    return {**tally.as_metrics(), "languages": dict(languages), "redacted": dict(cleaner.redacted),
+    for record, row in sorted_.dropped:
+        if len(group := dropped_samples[row["reason"]]) < cfg.samples_per_reason:
+            where = {k: v for k, v in row.items() if k != "record"}
+            group.append({"kind": task.kind, **where, "text": _preview(task.kind, record)})
+    return {**sorted_.tally.as_metrics(), "languages": dict(languages), "redacted": dict(cleaner.redacted),
             "lines_removed": dict(cleaner.lines_removed), "line_samples": dict(cleaner.line_samples),
             "kept_samples": dict(kept_samples), "dropped_samples": dict(dropped_samples)}
 
@@ -440,54 +302,21 @@ def clean_shard(task: ShardTask, cfg: CleanConfig) -> dict[str, Any]:
 def run(cfg: CleanConfig, paths: Paths, data: DataConfig) -> dict:
     report = paths.report_dir("clean")
     report.mkdir(parents=True, exist_ok=True)
-    parts = parts_dir(paths.clean)
-    tasks = tasks_for(paths.raw, parts, KINDS)
-    results = run_shards("clean", clean_shard, tasks, data, cfg, key=cfg.model_dump_json())
-
-    total = Tally()
-    kinds: dict[str, Any] = {}
-    languages, redacted, lines_removed = Counter(), Counter(), Counter()
-    kept_samples: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    dropped_samples: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    line_samples: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for kind in KINDS:
-        tally = Tally()
-        for task, result in zip(tasks, results):
-            if task.kind != kind:
-                continue
-            tally.merge(Tally.from_metrics(result))
-            languages.update(result["languages"])
-            redacted.update(result["redacted"])
-            lines_removed.update(result["lines_removed"])
-            # samples in shard order: the same whichever worker finished first
-            for source, found in result["kept_samples"].items():
-                kept_samples[(kind, source)].extend(found[: cfg.samples - len(kept_samples[(kind, source)])])
-            for reason, found in result["dropped_samples"].items():
-                dropped_samples[reason].extend(found[: cfg.samples_per_reason - len(dropped_samples[reason])])
-            for reason, found in result["line_samples"].items():
-                line_samples[reason].extend(found[: cfg.samples_per_reason - len(line_samples[reason])])
-        tally.check(f"clean {kind}")
-        kinds[kind] = tally.as_metrics()
-        total.merge(tally)
-
-    with atomic_dir(paths.clean) as tmp:
-        publish(tasks, "clean", tmp)
-    with atomic_dir(paths.quarantine) as tmp:
-        publish(tasks, "quarantine", tmp)
-    shutil.rmtree(parts, ignore_errors=True)
+    stage = DataStage("clean", paths.raw, {"clean": paths.clean, "quarantine": paths.quarantine}, data)
+    results = stage.run(clean_shard, cfg, key=cfg.model_dump_json())
+    stage.publish()
 
     # Kept samples spread over every (kind, source), round robin.
-    groups = list(kept_samples.values())
+    groups = list(stage.samples(results, "kept_samples", cfg.samples, by_kind=True).values())
     spread = [g[i] for i in range(cfg.samples) for g in groups if i < len(g)][: cfg.samples]
     write_jsonl(report / "samples_kept.jsonl", spread)
-    write_jsonl(report / "samples_dropped.jsonl", [s for r in sorted(dropped_samples) for s in dropped_samples[r]])
-    write_jsonl(report / "samples_lines_removed.jsonl", [s for r in sorted(line_samples) for s in line_samples[r]])
-
-    total.check("clean")
-    return {**total.as_metrics(), "kinds": kinds, "shards": len(tasks),
-            "redacted": dict(sorted(redacted.items())),
-            "lines_removed": dict(sorted(lines_removed.items())),
-            "languages": dict(languages.most_common())}
+    for name, found in (("dropped", "dropped_samples"), ("lines_removed", "line_samples")):
+        by_reason = stage.samples(results, found, cfg.samples_per_reason)
+        write_jsonl(report / f"samples_{name}.jsonl", [s for r in sorted(by_reason) for s in by_reason[r]])
+    return {**stage.metrics(stage.tallies(results)),
+            "redacted": dict(sorted(stage.counts(results, "redacted").items())),
+            "lines_removed": dict(sorted(stage.counts(results, "lines_removed").items())),
+            "languages": dict(stage.counts(results, "languages").most_common())}
 
 
 def main(argv: list[str] | None = None) -> int:

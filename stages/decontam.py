@@ -1,16 +1,8 @@
-"""decontam: remove every training record that overlaps an evaluation set, before any model sees it.
+"""decontam: remove every training record that shares a run of tokens with an evaluation item.
 
-Reads `data/clean/` (corpus, instructions, preferences) and the evaluation sets that `evaluate`
-scores (the lm-eval tasks of `evaluate.tasks` in `evaluate.task_dir`; for a task marked `holdout`,
-only its evaluation part, since collect kept the other part for training). A record whose text
-shares a run of `evaluate.contamination_ngram` tokens (words; a CJK character counts as one) with
-any evaluation item, prompt and gold answer together, is removed: the GPT-3 paper's 13-gram test,
-run on the training side. Each removal is counted per benchmark under `dropped`
-(`overlaps_<task>`), and the record goes to `data/contaminated/<kind>/` with the benchmark and the item it overlaps.
-Writes the kept records to `data/decontam/` in the shards of `data/clean/`, shard by shard on the
-`data` section's executor. An evaluation item shorter than the run cannot be matched; each set's count of
-those is in `unchecked_items`. A task that is missing or empty is skipped and named in `skipped`:
-its items are not checked, and the stage still runs.
+Reads the shards of `data/clean/` and the evaluation sets `evaluate` scores (`evaluate.tasks`);
+writes the kept records to the same shards of `data/decontam/`, the removed ones, with the
+benchmark and items they overlap, to `data/contaminated/` (README: "The data stages").
 
     python -m stages.decontam [--params params.yaml]
 """
@@ -20,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -31,28 +22,10 @@ from pydantic import Field
 from stages.common import benchmarks
 from stages.common.benchmarks import EvaluationSets
 from stages.common.config import Paths, StageConfig
-from stages.common.io import (
-    KINDS,
-    Drop,
-    Tally,
-    atomic_dir,
-    quarantine_row,
-    quarantine_table,
-    record_text,
-    records_table,
-    write_jsonl,
-)
+from stages.common.datastage import DataStage, write_verdicts
+from stages.common.io import Drop, record_text, write_jsonl
 from stages.common.runner import run_stage
-from stages.common.shards import (
-    DataConfig,
-    ShardTask,
-    parts_dir,
-    publish,
-    read_shard,
-    run_shards,
-    tasks_for,
-    write_table,
-)
+from stages.common.shards import DataConfig, ShardTask, read_shard
 
 log = logging.getLogger("llm_forge.decontam")
 
@@ -112,26 +85,15 @@ _INDEX: dict[str, dict[int, set[str]]] = {}
 
 
 def decontam_shard(task: ShardTask, sets: Sets) -> dict[str, Any]:
-    """One shard: records no evaluation item overlaps to its `decontam` output, the others to its
-    `contaminated` output; returns the counts and the first samples."""
-    tally, kept, removed, samples = Tally(), [], [], []
+    """One shard into its `decontam` and `contaminated` outputs; returns its tally and the first
+    samples."""
     index, tasks = sets.index(), list(sets.sets)
-    for record in read_shard(task.source).to_pylist():
-        tally.docs_in += 1
-        drop = check(record_text(task.kind, record), index, sets.n, tasks)
-        if drop is None:
-            kept.append(record)
-            tally.docs_out += 1
-            continue
-        tally.drop(drop.reason)
-        removed.append(quarantine_row(record, drop))
-        if len(samples) < sets.samples:
-            samples.append({"kind": task.kind, **{k: v for k, v in removed[-1].items() if k != "record"},
-                            "text": record_text(task.kind, record)[:500]})
-    tally.check(f"decontam {task.label}")
-    write_table(task.out("decontam"), records_table(task.kind, kept, extra=("lang",) if task.kind == "corpus" else ()))
-    write_table(task.out("contaminated"), quarantine_table(removed))
-    return {**tally.as_metrics(), "samples": samples}
+    records = read_shard(task.source).to_pylist()
+    verdicts = [check(record_text(task.kind, r), index, sets.n, tasks) or r for r in records]
+    sorted_ = write_verdicts(task, records, verdicts, "decontam", "contaminated")
+    samples = [{"kind": task.kind, **{k: v for k, v in row.items() if k != "record"},
+                "text": record_text(task.kind, record)[:500]} for record, row in sorted_.dropped[: sets.samples]]
+    return {**sorted_.tally.as_metrics(), "samples": samples}
 
 
 def run(cfg: DecontamConfig, paths: Paths, evaluate: EvaluationSets, data: DataConfig) -> dict[str, Any]:
@@ -145,32 +107,18 @@ def run(cfg: DecontamConfig, paths: Paths, evaluate: EvaluationSets, data: DataC
     context = Sets(sets, n, hashlib.sha256(key.encode()).hexdigest(), cfg.samples)
     log.info("evaluation items: %s (%d distinct %d-token runs)", {k: len(v) for k, v in sets.items()},
              len(context.index()), n)
-    parts = parts_dir(paths.decontam)
-    tasks = tasks_for(paths.clean, parts, KINDS)
-    results = run_shards("decontam", decontam_shard, tasks, data, context, key=key)
-
-    total, kinds = Tally(), {}
-    samples: list[dict[str, Any]] = []
-    for kind in KINDS:
-        tally = Tally()
-        for task, result in zip(tasks, results):
-            if task.kind == kind:
-                tally.merge(Tally.from_metrics(result))
-                samples.extend(result["samples"][: cfg.samples - len(samples)])
-        tally.check(f"decontam {kind}")
-        kinds[kind] = tally.as_metrics()
-        total.merge(tally)
+    stage = DataStage("decontam", paths.clean, {"decontam": paths.decontam, "contaminated": paths.contaminated}, data)
+    results = stage.run(decontam_shard, context, key=key)
+    tallies = stage.tallies(results)
+    for kind, tally in tallies.items():
         log.info("decontam %s: %d in, %d out, dropped %s", kind, tally.docs_in, tally.docs_out, dict(tally.dropped))
-    total.check("decontam")
-    with atomic_dir(paths.decontam) as kept_dir, atomic_dir(paths.contaminated) as removed_dir:
-        publish(tasks, "decontam", kept_dir)
-        publish(tasks, "contaminated", removed_dir)
-    shutil.rmtree(parts, ignore_errors=True)
+    stage.publish()
+    samples = stage.samples(results, "samples", cfg.samples)[None]
     write_jsonl(paths.report_dir("decontam") / "samples_dropped.jsonl", samples)
-    return {**total.as_metrics(), "kinds": kinds, "shards": len(tasks), "ngram": n,
-            "eval_items": {name: len(found) for name, found in sets.items()},
+    metrics = stage.metrics(tallies)
+    return {**metrics, "ngram": n, "eval_items": {name: len(found) for name, found in sets.items()},
             "unchecked_items": unchecked, "skipped": skipped,
-            "docs_per_second": round(total.docs_in / max(time.perf_counter() - started, 1e-9), 1)}
+            "docs_per_second": round(metrics["docs_in"] / max(time.perf_counter() - started, 1e-9), 1)}
 
 
 def main(argv: list[str] | None = None) -> int:

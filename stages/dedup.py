@@ -1,76 +1,36 @@
 """dedup: drop exact and near-duplicate records, keeping one survivor per group.
 
-Reads `data/decontam/` (corpus, instructions, preferences Parquet files: the cleaned records that no
-evaluation item overlaps) and writes the same layout to `data/dedup/`. Every kind loses its exact
-duplicates: records whose text (`io.record_text`) is equal after NFKC, casefolding and whitespace
-collapsing. The corpus also loses its near duplicates, found with MinHash and LSH
-(`stages.common.minhash`) over shingles that work for any script: word n-grams, or character n-grams
-for CJK text, which has no spaces. Every LSH candidate pair is then verified by the exact Jaccard
-similarity of the two shingle sets, so a document that only shares a paragraph with another (a
-quote, a footer, an excerpt) is kept; only true near-copies go. Near-duplicate groups are the
-connected components of the verified pairs (union-find). The survivor of a group is the longest
-record, ties to the smallest id, so the output does not depend on input order.
-
-The stage runs in three steps on the shards of `data/decontam/`, by the `data` section's executor:
-each shard's digests and LSH band keys in parallel; then, for all shards at once, exact duplicates
-by digest and the LSH buckets of every band, one band at a time, with only the candidates shingled
-again to verify them (every per-record value a numpy or Arrow column: tens of bytes a record);
-then each shard written less its duplicates, in parallel. A kind of one shard skips the first
-step: the second runs `dedup_texts` over it (the reference the tests compare the shards with:
-one process, one list). Writes
-`reports/dedup/samples_dropped.jsonl`: dropped records with the id of the survivor they duplicate
-and their measured similarity to it.
+Reads the shards of `data/decontam/`; writes the same shards less their duplicates to
+`data/dedup/`, and dropped records with the survivor they duplicate and their similarity to
+`reports/dedup/samples_dropped.jsonl` (README: "The data stages").
 
     python -m stages.dedup [--params params.yaml]
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import shutil
 import sys
 import time
-import unicodedata
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, model_validator
 
 from stages.common.config import Paths, StageConfig
-from stages.common.io import KINDS, Tally, atomic_dir, record_text, write_jsonl
-from stages.common.minhash import (
-    lsh_bands,
-    near_duplicates,
-    pairs_in_band,
-    shingle_texts,
-    signatures,
-    unique_pairs,
-    verify,
-)
+from stages.common.datastage import DataStage, checked
+from stages.common.duplicates import EXACT, NEAR, Duplicate, dedup_texts, digest, normalize_all, tally_of
+from stages.common.io import Tally, record_text, write_jsonl
+from stages.common.minhash import lsh_bands, pairs_in_band, shingle_texts, signatures, unique_pairs, verify
 from stages.common.runner import run_stage
-from stages.common.shards import (
-    DataConfig,
-    ShardTask,
-    parts_dir,
-    publish,
-    read_shard,
-    run_shards,
-    tasks_for,
-    write_array,
-    write_arrays,
-    write_table,
-)
+from stages.common.shards import DataConfig, ShardTask, read_shard, write_array, write_arrays, write_table
 
 log = logging.getLogger("llm_forge.dedup")
 
 READS = {"data": DataConfig}  # how the shards run (no dvc.yaml param: it never changes the output)
-
-EXACT = "exact_duplicate"
-NEAR = "near_duplicate"
 
 
 class DedupConfig(StageConfig):
@@ -105,114 +65,7 @@ class DedupConfig(StageConfig):
         return self
 
 
-# --- the steps -------------------------------------------------------------------------------
-
-
-def normalize(text: str) -> str:
-    """Text as exact dedup compares it: NFKC, casefolded, whitespace collapsed."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
-
-
-def normalize_all(texts: list[str]) -> list[str]:
-    """`[normalize(t) for t in texts]`, computed faster on CJK text.
-
-    Chinese text is rarely NFKC as written only because of its fullwidth punctuation (，！？)
-    and ideographic spaces, whose NFKC forms are plain ASCII. Mapping those first, over the code
-    points of all texts at once, leaves most texts already in NFKC, which `is_normalized` checks
-    far faster than `normalize` rewrites; the others still get the full NFKC. The result is the
-    same, since those characters' NFKC forms are exactly what they are mapped to."""
-    import numpy as np
-
-    out = list(texts)
-    wide = [i for i, t in enumerate(texts) if not t.isascii()]  # ASCII is NFKC already
-    if wide:
-        lengths = [len(texts[i]) for i in wide]
-        cp = np.frombuffer("".join(texts[i] for i in wide).encode("utf-32-le", "surrogatepass"), np.uint32).copy()
-        full = (cp >= 0xFF01) & (cp <= 0xFF5E)
-        cp[full] -= np.uint32(0xFEE0)
-        cp[cp == 0x3000] = 0x20
-        mapped = cp.tobytes().decode("utf-32-le", "surrogatepass")
-        at = 0
-        for i, n in zip(wide, lengths):
-            t = mapped[at: at + n]
-            at += n
-            out[i] = t if unicodedata.is_normalized("NFKC", t) else unicodedata.normalize("NFKC", t)
-    return [" ".join(t.casefold().split()) for t in out]
-
-
-
-@dataclass
-class Duplicate:
-    """A record dedup removes: which survivor it duplicates, and how closely."""
-
-    index: int
-    """Position of the removed record in the input list."""
-    reason: str
-    """EXACT or NEAR (the `dropped` metric key)."""
-    survivor: int
-    """Position of the record it duplicates."""
-    similarity: float
-    """Exact Jaccard similarity of its shingles to the survivor's (1.0 for an exact duplicate)."""
-
-
-@dataclass
-class DedupResult:
-    keep: list[bool]
-    """One flag per input record, in input order."""
-    duplicates: list[Duplicate] = field(default_factory=list)
-    tally: Tally = field(default_factory=Tally)
-    stats: dict[str, Any] = field(default_factory=dict)
-
-
-def dedup_texts(texts: list[str], ids: list[str], cfg: DedupConfig, near: bool) -> DedupResult:
-    """Which of `texts` to keep: exact duplicates always, near duplicates when `near`.
-
-    The core of the stage (the benchmark calls it too); near duplicates come from
-    `stages.common.minhash.near_duplicates`. Records are ranked longest first (by
-    normalized text, so padding does not win), ties to the smallest id (then the raw text), and
-    the best-ranked record of every duplicate group survives, so the result does not depend on
-    the order of the input."""
-    n_docs = len(texts)
-    all_norms = normalize_all(texts)
-    order = sorted(range(n_docs), key=lambda i: (-len(all_norms[i]), ids[i], texts[i]))
-    # Exact: the first of each normalized text in rank order survives.
-    first: dict[bytes, int] = {}
-    duplicates: list[Duplicate] = []
-    uniq: list[int] = []  # input positions of exact survivors, in rank order
-    norms: list[str] = []
-    for i in order:
-        norm = all_norms[i]
-        s = first.setdefault(hashlib.blake2b(norm.encode("utf-8", "surrogatepass"), digest_size=16).digest(), i)
-        if s == i:
-            uniq.append(i)
-            norms.append(norm)
-        else:
-            duplicates.append(Duplicate(i, EXACT, s, 1.0))
-    stats: dict[str, Any] = {}
-    if near and len(uniq) > 1:
-        found, stats = near_duplicates(norms, cfg)
-        duplicates += [Duplicate(uniq[i], NEAR, uniq[root], similarity) for i, root, similarity in found]
-    return _result(n_docs, duplicates, stats)
-
-
-def _result(n_docs: int, duplicates: list[Duplicate], stats: dict[str, Any]) -> DedupResult:
-    """The kept flags and the tally of `n_docs` records less `duplicates`."""
-    keep = [True] * n_docs
-    for d in duplicates:
-        keep[d.index] = False
-    return DedupResult(keep=keep, duplicates=duplicates, tally=_tally(n_docs, duplicates), stats=stats)
-
-
-def _tally(n_docs: int, duplicates: list[Duplicate]) -> Tally:
-    tally = Tally()
-    tally.docs_in = n_docs
-    for d in duplicates:
-        tally.drop(d.reason)
-    tally.docs_out = n_docs - len(duplicates)
-    return tally
-
-
-# --- the stage: the same, shard by shard ------------------------------------------------------
+# --- the steps, shard by shard (README: "The data stages") ---------------------------------
 
 
 def sketch_shard(task: ShardTask, cfg: DedupConfig) -> dict[str, Any]:
@@ -224,7 +77,7 @@ def sketch_shard(task: ShardTask, cfg: DedupConfig) -> dict[str, Any]:
 
     records = read_shard(task.source).to_pylist()
     norms = normalize_all([record_text(task.kind, r) for r in records])
-    arrays = {"digests": np.frombuffer(b"".join(_digest(t) for t in norms), np.uint8).reshape(-1, 16),
+    arrays = {"digests": np.frombuffer(b"".join(digest(t) for t in norms), np.uint8).reshape(-1, 16),
               "lengths": np.fromiter(map(len, norms), np.int32, len(norms))}
     path = task.out("sketch").with_suffix(".npz")
     if cfg.near and task.kind == "corpus":
@@ -251,10 +104,6 @@ def _band(path: Path, band: int) -> Any:
         return np.fromfile(f, dtype, count=shape[1])
 
 
-def _digest(norm: str) -> bytes:
-    return hashlib.blake2b(norm.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-
-
 @dataclass(frozen=True)
 class Plan:
     """What step 3 does with every shard: the positions it drops, the texts it shows."""
@@ -273,10 +122,11 @@ def filter_shard(task: ShardTask, plan: Plan) -> dict[str, Any]:
     keep = [True] * table.num_rows
     for i in plan.drop.get(name, []):
         keep[i] = False
-    write_table(task.out("dedup"), table.filter(pa.array(keep, pa.bool_())))
+    kept = table.filter(pa.array(keep, pa.bool_()))
+    write_table(task.out("dedup"), kept)
     rows = table.take(pa.array(plan.show.get(name, []), pa.int64())).to_pylist()
-    return {"docs_in": table.num_rows, "texts": {str(i): record_text(task.kind, r)[:500]
-                                                 for i, r in zip(plan.show.get(name, []), rows)}}
+    return {"docs_in": table.num_rows, "docs_out": kept.num_rows, "dropped": {},
+            "texts": {str(i): record_text(task.kind, r)[:500] for i, r in zip(plan.show.get(name, []), rows)}}
 
 
 @dataclass
@@ -376,7 +226,7 @@ def dedup_kind(kind: str, tasks: list[ShardTask], cfg: DedupConfig) -> KindResul
     if cfg.near and kind == "corpus" and n_docs - len(duplicates) > 1:
         found, stats = _near(np.flatnonzero(~dropped), lengths, tasks, starts, files, cfg)
         duplicates += [Duplicate(i, NEAR, root, similarity) for i, root, similarity in found]
-    return KindResult(duplicates, _tally(n_docs, duplicates), stats, tasks, starts)
+    return KindResult(duplicates, tally_of(n_docs, duplicates), stats, tasks, starts)
 
 
 def _near(survivors: Any, lengths: Any, tasks: list[ShardTask], starts: Any, files: list[Path],
@@ -435,32 +285,28 @@ def run(cfg: DedupConfig, paths: Paths, data: DataConfig) -> dict[str, Any]:
     started = time.perf_counter()
     report = paths.report_dir("dedup")
     report.mkdir(parents=True, exist_ok=True)
-    parts = parts_dir(paths.dedup)
-    tasks = tasks_for(paths.decontam, parts, KINDS)
+    stage = DataStage("dedup", paths.decontam, {"dedup": paths.dedup}, data)
     key = cfg.model_dump_json(exclude={"samples"})
-    shards = Counter(t.kind for t in tasks)
-    run_shards("dedup sketch", sketch_shard, [t for t in tasks if shards[t.kind] > 1], data, cfg, key=key)
+    shards = Counter(t.kind for t in stage.tasks)
+    stage.run(sketch_shard, cfg, key, tasks=[t for t in stage.tasks if shards[t.kind] > 1], step="sketch")
 
-    total = Tally()
-    kinds: dict[str, Any] = {}
+    tallies: dict[str, Tally] = {}
+    stats: dict[str, Any] = {}
     drop: dict[str, list[int]] = {}
     chosen: list[tuple[str, Duplicate, KindResult]] = []
-    for kind in KINDS:
-        mine = [t for t in tasks if t.kind == kind]
+    for kind in stage.kinds:
+        mine = [t for t in stage.tasks if t.kind == kind]
         result = one_shard(kind, mine[0], cfg) if len(mine) == 1 else dedup_kind(kind, mine, cfg)
-        result.tally.check(f"dedup {kind}")
         for d in result.duplicates:
             shard, pos = result.where(d.index)
             drop.setdefault(f"{kind}/{shard}", []).append(pos)
-        total.merge(result.tally)
-        kinds[kind] = {**result.tally.as_metrics(), **result.stats}
+        tallies[kind], stats[kind] = result.tally, result.stats
         named = zip((d.reason != NEAR for d in result.duplicates), result.ids([d.index for d in result.duplicates]),
                     result.duplicates)
         shown = [d for *_, d in sorted(named, key=lambda x: x[:2])][: cfg.samples - len(chosen)]
         chosen += [(kind, d, result) for d in shown]
         log.info("dedup %s: %d in, %d out, dropped %s", kind, result.tally.docs_in, result.tally.docs_out,
                  dict(result.tally.dropped))
-    total.check("dedup")
 
     show: dict[str, list[int]] = {}
     for kind, d, result in chosen:
@@ -468,11 +314,10 @@ def run(cfg: DedupConfig, paths: Paths, data: DataConfig) -> dict[str, Any]:
             shard, pos = result.where(i)
             show.setdefault(f"{kind}/{shard}", []).append(pos)
     plan = Plan({k: sorted(v) for k, v in drop.items()}, {k: sorted(set(v)) for k, v in show.items()})
-    shown_texts = run_shards("dedup", filter_shard, tasks, data, plan, key=json.dumps([key, plan.drop, plan.show]))
-    texts = {f"{t.kind}/{t.index}": r["texts"] for t, r in zip(tasks, shown_texts)}
-    with atomic_dir(paths.dedup) as tmp:
-        publish(tasks, "dedup", tmp)
-    shutil.rmtree(parts, ignore_errors=True)
+    written = stage.run(filter_shard, plan, json.dumps([key, plan.drop, plan.show]))
+    checked(tallies, stage.tallies(written), "dedup")
+    texts = {f"{t.kind}/{t.index}": r["texts"] for t, r in zip(stage.tasks, written)}
+    stage.publish()
 
     def text(kind: str, result: KindResult, i: int) -> str:
         shard, pos = result.where(i)
@@ -483,19 +328,10 @@ def run(cfg: DedupConfig, paths: Paths, data: DataConfig) -> dict[str, Any]:
          "duplicate_of": result.ids([d.survivor])[0], "similarity": d.similarity,
          "text": text(kind, result, d.index), "survivor_text": text(kind, result, d.survivor)}
         for kind, d, result in chosen])
-    seconds = time.perf_counter() - started
-    return {
-        **total.as_metrics(),
-        "kinds": kinds,
-        "shards": len(tasks),
-        "docs_per_second": round(total.docs_in / max(seconds, 1e-9), 1),
-        "near": cfg.near,
-        "num_perm": cfg.num_perm,
-        "threshold": cfg.threshold,
-        "verify_threshold": cfg.verify_threshold,
-        "word_ngram": cfg.word_ngram,
-        "char_ngram": cfg.char_ngram,
-    }
+    metrics = stage.metrics(tallies, **stats)
+    return {**metrics, "docs_per_second": round(metrics["docs_in"] / max(time.perf_counter() - started, 1e-9), 1),
+            **cfg.model_dump(include={"near", "num_perm", "threshold", "verify_threshold", "word_ngram",
+                                      "char_ngram"})}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,14 +1,8 @@
 """tokenize: split the deduplicated corpus, encode it, and pack it into fixed-length blocks.
 
-Reads the corpus shards of `data/dedup/` and the tokenizer of `models/base/`; when the base model
-has none (a from-scratch model), trains a byte-level BPE of the model's vocabulary size on the
-train split, streamed shard by shard. Documents go to train or val by a salted hash of their id
-(stable when documents are added or removed) and are encoded by the tokenizer's batch encoder, a
-shard per task on the `data` section's executor; then, in shard order, joined with EOS between
-them and cut into `block_size` blocks, written to disk as they fill (`Packer`: a shard's tokens and
-less than one block held at a time, not the corpus's). Writes
-`data/tokenized/` as a `datasets.DatasetDict` (`train`, `val`; column `input_ids`) plus
-`tokenizer/`, so any HF tool opens it, and `llm_forge.yaml`, the resolved config.
+Reads the corpus shards of `data/dedup/` and the tokenizer of `models/base/` (a BPE is trained when
+it has none); writes `data/tokenized/`, a `datasets.DatasetDict` (`train`, `val`; column
+`input_ids`) with `tokenizer/` and `llm_forge.yaml` beside it (README: "The data stages").
 
     python -m stages.tokenize [--params params.yaml]
 """
@@ -19,7 +13,6 @@ import functools
 import hashlib
 import json
 import logging
-import shutil
 import sys
 import time
 from collections.abc import Iterable
@@ -32,19 +25,10 @@ import yaml
 from pydantic import Field
 
 from stages.common.config import Paths, StageConfig, StageError
+from stages.common.datastage import DataStage
 from stages.common.io import Tally, atomic_dir, is_val
 from stages.common.runner import run_stage
-from stages.common.shards import (
-    DataConfig,
-    ShardTask,
-    file_digest,
-    iter_records,
-    parts_dir,
-    read_shard,
-    run_shards,
-    tasks_for,
-    write_arrays,
-)
+from stages.common.shards import DataConfig, ShardTask, file_digest, iter_records, read_shard, write_arrays
 
 log = logging.getLogger("llm_forge.tokenize")
 
@@ -214,8 +198,9 @@ def run(cfg: TokenizeConfig, paths: Paths, data: DataConfig) -> dict[str, Any]:
     import pyarrow.parquet as pq
     from transformers import AutoConfig, AutoTokenizer
 
-    parts = parts_dir(paths.tokenized)
-    tasks = tasks_for(paths.dedup, parts, ["corpus"])
+    # the shards are packed into one dataset, in order: tokenize publishes it itself
+    stage = DataStage("tokenize", paths.dedup, {"tokenized": paths.tokenized}, data, kinds=["corpus"])
+    parts, tasks = stage.parts, stage.tasks
     if not sum(pq.ParquetFile(t.source).metadata.num_rows for t in tasks):
         raise StageError(f"{paths.dedup}/corpus holds no document")
 
@@ -236,7 +221,7 @@ def run(cfg: TokenizeConfig, paths: Paths, data: DataConfig) -> dict[str, Any]:
     tokenizer.save_pretrained(str(parts / "tokenizer"))  # what the workers load
     key = json.dumps([cfg.model_dump(mode="json"),
                       [file_digest(f) for f in sorted((parts / "tokenizer").iterdir()) if f.is_file()]])
-    results = run_shards("tokenize", encode_shard, tasks, data, Encoding(parts / "tokenizer", cfg), key=key)
+    results = stage.run(encode_shard, Encoding(parts / "tokenizer", cfg), key)
 
     tally = Tally()
     tally.docs_in = sum(r["docs_in"] for r in results)
@@ -260,7 +245,6 @@ def run(cfg: TokenizeConfig, paths: Paths, data: DataConfig) -> dict[str, Any]:
         metrics[name] = {"docs": docs, "tokens": int(tokens), "blocks": packer.blocks,
                          "tokens_not_in_a_block": int(leftover)}
         log.info("%s: %d docs -> %d blocks of %d", name, docs, packer.blocks, cfg.block_size)
-    tally.check("tokenize")
     if metrics["train"]["blocks"] == 0 or (cfg.val_fraction > 0 and metrics["val"]["blocks"] == 0):
         raise StageError(f"a split holds fewer tokens than one block of {cfg.block_size} "
                          f"(train {metrics['train']['tokens']}, val {metrics['val']['tokens']}): "
@@ -274,7 +258,7 @@ def run(cfg: TokenizeConfig, paths: Paths, data: DataConfig) -> dict[str, Any]:
         datasets.DatasetDict({k: as_dataset(k) for k in blocks}).save_to_disk(str(tmp))
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         (tmp / "llm_forge.yaml").write_text(yaml.safe_dump({"tokenize": cfg.model_dump(mode="json")}, sort_keys=False))
-    shutil.rmtree(parts, ignore_errors=True)
+    stage.clean_up()
 
     total_tokens = metrics["train"]["tokens"] + metrics["val"]["tokens"]
     encode_s = sum(r["seconds"] for r in results)

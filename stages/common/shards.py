@@ -16,7 +16,7 @@ Finished shards survive a failed run. Each shard writes its outputs and its resu
 stage's parts folder (`.<output>.parts/` beside the stage's first output), under a key of the
 stage's params and the shard's bytes; a rerun takes the shards whose key still matches from there
 and runs only the others. Only when every shard is done are the outputs moved into place
-(`io.atomic_dir`), so DVC never caches a half-written output.
+(`datastage.DataStage.publish`), so DVC never caches a half-written output.
 """
 
 from __future__ import annotations
@@ -205,16 +205,6 @@ def tasks_for(source: Path, parts: Path, kinds: Sequence[str]) -> list[ShardTask
             for i, path in enumerate(shard_paths(source, kind))]
 
 
-def publish(tasks: Sequence[ShardTask], name: str, tmp: Path) -> None:
-    """Move each task's shard of output `name` from the parts folder into the stage's temporary
-    output folder (`io.atomic_dir`); a shard an earlier run left for another input is not one of
-    them."""
-    for task in tasks:
-        dest = shard_path(tmp, task.kind, task.index)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(task.out(name), dest)  # every finished task wrote it: a missing one is a bug, raised
-
-
 def _marker(stage: str, task: ShardTask) -> Path:
     return task.parts / "done" / f"{stage.replace(' ', '-')}-{task.kind}-{task.index:05d}.json"
 
@@ -259,7 +249,7 @@ def run_shards(stage: str, fn: Fn, tasks: list[ShardTask], data: DataConfig, con
         log.info("%s: %d of %d shards already done by an earlier run, running the other %d", stage,
                  len(results), len(tasks), len(tasks) - len(results))
     todo = [i for i in range(len(tasks)) if i not in results]
-    progress = Progress(stage, len(tasks), data.progress_seconds, done=len(results))
+    progress = ShardProgress(stage, len(tasks), data.progress_seconds, done=len(results))
 
     def finished(i: int, result: dict[str, Any]) -> None:
         task = tasks[i]
@@ -280,7 +270,7 @@ def run_shards(stage: str, fn: Fn, tasks: list[ShardTask], data: DataConfig, con
     return [results[i] for i in range(len(tasks))]
 
 
-class Progress:
+class ShardProgress:
     """Shards done, documents per second and the time left, logged as one line at most every
     `every` seconds (and at the end)."""
 

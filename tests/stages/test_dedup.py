@@ -12,9 +12,10 @@ import pytest
 import yaml
 
 from stages.common.config import ConfigError, Paths
+from stages.common.duplicates import dedup_texts, normalize, normalize_all
 from stages.common.io import KINDS, read_records, write_records
 from stages.common.shards import shard_paths
-from stages.dedup import dedup_texts, main, normalize, normalize_all, run
+from stages.dedup import main, run
 from tests.conftest import tiny_config, tiny_params
 
 CFG = tiny_config("dedup")
