@@ -301,7 +301,6 @@ def run(cfg: DpoConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
         score_after["chosen_logp_shift"] = round(sum(shifts) / len(shifts), 4)
 
     # save: a plain full-precision model, its samples and metrics
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     metrics: dict[str, Any] = {
         **tr.split_counts(len(pairs), train_pairs, val_pairs, {}),
         "algorithm": cfg.algorithm,
@@ -309,10 +308,7 @@ def run(cfg: DpoConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
         "beta": cfg.beta,
         "precision": precision,
         **sizes,
-        "steps": trainer.state.global_step,
-        "train_loss": tr.rounded(train_loss),
-        "first_logged_loss": tr.rounded(losses[0]) if losses else None,
-        "last_logged_loss": tr.rounded(losses[-1]) if losses else None,
+        **tr.loss_figures(trainer, train_loss),
         **{f"heldout_{k}_before": v for k, v in score_before.items()},
         **{f"heldout_{k}_after": v for k, v in score_after.items()},
         "resumed_from_step": resume_step,

@@ -219,17 +219,13 @@ def train_one(name: str, records: list[dict[str, Any]], cfg: RewardConfig, paths
     accuracy_after = pairwise_accuracy(final, tokenizer, val_pairs, cfg.batch_size)
 
     # save: a plain sequence classifier and its metrics
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     metrics: dict[str, Any] = {
         "split": part,
         **tr.split_counts(len(records), train_pairs, val_pairs, dropped),
         "input_format": input_format(tokenizer),
         "precision": precision,
         **sizes,
-        "steps": trainer.state.global_step,
-        "train_loss": tr.rounded(train_loss),
-        "first_logged_loss": tr.rounded(losses[0]) if losses else None,
-        "last_logged_loss": tr.rounded(losses[-1]) if losses else None,
+        **tr.loss_figures(trainer, train_loss),
         "pairwise_accuracy_before": accuracy_before,
         "pairwise_accuracy_after": accuracy_after,
         "resumed_from_step": resume_step,
