@@ -16,10 +16,12 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     from stages.common import stats
+    from stages.common.cells import scored
     from stages.common.config import Paths, load_section, read_yaml
+    from stages.common.held_out import held_out
     from stages.common.lm import greedy, load_causal_lm, load_tokenizer
     from stages.common.scores import SCORERS
-    from stages.evaluate import EvaluateConfig, held_out, scored
+    from stages.evaluate import EvaluateConfig
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.preferences is None:
         raise SystemExit("evaluate.preferences is null: no prompts and no judge")
     paths = load_section(Paths, "paths", params)
-    held = held_out(cfg, paths)
+    held = held_out(paths, cfg.perplexity_blocks, cfg.instruction_items, cfg.preferences, cfg.batch_size)
     if not held.scorers:
         raise SystemExit(f"neither the judge nor the proxy: {held.skipped}")
     prompts = [m for _, m in held.prompts]

@@ -33,9 +33,9 @@ import os
 import sys
 from typing import Any
 
-from flows.pipeline import ROOT, check
+from flows.pipeline import ROOT, prepare
 from flows.retrain import DEPLOYMENT, FLOW, RetrainConfig, retrain
-from stages.common.config import ConfigError, load_section, read_yaml
+from stages.common.config import ConfigError, load_section
 
 DESCRIPTION = "Retrain on a fresh snapshot; promote the candidate only when the gate says so."
 
@@ -60,10 +60,6 @@ def server() -> str:
         raise NoServer(f"the Prefect server at {url} does not answer ({type(err).__name__}): "
                        "start it with `.venv/bin/prefect server start`, or set PREFECT_API_URL to yours")
     return url
-
-
-def settings() -> RetrainConfig:
-    return load_section(RetrainConfig, "retrain", read_yaml(ROOT / "params.yaml"))
 
 
 def options(cfg: RetrainConfig) -> dict[str, Any]:
@@ -142,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     how.add_argument("--worker", action="store_true", help="start a worker of the deployment's work pool")
     args = ap.parse_args(argv)
     try:
-        check()
-        cfg = settings()
+        cfg = load_section(RetrainConfig, "retrain", prepare())
         if args.worker:  # Prefect's worker says itself when it cannot reach the server
             worker(cfg)
         url = server()

@@ -47,8 +47,8 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_progress_artifact, update_progress_artifact  # noqa: E402
 
-from stages.common import tracking  # noqa: E402
-from stages.common.config import ConfigError, Paths, load_section, read_yaml  # noqa: E402
+from stages.common import shards, tracking  # noqa: E402
+from stages.common.config import ConfigError, Paths, load_section  # noqa: E402
 from stages.common.params_check import check_params  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,21 +64,11 @@ class Busy(RuntimeError):
     """Another pipeline run of this project holds the lock."""
 
 
-_held = 0  # how deep this process is inside `project_lock` (the retraining flow runs the pipeline)
-
-
 @contextlib.contextmanager
 def project_lock(root: Path = ROOT) -> Iterator[None]:
     """Hold the project's pipeline lock, or raise Busy naming who holds it. An OS lock (flock):
-    a run that dies, even by kill -9, releases it. Re-entrant within one process."""
-    global _held
-    if _held:
-        _held += 1
-        try:
-            yield
-        finally:
-            _held -= 1
-        return
+    a run that dies, even by kill -9, releases it. A flow command takes it once; what runs
+    inside (the pipeline flow inside the retraining flow) does not take it again."""
     path = root / LOCK
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -91,11 +81,9 @@ def project_lock(root: Path = ROOT) -> Iterator[None]:
                        "this one stops without writing anything") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
-        _held = 1
         try:
             yield
         finally:
-            _held = 0
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # closing the descriptor releases the lock
@@ -144,11 +132,12 @@ def stage_order(target: str | None = None, root: Path = ROOT) -> list[str]:
     return order
 
 
-class Progress:
+class ProgressInPrefect:
     """A data stage's progress lines (`stages.common.shards`: shards done, docs/s, ETA) in the
     Prefect UI: in the task's log, and as a progress artifact of the flow run."""
 
-    LINE = re.compile(r"llm_forge\.shards: progress (?P<what>[\w ]+): (?P<done>\d+)/(?P<total>\d+) shards(?P<rest>.*)")
+    LINE = re.compile(rf"{re.escape(shards.log.name)}: {shards.PROGRESS} (?P<what>[\w ]+): "
+                      r"(?P<done>\d+)/(?P<total>\d+) shards(?P<rest>.*)")
 
     def __init__(self, stage: str, logger: Any) -> None:
         self.stage, self.logger = stage, logger
@@ -171,29 +160,41 @@ class Progress:
             self.logger.warning("progress not shown in the UI: %s", err)
 
 
-@task(name="dvc-repro", retries=1, retry_delay_seconds=5, retry_condition_fn=transient, task_run_name="{stage}")
-def repro(stage: str, parent_run_id: str | None, force: bool = False) -> None:
+def dvc_repro(stage: str, cwd: Path, env: dict[str, str], force: bool, keep: int) -> tuple[int, str]:
+    """`dvc repro [--force] --single-item <stage>` in `cwd`, inside a Prefect task: its stderr passes
+    through as it comes (a data stage's progress lines also to the Prefect UI); returns its exit code
+    and its last `keep` lines of stderr."""
     logger = get_run_logger()
     flags = ["--force"] if force else []
     logger.info("dvc repro %s", " ".join([*flags, "--single-item", stage]))
-    # DVC exits 255 whatever the stage's command exited with, and names that code in its last
-    # error line: stderr passes through as it comes, and its tail is kept to read the code from.
-    with subprocess.Popen([*dvc_command(), "repro", *flags, "--single-item", stage], cwd=ROOT,
-                          env=stage_env(parent_run_id), stderr=subprocess.PIPE, text=True, errors="replace") as proc:
+    with subprocess.Popen([*dvc_command(), "repro", *flags, "--single-item", stage], cwd=cwd, env=env,
+                          stderr=subprocess.PIPE, text=True, errors="replace") as proc:
         tail: list[str] = []
-        shown = Progress(stage, logger)
+        shown = ProgressInPrefect(stage, logger)
         for line in proc.stderr or ():
             sys.stderr.write(line)
             shown.read(line)
-            tail = [*tail[-19:], line]
-    if proc.returncode != 0:
-        codes = re.findall(r"exited with (-?\d+)", "".join(tail))
-        raise StageFailed(stage, int(codes[-1]) if codes else proc.returncode)
+            tail = [*tail[-(keep - 1):], line]
+    return proc.returncode, "".join(tail)
 
 
-def check(root: Path = ROOT) -> None:
-    """The whole params file against every stage's config: a ConfigError naming each problem."""
-    check_params(root / "params.yaml", root / "dvc.yaml", root)
+@task(name="dvc-repro", retries=1, retry_delay_seconds=5, retry_condition_fn=transient, task_run_name="{stage}")
+def repro(stage: str, parent_run_id: str | None, force: bool = False) -> None:
+    # DVC exits 255 whatever the stage's command exited with, and names that code in its last
+    # error line: its tail is kept to read the code from.
+    code, tail = dvc_repro(stage, ROOT, stage_env(parent_run_id), force, keep=20)
+    if code != 0:
+        codes = re.findall(r"exited with (-?\d+)", tail)
+        raise StageFailed(stage, int(codes[-1]) if codes else code)
+
+
+def prepare(params_file: Path | None = None, root: Path = ROOT) -> dict[str, Any]:
+    """What a flow command does once before anything runs (under the project lock, for one that
+    runs stages): merge `params_file` into params.yaml (when given), check the whole file against
+    every stage's config (a ConfigError naming each problem) and return it as read."""
+    if params_file:
+        use_params(params_file, root)
+    return check_params(root / "params.yaml", root / "dvc.yaml", root)
 
 
 def evaluation_metrics(table: Mapping[str, Any]) -> dict[str, float]:
@@ -236,7 +237,8 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def log_headline(stages: Iterable[str], root: Path = ROOT, logger: Any = None) -> dict[str, float]:
+def log_headline(stages: Iterable[str], params: Mapping[str, Any], root: Path = ROOT,
+                 logger: Any = None) -> dict[str, float]:
     """Log `headline(stages)` to the active MLflow run; returns what it logged. Never raises: the
     figures are a summary of what the stages' runs already hold."""
     import logging
@@ -246,7 +248,7 @@ def log_headline(stages: Iterable[str], root: Path = ROOT, logger: Any = None) -
     if mlflow.active_run() is None:  # logging now would open a run of its own
         return {}
     try:
-        paths = load_section(Paths, "paths", read_yaml(root / "params.yaml"))
+        paths = load_section(Paths, "paths", dict(params))
         paths = paths.model_copy(update={"reports": root / paths.reports})
         figures = headline(stages, paths)
         if figures:
@@ -276,13 +278,14 @@ def run_link(experiment_id: str, run_id: str) -> str:
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
-def publish(done: list[str], experiment_id: str | None, parent_id: str | None, logger: Any) -> None:
+def publish_artifacts(done: list[str], params: Mapping[str, Any], experiment_id: str | None, parent_id: str | None,
+                      logger: Any) -> None:
     """Prefect artifacts of a pipeline run: the evaluation table (when evaluate ran) and the links
     to its MLflow runs. Never raises: they show what the stages already wrote."""
     from prefect.artifacts import create_markdown_artifact
 
     try:
-        paths = load_section(Paths, "paths", read_yaml(ROOT / "params.yaml"))
+        paths = load_section(Paths, "paths", dict(params))
         table = ROOT / paths.reports / EVALUATION / "table.md"
         if EVALUATION in done and table.is_file():
             from stages.common.tables import with_chart
@@ -315,41 +318,40 @@ class PipelineRun:
 
 
 @flow(name="llm-forge-pipeline", log_prints=True)
-def pipeline(target: str | None = None) -> PipelineRun:
-    """Run the DVC pipeline up to `target` (all stages by default) under the project lock."""
+def pipeline(params: dict[str, Any], target: str | None = None) -> PipelineRun:
+    """Run the DVC pipeline up to `target` (all stages by default) on `params`, the params file as
+    `prepare` checked it: the command that calls this holds the project lock."""
     import mlflow
 
-    with project_lock():
-        check()
-        order = stage_order(target)
-        logger = get_run_logger()
-        commit = tracking.git_commit(ROOT)
-        tags = {"llm_forge.stage": "pipeline", **({"git.commit": commit} if commit else {})}
-        parent_id = experiment_id = None
-        try:
-            experiment_id = tracking.setup(ROOT)
-            parent_id = mlflow.start_run(experiment_id=experiment_id, run_name="pipeline", tags=tags).info.run_id
-            # the whole params file, so that two pipeline runs compare param by param in the UI
-            mlflow.log_params({"stages": ",".join(order), **tracking.flatten(read_yaml(ROOT / "params.yaml"))})
-        except Exception as err:  # the stages still run, each keeping what it could not send
-            logger.warning("MLflow at %s is unreachable (%s): the stages run without a parent run",
-                           tracking.tracking_uri_shown(), tracking.describe(err))
-        status = "FAILED"
-        done: list[str] = []  # the stages whose outputs are now current (a failed run stops early)
-        try:
-            for stage in order:
-                repro(stage, parent_id)
-                done.append(stage)
-            status = "FINISHED"
-        finally:
-            if parent_id is not None and mlflow.active_run() is not None:
-                log_headline(done, ROOT, logger)
-                try:
-                    mlflow.end_run(status=status)
-                except Exception as err:
-                    logger.warning("MLflow at %s is unreachable (%s): the pipeline run stays open there",
-                                   tracking.tracking_uri_shown(), tracking.describe(err))
-            publish(done, experiment_id, parent_id, logger)
+    order = stage_order(target)
+    logger = get_run_logger()
+    commit = tracking.git_commit(ROOT)
+    tags = {"llm_forge.stage": "pipeline", **({"git.commit": commit} if commit else {})}
+    parent_id = experiment_id = None
+    try:
+        experiment_id = tracking.setup(ROOT)
+        parent_id = mlflow.start_run(experiment_id=experiment_id, run_name="pipeline", tags=tags).info.run_id
+        # the whole params file, so that two pipeline runs compare param by param in the UI
+        mlflow.log_params({"stages": ",".join(order), **tracking.flatten(params)})
+    except Exception as err:  # the stages still run, each keeping what it could not send
+        logger.warning("MLflow at %s is unreachable (%s): the stages run without a parent run",
+                       tracking.tracking_uri_shown(), tracking.describe(err))
+    status = "FAILED"
+    done: list[str] = []  # the stages whose outputs are now current (a failed run stops early)
+    try:
+        for stage in order:
+            repro(stage, parent_id)
+            done.append(stage)
+        status = "FINISHED"
+    finally:
+        if parent_id is not None and mlflow.active_run() is not None:
+            log_headline(done, params, ROOT, logger)
+            try:
+                mlflow.end_run(status=status)
+            except Exception as err:
+                logger.warning("MLflow at %s is unreachable (%s): the pipeline run stays open there",
+                               tracking.tracking_uri_shown(), tracking.describe(err))
+        publish_artifacts(done, params, experiment_id, parent_id, logger)
     return PipelineRun(order, parent_id, experiment_id)
 
 
@@ -372,10 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> None:
         # before Prefect starts: a busy project or a bad params file costs a second, not a server start
         with project_lock():
-            if args.params:
-                use_params(args.params)
-            check()
-            pipeline(args.stage)
+            pipeline(prepare(args.params), args.stage)
 
     return exit_code(run)
 

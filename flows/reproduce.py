@@ -51,7 +51,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 
-from flows.pipeline import Progress, dvc_command, stage_env  # noqa: E402
+from flows.pipeline import dvc_command, dvc_repro, stage_env  # noqa: E402
 from stages.common import lineage, tracking  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -328,18 +328,9 @@ def pull_outputs(tree: Path, stages: list[str], lock: dict[str, dict[str, Any]],
 def rebuild(stage: str, tree: Path, env: dict[str, str]) -> None:
     """`dvc repro --force --single-item <stage>` in the worktree: the stage runs whatever DVC's
     run cache holds."""
-    logger = get_run_logger()
-    logger.info("dvc repro --force --single-item %s", stage)
-    with subprocess.Popen([*dvc_command(), "repro", "--force", "--single-item", stage], cwd=tree, env=env,
-                          stderr=subprocess.PIPE, text=True, errors="replace") as proc:
-        tail: list[str] = []
-        shown = Progress(stage, logger)
-        for line in proc.stderr or ():
-            sys.stderr.write(line)
-            shown.read(line)
-            tail = [*tail[-39:], line]
-    if proc.returncode != 0:
-        raise CannotRebuild(f"stage {stage} could not be rebuilt: {last_error(''.join(tail)).removeprefix('error: ')}")
+    code, tail = dvc_repro(stage, tree, env, force=True, keep=40)
+    if code != 0:
+        raise CannotRebuild(f"stage {stage} could not be rebuilt: {last_error(tail).removeprefix('error: ')}")
 
 
 def last_error(text: str) -> str:

@@ -44,13 +44,12 @@ from pydantic import Field
 
 from flows import gate, notify
 from flows.gate import GateConfig
-from flows.pipeline import ROOT, check, dvc_command, exit_code, pipeline, project_lock, repro, use_params
+from flows.pipeline import ROOT, dvc_command, exit_code, pipeline, prepare, project_lock, repro
 from stages.common import tracking
-from stages.common.config import Paths, StageConfig, load_section, read_yaml
+from stages.common.config import Paths, StageConfig, load_section
 from stages.common.io import write_json
 from stages.common.scores import PAIRWISE, SCORERS
-from stages.evaluate import EvaluateConfig
-from stages.register import RegisterConfig
+from stages.common.sections import Bootstrapping, RegisteredModel
 
 FLOW = "llm-forge-retrain"
 DEPLOYMENT = "scheduled"
@@ -225,8 +224,8 @@ def judge(cfg: RetrainConfig, params: dict[str, Any], paths: Paths, parent_run_i
     import mlflow
     from prefect.artifacts import create_markdown_artifact
 
-    register = load_section(RegisterConfig, "register", params)
-    evaluate = load_section(EvaluateConfig, "evaluate", params)
+    register = load_section(RegisteredModel, "register", params)
+    evaluate = load_section(Bootstrapping, "evaluate", params)
     tracking.setup(ROOT)
     client = mlflow.MlflowClient()
     name = register.name
@@ -279,11 +278,8 @@ def retrain(params_file: str | None = None, force: bool = False) -> dict[str, An
     `params_file`: run on that file's values (merged into params.yaml); `force`: judge even when
     nothing changed."""
     logger = get_run_logger()
-    with project_lock():
-        if params_file:
-            use_params(Path(params_file))
-        check()
-        params = read_yaml(ROOT / "params.yaml")
+    with project_lock():  # the command: it merges, checks and reads the params once, for every step
+        params = prepare(Path(params_file) if params_file else None)
         cfg = load_section(RetrainConfig, "retrain", params)
         paths = load_section(Paths, "paths", params)
         before = outs_md5(cfg.snapshot, paths)
@@ -296,7 +292,7 @@ def retrain(params_file: str | None = None, force: bool = False) -> dict[str, An
             import mlflow
 
             tracking.setup(ROOT)
-            register = load_section(RegisterConfig, "register", params)
+            register = load_section(RegisteredModel, "register", params)
             candidate = version_by_alias(mlflow.MlflowClient(), register.name, register.alias)
             if candidate is not None and judged(candidate):
                 message = (f"the data did not change ({', '.join(f'{p} {m}' for p, m in after.items())}) and "
@@ -311,7 +307,7 @@ def retrain(params_file: str | None = None, force: bool = False) -> dict[str, An
             logger.info("the data did not change and DVC has nothing to rerun: judging the candidate")
         else:
             logger.info("data %s: running the pipeline", "unchanged" if unchanged else "changed")
-            parent_run_id = pipeline().parent_run_id
+            parent_run_id = pipeline(params).parent_run_id
         result = judge(cfg, params, paths, parent_run_id, logger)
         notify.announce(result, gate_markdown(result))
         result["status"] = "decided"
@@ -326,10 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     def run() -> None:
-        if not args.params:
-            check()  # before Prefect starts (with --params, the flow checks the merged file)
-        with project_lock():
-            result = retrain(args.params, args.force)
+        # the flow takes the project lock and checks the params itself: a worker runs it without this command
+        result = retrain(args.params, args.force)
         print(result.get("message") or result["decision"]["reason"])
 
     return exit_code(run)

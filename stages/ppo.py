@@ -1,22 +1,9 @@
 """ppo: tune the SFT policy against the reward model with PPO, RLOO or GRPO (TRL).
 
-Reads the policy (and the reference it is kept close to) from `models/sft/`, the reward model
-(a sequence classifier with one output, with its own tokenizer) from `models/reward/`, and the
-prompts from `data/dedup/instructions/`: each conversation up to its last user turn,
-rendered with the policy's chat template and a generation prompt. Duplicate prompts, records
-without a user turn and prompts too long for the policy's context are dropped and counted
-(never truncated). A salted hash of the rendered prompt holds out `eval_prompts` prompts that are
-never trained on; the policy's greedy answers to them, before and after training, with the reward
-model's score of each, are written to `reports/ppo/samples.jsonl`.
-
-`algorithm: ppo` is `trl.experimental.ppo.PPOTrainer` (a value model initialised from the reward
-model); `rloo` and `grpo` are TRL's critic-free `RLOOTrainer` and `GRPOTrainer`, given the reward
-model as a reward function that reads text. PPO calls the reward model on the policy's token ids;
-when the two vocabularies differ the ids are decoded and re-encoded (`RetokenizedReward`) and the
-value model starts from the SFT model instead. `method: lora` trains adapters on the policy (the
-reference is the policy with its adapters off), merged before saving. Curves (KL, reward, policy
-and value loss, entropy) go to `reports/ppo/curves.csv` and MLflow. A killed run resumes from its
-last complete checkpoint. Writes the policy as a plain Hugging Face folder to `models/ppo/`.
+Reads `models/sft/` (the policy and the reference it is kept near), `models/reward/` and the prompts
+of `data/dedup/instructions/`. Writes `models/ppo/` and `reports/ppo/` (`metrics.json`: reward on
+held-out prompts before and after, `stopped_early`; `curves.csv`; `samples.jsonl`). README's
+"Aligning the model" says what each `algorithm` optimizes.
 
     python -m stages.ppo [--params params.yaml]
 """
@@ -112,8 +99,8 @@ class PpoConfig(StageConfig):
 
 
 @dataclass
-class Job:
-    """What `set_up` prepares once for whichever algorithm trains."""
+class Setup:
+    """What `setup` prepares once for whichever algorithm trains."""
 
     cfg: PpoConfig
     paths: Paths
@@ -140,7 +127,7 @@ class Job:
 
 def run(cfg: PpoConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    job = set_up(cfg, paths, train)
+    job = setup(cfg, paths, train)
     before = answer_heldout(job, job.policy)
     started = time.perf_counter()
     policy, extra = (train_ppo if cfg.algorithm == "ppo" else train_group)(job)
@@ -156,7 +143,7 @@ def run(cfg: PpoConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
 # --- set-up --------------------------------------------------------------------------------------
 
 
-def set_up(cfg: PpoConfig, paths: Paths, train: TrainConfig) -> Job:
+def setup(cfg: PpoConfig, paths: Paths, train: TrainConfig) -> Setup:
     """Tokenizers, the reward model, the prompts (dropped ones counted, some held out), the stop
     and pad tokens, the checkpoint folder, and the SFT policy."""
     import torch
@@ -186,7 +173,7 @@ def set_up(cfg: PpoConfig, paths: Paths, train: TrainConfig) -> Job:
     if len(train_prompts) < cfg.batch_size:
         raise StageError(f"{prompts_file} has {len(prompts)} usable prompts, fewer than ppo.eval_prompts "
                          f"({cfg.eval_prompts}) + ppo.batch_size ({cfg.batch_size})")
-    stop_id, pad_id = rl.set_up_tokens(tokenizer, cfg.stop_token, prompts)
+    stop_id, pad_id = rl.setup_tokens(tokenizer, cfg.stop_token, prompts)
     log.info("%d prompts (%d train, %d held out), dropped %s; reward %s", len(prompts), len(train_prompts),
              len(heldout), dropped, "on the policy's ids" if in_loop else "through text")
 
@@ -206,7 +193,7 @@ def set_up(cfg: PpoConfig, paths: Paths, train: TrainConfig) -> Job:
                                 for p in heldout if p.answer], AutoTokenizer.from_pretrained(paths.sft),
                                cfg.max_answer_loss_rise, curves)
     guard.start(policy)  # the SFT model, before any checkpoint is loaded
-    return Job(cfg, paths, precision, tokenizer, stop_id, policy, reward_model,
+    return Setup(cfg, paths, precision, tokenizer, stop_id, policy, reward_model,
                rl.RewardScorer(reward_model, reward_tokenizer, cfg.reward_batch_size), in_loop, len(records), dropped,
                max_prompt, train_prompts, heldout, ckpt, last, resumed_from, curves, guard, state)
 
@@ -214,7 +201,7 @@ def set_up(cfg: PpoConfig, paths: Paths, train: TrainConfig) -> Job:
 # --- train ---------------------------------------------------------------------------------------
 
 
-def train_ppo(job: Job) -> tuple[Any, dict[str, Any]]:
+def train_ppo(job: Setup) -> tuple[Any, dict[str, Any]]:
     """TRL's PPOTrainer for the updates not yet done: (trained plain policy, extra metrics)."""
     import datasets
     import torch
@@ -293,7 +280,7 @@ def train_ppo(job: Job) -> tuple[Any, dict[str, Any]]:
     return rl.plain(trained), {"rollouts": cfg.updates * per_update, **sizes}
 
 
-def train_group(job: Job) -> tuple[Any, dict[str, Any]]:
+def train_group(job: Setup) -> tuple[Any, dict[str, Any]]:
     """RLOO or GRPO, TRL's Trainer-based loops, which checkpoint and resume themselves:
     (trained plain policy, extra metrics)."""
     import datasets
@@ -332,14 +319,14 @@ def train_group(job: Job) -> tuple[Any, dict[str, Any]]:
 # --- evaluate and save -----------------------------------------------------------------------------
 
 
-def answer_heldout(job: Job, policy: Any) -> tuple[list[str], list[float]]:
+def answer_heldout(job: Setup, policy: Any) -> tuple[list[str], list[float]]:
     """The policy's greedy answers to the held-out prompts and the reward model's scores."""
     answers = greedy(policy, job.tokenizer, [p.ids for p in job.heldout], job.cfg.response_length,
                      stop_id=job.stop_id, pad_id=job.tokenizer.pad_token_id)
     return answers, job.scorer([p.messages for p in job.heldout], answers)
 
 
-def summarise(job: Job, before: tuple[list[str], list[float]], after: tuple[list[str], list[float]],
+def summarise(job: Setup, before: tuple[list[str], list[float]], after: tuple[list[str], list[float]],
               extra: dict[str, Any]) -> dict[str, Any]:
     def mean(xs: list[float]) -> float:
         return round(sum(xs) / len(xs), 4)
@@ -365,7 +352,7 @@ def summarise(job: Job, before: tuple[list[str], list[float]], after: tuple[list
     }
 
 
-def save(job: Job, policy: Any, metrics: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+def save(job: Setup, policy: Any, metrics: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """The samples table and the plain policy folder (main process), then the checkpoints go."""
     from transformers import AutoTokenizer
 

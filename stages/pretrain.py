@@ -1,15 +1,9 @@
 """pretrain: continued pretraining of the base model on the packed corpus blocks.
 
-Reads `models/base/` (a plain Hugging Face causal LM folder) and `data/tokenized/` (a
-`datasets.DatasetDict` with fixed-length `input_ids` blocks in `train` and `val`, plus the
-`tokenizer/` that encoded them). Trains with next-token loss in a plain PyTorch loop driven by
-`accelerate.Accelerator` (full fine-tuning, or LoRA merged back into a plain model before saving),
-AdamW, warmup + cosine/linear schedule, gradient accumulation and clipping; so the same loop runs
-on one CPU and under `accelerate launch` with FSDP or DeepSpeed (`train.num_processes > 1`).
-Checkpoints every `save_steps` go to `<train.checkpoints>/pretrain/`; a rerun with the same
-params and inputs resumes from the last complete one. Writes `models/pretrain/` (model, tokenizer,
-`llm_forge.yaml`, `metrics.json`) and `reports/pretrain/` (`metrics.json`, `curves.csv`): held-out
-perplexity before and after, final train loss, tokens/s, MFU (GPU only), `resumed_from_step`.
+Reads `models/base/` and `data/tokenized/`; trains with next-token loss in a plain PyTorch loop
+under `accelerate` (full or LoRA, merged), so the same loop runs on one CPU and under FSDP or
+DeepSpeed. Writes `models/pretrain/` and `reports/pretrain/` (`metrics.json`: held-out perplexity
+before and after, tokens/s, `resumed_from_step`; `curves.csv`).
 
     python -m stages.pretrain [--params params.yaml] [--no-mlflow]
 """

@@ -1,24 +1,10 @@
 """quantize: the final model in 4 and 8 bits, and what each method costs in quality and buys in size and speed.
 
-Reads the final model, the aligned model `quantize.model` names (`models/dpo/` or `models/ppo/`,
-a plain Hugging Face causal LM folder; `register` ships the same one), and
-`data/tokenized/` (its val blocks score perplexity; GPTQ calibrates on its train blocks).
-Each method in `quantize.methods` (bitsandbytes NF4 and LLM.int8, torchao int8 weight-only through
-the `quantization_config` transformers takes for them; GPTQ through GPTQModel, HQQ through
-hqq, all three on a CPU too: `stages/common/quantizers.py`) quantizes the model, saves it to
-`models/quantized/<method>/` (a folder that `AutoModelForCausalLM.from_pretrained` loads back from
-the config it carries, except HQQ's, which `stages.common.lm.load_causal_lm` loads through hqq;
-with the tokenizer, `llm_forge.yaml` and the method's `metrics.json` beside it: its size and
-perplexity, the timings only in the report, so that quantizing the same model again gives the same
-bytes), then reloads it
-from there and measures what the unquantized model (in fp32) is measured on:
-size on disk, held-out perplexity, greedy tokens/s and a greedy sample (both continue the first
-`speed_prompt_tokens` tokens of the first val block: held-out text). A method this machine cannot
-run (its package missing) or that fails is skipped with a one-line reason
-(`skipped` in the metrics) and the others still run; a final model that does not load stops the
-stage. The whole `models/quantized/` folder appears at once when the stage has finished. Writes
-`reports/quantize/` (`metrics.json`, `table.md`, `samples.json`, and a library's own log of its
-run, such as GPTQModel's `<method>/quant_log.csv`).
+Reads the aligned model `quantize.model` names (`models/dpo/` or `models/ppo/`) and `data/tokenized/`
+(val blocks for perplexity, train blocks for GPTQ's calibration). Writes `models/quantized/<method>/`
+for each of `quantize.methods` (`stages/common/quantizers.py`; a method that cannot run here is
+skipped with its reason) and `reports/quantize/` (`metrics.json`, `table.md`: size, perplexity and
+tokens/s against the fp32 model, `samples.json`).
 
     python -m stages.quantize [--params params.yaml] [--no-mlflow]
 """

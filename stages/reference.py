@@ -1,19 +1,9 @@
 """reference: the sft model's log-probabilities of every answer of the policy's preference pairs, once.
 
-Reads `data/dedup/preferences/` (records `{id, source, prompt, chosen, rejected, split}`) and
-`models/sft/`. Only the pairs of the `policy` part are used (`split`: the reward model, the judge
-and the test set train and score on the other parts). Each pair is tokenized as TRL's DPOTrainer
-tokenizes a conversational pair (`stages/common/policy_pairs.py`), and the sft model, in full
-precision, scores each answer: the sum over its tokens of the log-probability of the token given
-the prompt and the answer so far. These are the reference log-probabilities of DPO and KTO
-(`ref_chosen_logps`, `ref_rejected_logps`), which `dpo` reads instead of running the reference
-model: DVC caches this output, so an experiment on `dpo`'s params (`dvc exp run -S dpo.beta=0.2`)
-reruns the preference training but not this pass. A pair with a missing or empty answer, two
-identical answers, or a prompt + answer longer than `max_length` tokens is skipped and counted
-under `dropped`; at most `max_pairs` pairs are kept (the first by a salted hash of their id).
-
-Writes `data/reference/`: `pairs.parquet` (the pairs, their token counts and the two log-probs) and
-`reference.json` (the content hash of the sft model that scored them, which `dpo` checks).
+Reads the `policy` part of `data/dedup/preferences/` and `models/sft/`; tokenizes each pair as TRL's
+DPOTrainer does (`stages/common/policy_pairs.py`). Writes `data/reference/` (`pairs.parquet`: the
+pairs with both answers' log-probs; `reference.json`: the sft model's hash, which `dpo` checks), so
+an experiment on `dpo`'s params reruns the training but not this pass.
 
     python -m stages.reference [--params params.yaml]
 """
@@ -32,6 +22,7 @@ from pydantic import Field
 from stages.common import policy_pairs
 from stages.common.config import Paths, StageConfig, StageError
 from stages.common.io import atomic_dir, read_records
+from stages.common.lm import load_chat_tokenizer
 from stages.common.runner import run_stage
 
 log = logging.getLogger("llm_forge.reference")
@@ -65,7 +56,7 @@ def run(cfg: ReferenceConfig, paths: Paths) -> dict[str, Any]:
         raise StageError(f"{paths.sft} holds no model (config.json): run the sft stage first")
     records = read_records(paths.dedup, "preferences")
     policy, parts = policy_pairs.policy_records(records, str(source))
-    tokenizer = policy_pairs.load_tokenizer(paths.sft)
+    tokenizer = load_chat_tokenizer(paths.sft, policy_pairs.RENDERED)
     pairs, dropped = policy_pairs.prepare_pairs(policy, tokenizer, cfg.max_length)
     if cfg.max_pairs is not None and len(pairs) > cfg.max_pairs:
         pairs = sorted(pairs, key=lambda p: policy_pairs.pair_order(p.id, cfg.salt))

@@ -1,63 +1,20 @@
 """register: the final model and each quantized variant into the MLflow Model Registry, with lineage.
 
-Reads the final model (the aligned model `quantize.model` names: `paths.dpo` or `paths.ppo`), every
-quantized variant (`models/quantized/<method>/`), the evaluation table (`reports/evaluate/metrics.json`,
-required: a model is registered with the scores it was judged by; its `folders` say which row scored
-which folder), `dvc.lock` (the lineage, when the project has one; `stages/common/lineage.py` reads
-it) and `params.yaml`.
-
-Each model is logged as an MLflow pyfunc "model from code" (`stages/common/generator.py`, which
-loads the folder with transformers, quantization included, renders each chat with the folder's
-chat template and answers it greedily) with the model folder as its artifact, and registered as
-`register.name` (the final model) or `<name>-<method>` (a variant). A user calls it with chats or
-strings (a string is one user message), param `max_new_tokens` optional:
-`model.predict([[{"role": "user", "content": "..."}]])`, `model.predict(["..."])`.
-
-The version's record is short enough to read on its page (`stages/common/lineage.py` writes it):
-
-- `git.commit`, and `git.clean`: false when the working tree held uncommitted code (anything but
-  the run's own records: dvc.lock, params.yaml, reports, outputs); `flows.reproduce` refuses such a
-  version, since no commit holds the code that made it;
-- `params.md5`, `dvc.lock.md5`: the md5 of the params file and of dvc.lock, both logged beside it;
-- `data.md5`: the digest of the data it was trained on (`<path> <md5>` lines of the datasets);
-- `eval.verdict`: the evaluation's verdict on its row against the row before it;
-- `llm_forge.model_md5` (the folder's hash, by DVC's own code: the `md5` dvc.lock holds for
-  `models/dpo` or `models/ppo`), `llm_forge.folder`, and `llm_forge.lineage`: `verified` when dvc.lock's hash of
-  the folder is the folder's.
-
-It is an MLflow 3 logged model: its artifacts hold the folder, `params.yaml`, `dvc.lock`,
-`lineage.json` (the `dvc.lock` entries of the chain of stages that made it, the datasets, the
-uncommitted files, the machine) and the evaluation table; its params are the chain's params
-sections (from dvc.lock); its metrics are its evaluation row (`<row>.<metric>`) and, one per dataset
-it was trained on (linked to that dataset, named by its path with its DVC hash as digest), the
-dataset's size (`<path>.bytes`), so the model's page lists its datasets. It is logged in the
-register stage's run and is also an output of the pipeline's run, whose page lists it.
-
-A model is registered only when it changed: if a version of that registered model already holds
-the same content hash, no version is created and that version is the one the alias points at
-(so rerunning the stage, or going back to an earlier model, never makes duplicates). The alias
-`register.alias` (`candidate`) always points at the version that holds the current model folder;
-`champion` is never touched here (the retraining flow's rule moves it). Before a new version is
-logged, the folder is loaded and answers `sample_messages`, exactly as the registry will run it:
-a final model that does not is an error, a variant that does not is skipped with its reason.
-Afterwards every registered model is loaded back by alias (`models:/<name>@candidate`) and answers
-`sample_messages`; the answers go to `reports/register/samples.json`, with `same_as_folder`:
-whether the registry's answer is the one the pipeline's own greedy generator (`lm.greedy`, the
-chat rendered with the folder's template) gives the folder.
-
-The stage logs inside the stage run the runner opens (nested under the flow's parent run); called
-without an active run (`--no-mlflow`, or `run` from Python) it opens its own, since the registry
-is its output.
+Reads the final model (`quantize.model`: `models/dpo` or `models/ppo`), every `models/quantized/<method>/`,
+the evaluation table (`reports/evaluate/metrics.json`, required), `dvc.lock` and `params.yaml`. Logs each
+as an MLflow pyfunc model from code (`stages/common/generator.py`) named `register.name` or
+`<name>-<method>`, with its lineage record (`stages/common/lineage.py`), only when its content changed,
+and points `register.alias` at it (never `champion`). Writes `reports/register/` (`metrics.json`,
+`samples.json`: each registered model loaded back by alias answering `sample_messages`). README's
+"Evaluation, quantization and the registry" tells the record a version carries.
 
     python -m stages.register [--params params.yaml]
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -70,10 +27,11 @@ from pydantic import Field, field_validator
 
 from stages.common import lm, tracking
 from stages.common.config import PARAMS_FILE, Paths, StageConfig, StageError
+from stages.common.evaluation_table import eval_metrics, read_evaluation, row_of, verdict
 from stages.common.io import write_json
 from stages.common.lineage import LOCK_FILE, Record, dvc_hash, project_path, read_lock, record, tag_key
 from stages.common.runner import run_stage
-from stages.common.sections import FinalModel
+from stages.common.sections import FinalModel, RegisteredModel
 
 log = logging.getLogger("llm_forge.register")
 
@@ -85,7 +43,6 @@ MD5_TAG = "llm_forge.model_md5"
 FOLDER_TAG = "llm_forge.folder"
 VERDICT_TAG = "eval.verdict"
 TAG_VALUE_MAX = 5000  # MLflow's limit on a model version tag value
-RESERVED_ALIASES = ("champion",)  # moved only by the retraining flow's rule
 # The step of a run's model output. MLflow also links each metric a run logs later at that step
 # to the model: the runs' own figures (the stage's, the pipeline's headline) are logged at step 0,
 # so the model's outputs are at step 1, and its page shows its own metrics only.
@@ -101,27 +58,14 @@ class Message(StageConfig):
     """What they say."""
 
 
-class RegisterConfig(StageConfig):
-    """The `register` section: the MLflow Model Registry."""
+class RegisterConfig(RegisteredModel, StageConfig):
+    """The `register` section: the MLflow Model Registry (the name and alias, then these)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    """Registered model name of the final model; quantized variants register as `<name>-<method>`."""
-    alias: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
-    """Alias set on the version that holds the current model (`champion` is the retraining flow's)."""
     sample_messages: list[Message] = Field(min_length=1)
     """Chat every registered model answers after loading back by alias (reports/register/samples.json),
     and the input example logged with it; it ends with the user's turn."""
     sample_tokens: int = Field(ge=1)
     """Greedy tokens of that sample; also the default `max_new_tokens` of the registered model."""
-
-    @field_validator("alias")
-    @classmethod
-    def _not_reserved(cls, alias: str) -> str:
-        if alias in RESERVED_ALIASES:
-            raise ValueError(f"`{alias}` moves only by the retraining flow's rule, not at registration")
-        if alias == "latest" or re.fullmatch(r"v\d+", alias):
-            raise ValueError("MLflow reserves `latest` and `v<number>` (they name versions)")
-        return alias
 
     @field_validator("sample_messages")
     @classmethod
@@ -142,58 +86,6 @@ class Candidate:
     """The evaluation row that scored `folder` (None: the table has none)."""
     final: bool
     """The final model (must register) rather than a variant (skipped when it does not load)."""
-
-
-# --- the evaluation table ------------------------------------------------------------------------
-
-
-def read_evaluation(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise StageError(f"evaluation table {path} does not exist (run the evaluate stage): a model is "
-                         "registered with the scores it was judged by")
-    try:
-        table = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise StageError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(table, dict) or not isinstance(table.get("models"), dict):
-        raise StageError(f"{path} holds no `models` table (rows of benchmark scores)")
-    if not isinstance(table.get("folders"), dict):
-        raise StageError(f"{path} holds no `folders` (row -> model folder): rerun the evaluate stage")
-    return table
-
-
-def row_of(table: dict[str, Any], folder: Path) -> str | None:
-    """The evaluation row that scored `folder`, by its path (rows are named in `evaluate.models`)."""
-    return next((row for row, path in table["folders"].items() if Path(path).resolve() == Path(folder).resolve()),
-                None)
-
-
-def eval_metrics(table: dict[str, Any], row: str | None) -> dict[str, float]:
-    """`<row>.<metric>` -> score of `row` (the pipeline run's names for the same figures)."""
-    scores = (table["models"].get(row) or {}) if row is not None else {}
-    return {tag_key(f"{row}.{k}"): float(v) for k, v in scores.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def verdict(table: dict[str, Any], row: str | None) -> str:
-    """One line: how the evaluation judged `row` against the row before it (by each metric's paired
-    interval, at evaluate's confidence: better, worse, or no clear change), and the cells it could
-    not score."""
-    if row is None or row not in table["models"]:
-        return "not evaluated (no row of the evaluation table scored this folder)"
-    skipped = sorted(k for k in table.get("skipped") or {} if k == row or k.startswith(f"{row}/"))
-    tail = f"; {len(skipped)} cell{'s' * (len(skipped) != 1)} skipped" if skipped else ""
-    found = (table.get("comparisons") or {}).get(row) or {}
-    metrics = {k: v for k, v in found.items() if isinstance(v, dict) and "better" in v}
-    if not metrics:
-        return f"scored on {len(table['models'][row])} metrics, no row before it to compare with{tail}"
-    better = sorted(k for k, c in metrics.items() if c["better"])
-    worse = sorted(k for k, c in metrics.items() if c.get("significant") and not c["better"])
-    same = len(metrics) - len(better) - len(worse)
-    level = round(100 * next(iter(metrics.values())).get("level", 0.95))
-    parts = [f"better on {', '.join(better)}" if better else "", f"worse on {', '.join(worse)}" if worse else "",
-             f"no clear change on {same}" if same else ""]
-    return f"against {found.get('against')}: {'; '.join(p for p in parts if p)} ({level}% paired intervals){tail}"
 
 
 # --- the models -----------------------------------------------------------------------------------

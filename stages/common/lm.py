@@ -50,6 +50,23 @@ def load_tokenizer(model_dir: Path, fallback: Path | None = None) -> Any:
     raise StageError(f"{model_dir} has no tokenizer (and no fallback tokenizer at {fallback})")
 
 
+def load_chat_tokenizer(folder: Path, why: str) -> Any:
+    """The tokenizer in `folder`, which must hold a chat template (`why` says what is rendered
+    with it), with a pad token. No fallback, unlike `load_tokenizer`: a model trained on conversations
+    carries the template it was trained with."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise StageError(f"{folder} holds no tokenizer that loads ({err})") from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise StageError(f"the tokenizer in {folder} has no chat template: {why}")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def gptqmodel_env() -> None:
     """Settings GPTQModel reads at import: as many CPU workers as cores (its default, half the
     cores, fails to start on a 2-core machine), and its pure-torch packing instead of a C++

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -56,9 +57,9 @@ def stage_sections(dvc_file: Path = DVC_FILE) -> dict[str, type[BaseModel]]:
     return sections
 
 
-def check_params(params_file: Path = PARAMS_FILE, dvc_file: Path = DVC_FILE, root: Path = Path(".")) -> None:
+def check_params(params_file: Path = PARAMS_FILE, dvc_file: Path = DVC_FILE, root: Path = Path(".")) -> dict[str, Any]:
     """Load every section of `params_file` the pipeline reads into its typed config and check the
-    source paths collect opens; a ConfigError naming every problem's key, or None."""
+    source paths collect opens; a ConfigError naming every problem's key, or the params as read."""
     params = read_yaml(params_file)
     sections = stage_sections(dvc_file)
     problems: list[str] = []
@@ -80,6 +81,7 @@ def check_params(params_file: Path = PARAMS_FILE, dvc_file: Path = DVC_FILE, roo
         except ValueError:
             shown = Path(params_file)
         raise ConfigError(f"{shown} has {count}:\n  " + "\n  ".join(problems))
+    return params
 
 
 # Source types whose path names something other than a local file (a hub dataset, a URL).

@@ -23,6 +23,7 @@ log = logging.getLogger("llm_forge.policy_pairs")
 # data/reference/: the scored pairs, and which sft model scored them
 PAIRS_FILE = "pairs.parquet"
 META_FILE = "reference.json"
+RENDERED = "the pairs are rendered with it"  # why the sft tokenizer needs its chat template
 
 
 @dataclass
@@ -56,21 +57,6 @@ def tokenize(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[
     if full[: len(prompt_ids)] != prompt_ids:
         return None
     return prompt_ids, full[len(prompt_ids):]
-
-
-def load_tokenizer(folder: Path) -> Any:
-    """The sft model's tokenizer, with the chat template the pairs are rendered with and a pad token."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as err:
-        raise StageError(f"{folder} holds no tokenizer that loads ({err})") from None
-    if not getattr(tokenizer, "chat_template", None):
-        raise StageError(f"the tokenizer in {folder} has no chat template to render the pairs with")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def policy_records(records: list[dict[str, Any]], where: str) -> tuple[list[dict[str, Any]], dict[str, int]]:

@@ -145,7 +145,7 @@ def free_pad_id(tokenizer: Any, reserved: set[int], used: set[int]) -> int | Non
     return None
 
 
-def set_up_tokens(tokenizer: Any, stop_token: str | None, prompts: list[Prompt]) -> tuple[int, int]:
+def setup_tokens(tokenizer: Any, stop_token: str | None, prompts: list[Prompt]) -> tuple[int, int]:
     """(stop id, pad id), set on `tokenizer` the way TRL reads them: EOS is the stop token (TRL
     stops responses at EOS), the pad token is free, padding is on the left."""
     stop_id = stop_token_id(tokenizer, stop_token)

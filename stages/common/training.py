@@ -184,6 +184,14 @@ def rounded(x: float | None, digits: int = 4) -> float | None:
     return None if x is None else round(float(x), digits)
 
 
+def loss_figures(trainer: Any, train_loss: float | None) -> dict[str, Any]:
+    """A Trainer's steps, its train loss, and the first and last loss it logged (a stage's metrics)."""
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"steps": trainer.state.global_step, "train_loss": rounded(train_loss),
+            "first_logged_loss": rounded(losses[0]) if losses else None,
+            "last_logged_loss": rounded(losses[-1]) if losses else None}
+
+
 # Dense bf16 peak TFLOP/s per GPU, for the MFU estimate (first match of the device name wins).
 PEAK_TFLOPS_BF16 = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
                     "L40S": 362.0, "L4": 121.0, "A10G": 125.0, "A10": 125.0, "RTX 4090": 165.0}

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from stages.common import sandbox
+from stages.common.config import read_yaml
 from tests.conftest import ROOT, make_project, run_in
 
 # The graph's stages, from the one place that lists them.
@@ -211,7 +212,7 @@ def test_the_parent_run_gets_the_headline_figures(tmp_path: Path) -> None:
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     with mlflow.start_run(run_name="pipeline") as run:
         # sft ran but wrote no report: it adds nothing and stops nothing
-        logged = log_headline(["clean", "sft", "evaluate"], root)
+        logged = log_headline(["clean", "sft", "evaluate"], read_yaml(root / "params.yaml"), root)
     stored = mlflow.MlflowClient().get_run(run.info.run_id).data.metrics
     assert stored == logged
     assert stored["quantized/nf4.perplexity"] == 640.0 and stored["base.hhh_alignment.stderr"] == 0.05
@@ -235,22 +236,23 @@ def test_headline_figures_never_stop_the_flow(tmp_path: Path, monkeypatch) -> No
     mlflow.set_tracking_uri(store)
     with mlflow.start_run() as run:
         # a report that cannot be read costs that stage's figures only
-        assert set(log_headline(["clean", "evaluate"], root)) == {*evaluation_metrics(EVALUATION), "evaluate.cells"}
+        params = read_yaml(root / "params.yaml")
+        assert set(log_headline(["clean", "evaluate"], params, root)) == {*evaluation_metrics(EVALUATION),
+                                                                          "evaluate.cells"}
         # the store goes away before the figures are sent: a warning, no exception
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]  # closed again: nothing listens there
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
-        assert log_headline(["evaluate"], root) == {}
+        assert log_headline(["evaluate"], params, root) == {}
         mlflow.set_tracking_uri(store)
     assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "FINISHED"
-    # a params file that cannot be read costs the figures only
-    (root / "params.yaml").write_text("paths: [")
+    # params without readable paths cost the figures only
     with mlflow.start_run():
-        assert log_headline(["evaluate"], root) == {}
+        assert log_headline(["evaluate"], {"paths": []}, root) == {}
     # no run to log to: none is opened
-    assert log_headline(["evaluate"], root) == {} and mlflow.active_run() is None
+    assert log_headline(["evaluate"], params, root) == {} and mlflow.active_run() is None
 
 
 def test_a_stage_that_failed_on_bad_input_is_not_retried(tmp_path: Path) -> None:

@@ -62,10 +62,10 @@ def trl_reference_logps(paths: Paths, pairs: list[dict]) -> dict[str, tuple[floa
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from stages.common.policy_pairs import load_tokenizer
+    from stages.common.lm import load_chat_tokenizer
     from stages.common.preferences import pair_messages
 
-    tok = load_tokenizer(paths.sft)
+    tok = load_chat_tokenizer(paths.sft, "the pairs are rendered with it")
     model = AutoModelForCausalLM.from_pretrained(paths.sft, dtype=torch.float32)
     data = datasets.Dataset.from_list([{"id": p["id"], **pair_messages(p["prompt"], p["chosen"], p["rejected"])}
                                        for p in pairs])
@@ -83,10 +83,10 @@ def trl_kto_reference_logps(paths: Paths, pairs: list[dict]) -> dict[tuple[str, 
     from transformers import AutoModelForCausalLM
     from trl import KTOConfig, KTOTrainer
 
-    from stages.common.policy_pairs import load_tokenizer
+    from stages.common.lm import load_chat_tokenizer
     from stages.common.preferences import pair_messages
 
-    tok = load_tokenizer(paths.sft)
+    tok = load_chat_tokenizer(paths.sft, "the pairs are rendered with it")
     model = AutoModelForCausalLM.from_pretrained(paths.sft, dtype=torch.float32)
     data = datasets.Dataset.from_list([
         {"id": p["id"], "prompt": m["prompt"], "completion": m[side], "label": side == "chosen"}

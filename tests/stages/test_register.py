@@ -18,9 +18,10 @@ import yaml
 
 from stages.common import lm, tracking
 from stages.common.config import ConfigError, Paths, StageError, load_section
+from stages.common.evaluation_table import eval_metrics, verdict
 from stages.common.generator import prompt_ids, rows_of
 from stages.common.lineage import dvc_hash, upstream
-from stages.register import RegisterConfig, eval_metrics, folder_prompt, messages_of, run, verdict
+from stages.register import RegisterConfig, folder_prompt, messages_of, run
 from tests.conftest import git_in, run_in, tiny_config, tiny_model, tiny_params
 
 EVALUATION = {

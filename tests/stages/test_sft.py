@@ -21,6 +21,7 @@ import yaml
 from stages import sft
 from stages.common.config import Paths, StageError
 from stages.common.io import read_records, write_records
+from stages.common.lm import load_chat_tokenizer
 from stages.common.training import TrainConfig, load_trainable_lm
 from tests.conftest import tiny_config, tiny_params
 
@@ -123,7 +124,7 @@ def test_qlora_on_gpu_in_bf16(sft_paths: Paths) -> None:
 def test_loss_is_on_the_answer_only(sft_paths: Paths) -> None:
     """What the trainer feeds the model: every prompt token (system, user, the assistant header)
     is -100 in the labels, every answer token (and its end-of-turn) is learned."""
-    tok = sft.load_tokenizer(sft_paths.pretrain)
+    tok = load_chat_tokenizer(sft_paths.pretrain, "SFT renders conversations with it")
     model = load_trainable_lm(sft_paths.pretrain, "full", "fp32", "sft")
     example, _ = sft.to_prompt_completion({"id": "x", "messages": [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
@@ -144,7 +145,7 @@ def test_loss_is_on_the_answer_only(sft_paths: Paths) -> None:
 
 
 def test_bad_records_are_counted_and_the_split_is_stable(sft_paths: Paths) -> None:
-    tok = sft.load_tokenizer(sft_paths.pretrain)
+    tok = load_chat_tokenizer(sft_paths.pretrain, "SFT renders conversations with it")
     ok = [{"id": f"ok/{i}", "source": "t", "messages": [{"role": "user", "content": f"Question {i}?"},
                                                         {"role": "assistant", "content": f"Answer {i}."}]}
           for i in range(40)]
@@ -171,7 +172,7 @@ def test_bad_records_are_counted_and_the_split_is_stable(sft_paths: Paths) -> No
 def test_a_long_input_loses_its_tail_never_the_answer(sft_paths: Paths) -> None:
     """An article longer than max_length is cut from its end: the instruction before it and the
     whole answer stay, and the rendering fits; a record that fits is left as it is."""
-    tok = sft.load_tokenizer(sft_paths.pretrain)
+    tok = load_chat_tokenizer(sft_paths.pretrain, "SFT renders conversations with it")
     cfg = config(max_length=96)
     instruction = "Summarize the following article in one sentence.\n\n"
     article = " ".join(f"Sentence {i} of the article, in Zürich — “quoted” 日本語." for i in range(100))
