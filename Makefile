@@ -49,9 +49,13 @@ FORCE:
 run: setup
 	$(BIN)/python -m flows.pipeline
 
+# Two pytest-xdist workers: most tests wait on a subprocess, a server or a file as much as they
+# compute, so two keep both cores busy (`make test TEST_WORKERS=1` for one process).
+TEST_WORKERS ?= 2
+
 test: setup
 	$(BIN)/python -m ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # The MLflow UI on the project's store (`make ui UI_PORT=...` when the port is taken). The address
 # it prints opens the experiment's training runs (MLflow 3's UI takes its mode from the address).

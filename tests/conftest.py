@@ -161,3 +161,18 @@ def tiny_workdir(tiny_inputs: Paths, tmp_path: Path) -> Paths:
         shutil.copytree(src, tmp_path / src.relative_to(tiny_inputs.reports.parent))
     return Paths(**{k: tmp_path / Path(v).relative_to(tiny_inputs.reports.parent)
                     for k, v in tiny_inputs.model_dump().items()})
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under `make test` (two pytest-xdist workers, `--dist loadgroup`) the tests that read the
+    session's tiny pipeline go to one worker, so that it is built once; every other test goes to
+    whichever worker is free. What `pytest.mark.xdist_group` does: xdist 3.8 writes the group into
+    `item._nodeid`, which pytest 9.2 no longer reads (it reads `item._id`), so it is written here."""
+    if not getattr(config.option, "loadgroup", False):  # set in xdist's workers only
+        return
+    from _pytest.nodeid import NodeId
+
+    for item in items:
+        if "tiny_project" in getattr(item, "fixturenames", ()) and "@" not in item.nodeid:
+            item._id = NodeId.parse(f"{item.nodeid}@tiny_project")
