@@ -50,7 +50,7 @@ run: setup
 	$(BIN)/python -m flows.pipeline
 
 # Two pytest-xdist workers: most tests wait on a subprocess, a server or a file as much as they
-# compute, so two keep both cores busy (`make test TEST_WORKERS=1` for one process).
+# compute, so two keep both cores busy (`make test TEST_WORKERS=0`: in pytest's own process).
 TEST_WORKERS ?= 2
 
 test: setup
