@@ -117,11 +117,34 @@ def model_rows(cfg: EvaluateConfig, paths: Paths) -> dict[str, Path]:
 # one row
 
 
+def environment_once() -> None:
+    """Make lm-eval gather the machine's environment once per process. Every `simple_evaluate`
+    adds it to its result (torch's `collect_env`: `pip list` and a dozen more subprocesses, about a
+    second), and evaluate calls it once per model and task; what it adds is the same each time
+    (and the table does not read it)."""
+    from lm_eval import evaluator
+
+    gather = evaluator.add_env_info
+    if getattr(gather, "once", False):
+        return
+    found: dict[str, Any] = {}
+
+    def add_env_info(storage: dict[str, Any]) -> None:
+        if not found:
+            gather(found)
+        storage.update(found)
+
+    add_env_info.once = True  # type: ignore[attr-defined]
+    evaluator.add_env_info = add_env_info
+
+
 def lm_eval_cells(name: str, model: Any, tokenizer: Any, cfg: EvaluateConfig, manager: Any,
                   built: dict[str, Any], report: Path) -> tuple[dict[str, Cell], dict[str, str], dict[str, str]]:
     """(cells, metric names, skipped) of the lm-eval tasks for one model."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
+
+    environment_once()
 
     cells, names, skipped, full = {}, {}, {}, {}
     chat = bool(getattr(tokenizer, "chat_template", None))

@@ -14,6 +14,7 @@ so a run of `ngram` tokens is that many words, or that many characters of Chines
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterable, Iterator
@@ -111,8 +112,14 @@ class Item:
 def task_manager(task_dir: Path, names: Iterable[str] = ()) -> Any:
     """lm-eval's TaskManager over `task_dir`; lm-eval's own task index (slow to build) only when a
     name in `names` is not in the folder."""
+    from lm_eval import utils
     from lm_eval.tasks import TaskManager
 
+    # lm-eval compiles a task's Jinja template anew for every item it renders, which is most of
+    # the time decontam and evaluate spend reading the sets; a template string compiles to the
+    # same template each time, so it is compiled once.
+    if not hasattr(utils.env.from_string, "cache_info"):
+        utils.env.from_string = functools.lru_cache(maxsize=1024)(utils.env.from_string)
     if not Path(task_dir).is_dir():
         raise StageError(f"task_dir {task_dir} is not a folder of lm-eval task YAMLs")
     manager = TaskManager(include_path=str(task_dir), include_defaults=False)
