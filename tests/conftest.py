@@ -72,15 +72,23 @@ def make_project(dest: Path, profile: str = "tiny", git: bool = False) -> Path:
     apply(dest / "profiles" / f"{profile}.yaml", dest / "params.yaml", dest / "params.yaml")
     if not git:
         run_in(dest, "-m", "dvc", "init", "--no-scm", "-q")
+        dvc_config(dest)
         return dest
     shutil.copy2(ROOT / ".gitignore", dest / ".gitignore")
     git_in(dest, "init", "-q")
     # the assets are `make setup`'s (ignored as a folder by .gitignore); here they are a link
     (dest / ".git" / "info" / "exclude").write_text("/assets\n")
     run_in(dest, "-m", "dvc", "init", "-q")
+    dvc_config(dest)
     git_in(dest, "add", "-A")
     git_in(dest, "commit", "-q", "-m", f"llm-forge on the {profile} profile")
     return dest
+
+
+def dvc_config(dest: Path) -> None:
+    """The project's own DVC settings in a scratch project, as a clone has them: without them every
+    `dvc` command would also start DVC's analytics process (about a CPU second each)."""
+    shutil.copy2(ROOT / ".dvc" / "config", dest / ".dvc" / "config")
 
 
 def git_in(project: Path, *args: str) -> subprocess.CompletedProcess:
