@@ -86,9 +86,15 @@ def make_project(dest: Path, profile: str = "tiny", git: bool = False) -> Path:
 
 
 def dvc_config(dest: Path) -> None:
-    """The project's own DVC settings in a scratch project, as a clone has them: without them every
-    `dvc` command would also start DVC's analytics process (about a CPU second each)."""
-    shutil.copy2(ROOT / ".dvc" / "config", dest / ".dvc" / "config")
+    """The project's own DVC settings (`.dvc/config`) merged into a scratch project's, as a clone has
+    them: without them every `dvc` command would also start DVC's analytics process (about a CPU
+    second each)."""
+    from dvc.config import Config
+
+    ours = Config(dvc_dir=str(ROOT / ".dvc"), validate=False).load_one("repo")
+    with Config(dvc_dir=str(dest / ".dvc"), validate=False).edit("repo") as config:
+        for section, values in ours.items():
+            config[section] = {**config.get(section, {}), **values}
 
 
 def git_in(project: Path, *args: str) -> subprocess.CompletedProcess:
