@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from pydantic import Field, model_validator
 
 from stages.common.config import Paths, StageConfig
 from stages.common.datastage import DataStage, checked
-from stages.common.duplicates import EXACT, NEAR, Duplicate, dedup_texts, digest, normalize_all, tally_of
+from stages.common.duplicates import EXACT, NEAR, Duplicate, dedup_texts, digest, normalize_all
 from stages.common.io import Tally, record_text, write_jsonl
 from stages.common.minhash import lsh_bands, pairs_in_band, shingle_texts, signatures, unique_pairs, verify
 from stages.common.runner import run_stage
@@ -91,9 +93,9 @@ def _keys_path(sketch: Path) -> Path:
     return sketch.with_suffix(".keys.npy")
 
 
-def _band(path: Path, band: int) -> Any:
-    """Row `band` of the band keys at `path`, read from the file (not mapped: a mapped file's
-    pages would stay resident)."""
+def _band(path: Path, band: int, out: Any) -> int:
+    """Row `band` of the band keys at `path` into the start of `out`, read from the file (not
+    mapped: a mapped file's pages would stay resident); returns its length."""
     import numpy as np
 
     with open(path, "rb") as f:
@@ -101,7 +103,21 @@ def _band(path: Path, band: int) -> Any:
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, dtype = read_header(f)
         f.seek(band * shape[1] * dtype.itemsize, 1)
-        return np.fromfile(f, dtype, count=shape[1])
+        f.readinto(memoryview(out[: shape[1]].view(np.uint8)))
+        return shape[1]
+
+
+def _gather(files: list[Path], name: str, out: Any) -> Any:
+    """Array `name` of each sketch in `files`, one after the other into `out` (no list of parts
+    and no second copy to concatenate them)."""
+    import numpy as np
+
+    at = 0
+    for f in files:
+        part = np.load(f)[name]
+        out[at: at + len(part)] = part
+        at += len(part)
+    return out
 
 
 @dataclass(frozen=True)
@@ -129,12 +145,48 @@ def filter_shard(task: ShardTask, plan: Plan) -> dict[str, Any]:
             "texts": {str(i): record_text(task.kind, r)[:500] for i, r in zip(plan.show.get(name, []), rows)}}
 
 
+@dataclass(frozen=True)
+class Dropped:
+    """A kind's duplicates as numpy columns, a row per dropped record (a Python object per row
+    would cost several times the step's own columns)."""
+
+    index: Any
+    """Position of the dropped record in the kind's records, shard after shard (int64)."""
+    survivor: Any
+    """Position of the record it duplicates (int64)."""
+    similarity: Any
+    """Exact Jaccard similarity of their shingles (float64; 1.0 for an exact duplicate)."""
+    near: Any
+    """True for a near duplicate, False for an exact one."""
+
+    @classmethod
+    def of(cls, duplicates: list[Duplicate]) -> Dropped:
+        import numpy as np
+
+        return cls(np.array([d.index for d in duplicates], np.int64),
+                   np.array([d.survivor for d in duplicates], np.int64),
+                   np.array([d.similarity for d in duplicates], np.float64),
+                   np.array([d.reason == NEAR for d in duplicates], bool))
+
+    @classmethod
+    def join(cls, *parts: Dropped) -> Dropped:
+        import numpy as np
+
+        return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
+
+    def reason(self, k: int) -> str:
+        return NEAR if self.near[k] else EXACT
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
 @dataclass
 class KindResult:
-    """Step 2's answer for one kind: its duplicates (positions in the kind's records, shard after
-    shard), their tally, the LSH figures, and where to read a record's id."""
+    """Step 2's answer for one kind: its duplicates, their tally, the LSH figures, and where to
+    read a record's id."""
 
-    duplicates: list[Duplicate]
+    duplicates: Dropped
     tally: Tally
     stats: dict[str, Any]
     tasks: list[ShardTask]
@@ -187,8 +239,9 @@ def _rank(tasks: list[ShardTask], starts: Any, lengths: Any, records: Any) -> An
 def dedup_kind(kind: str, tasks: list[ShardTask], cfg: DedupConfig) -> KindResult:
     """Step 2, one kind: the survivors of all its shards, as `dedup_texts` picks them, from the
     shards' sketches. Only records that share a digest or a band key are ranked (ids read for
-    them alone: rank decides nothing elsewhere), and every per-record value is a numpy column, so
-    a record costs tens of bytes here, not a Python object's hundreds."""
+    them alone: rank decides nothing elsewhere); every per-record value, the duplicates included,
+    is a numpy column, and the candidates' shingle sets wait on disk, so a record costs tens of
+    bytes here, not a Python object's hundreds."""
     import numpy as np
 
     files = [t.out("sketch").with_suffix(".npz") for t in tasks]
@@ -198,8 +251,7 @@ def dedup_kind(kind: str, tasks: list[ShardTask], cfg: DedupConfig) -> KindResul
     del per_shard
     n_docs = len(lengths)
     # Exact: records with equal digests, each group's best-ranked record survives.
-    digests = (np.concatenate([np.load(f)["digests"] for f in files]) if files
-               else np.zeros((0, 16), np.uint8)).view("<u8").reshape(n_docs, 2)
+    digests = _gather(files, "digests", np.empty((n_docs, 16), np.uint8)).view("<u8").reshape(n_docs, 2)
     order = np.lexsort((digests[:, 1], digests[:, 0]))
     ordered = digests[order]
     del digests
@@ -211,63 +263,102 @@ def dedup_kind(kind: str, tasks: list[ShardTask], cfg: DedupConfig) -> KindResul
     group = np.cumsum(np.concatenate(([True], ~same)))[grouped]  # a group number per grouped record
     members = order[grouped]
     del order, same, grouped
-    duplicates: list[Duplicate] = []
+    exact = _exact(tasks, starts, lengths, members, group)
+    del members, group
     dropped = np.zeros(n_docs, bool)
-    if members.size:
-        ranked = _rank(tasks, starts, lengths, members)
-        rank_of = {int(r): k for k, r in enumerate(ranked.tolist())}
-        by_group: dict[int, list[int]] = {}
-        for g, r in sorted(zip(group.tolist(), members.tolist()), key=lambda x: (x[0], rank_of[x[1]])):
-            by_group.setdefault(g, []).append(r)
-        for best, *rest in by_group.values():
-            duplicates += [Duplicate(r, EXACT, best, 1.0) for r in rest]
-            dropped[rest] = True
+    dropped[exact.index] = True
+    near = Dropped.of([])
     stats: dict[str, Any] = {}
-    if cfg.near and kind == "corpus" and n_docs - len(duplicates) > 1:
-        found, stats = _near(np.flatnonzero(~dropped), lengths, tasks, starts, files, cfg)
-        duplicates += [Duplicate(i, NEAR, root, similarity) for i, root, similarity in found]
-    return KindResult(duplicates, tally_of(n_docs, duplicates), stats, tasks, starts)
+    if cfg.near and kind == "corpus" and n_docs - len(exact) > 1:
+        near, stats = _near(dropped, lengths, tasks, starts, files, cfg)
+    duplicates = Dropped.join(exact, near)
+    tally = Tally()
+    tally.docs_in = n_docs
+    tally.drop(EXACT, len(exact))
+    tally.drop(NEAR, len(near))
+    tally.docs_out = n_docs - len(duplicates)
+    return KindResult(duplicates, tally, stats, tasks, starts)
 
 
-def _near(survivors: Any, lengths: Any, tasks: list[ShardTask], starts: Any, files: list[Path],
-          cfg: DedupConfig) -> tuple[list[tuple[int, int, float]], dict[str, Any]]:
-    """`near_duplicates` over the exact survivors (positions), from the shards' band keys: the LSH
-    buckets band by band (one band of every record in memory at a time); the records in a bucket
-    with another are ranked, shingled again from their shards' text, each candidate pair verified
-    by exact Jaccard, groups by connected components (the best-ranked record of each survives)."""
+def _exact(tasks: list[ShardTask], starts: Any, lengths: Any, members: Any, group: Any) -> Dropped:
+    """The exact duplicates among `members` (positions, with the number of their group of equal
+    digests): every member but its group's best-ranked, group after group, each in rank order."""
+    import numpy as np
+
+    ranked = _rank(tasks, starts, lengths, members) if members.size else members
+    rank = np.argsort(ranked)[np.searchsorted(np.sort(ranked), members)]  # each member's rank
+    by_group = np.lexsort((rank, group))
+    members, group = members[by_group], group[by_group]
+    best = np.concatenate(([True], group[1:] != group[:-1])) if members.size else np.zeros(0, bool)
+    survivor = members[best][np.cumsum(best) - 1]
+    rest = ~best
+    return Dropped(members[rest], survivor[rest], np.ones(int(rest.sum())), np.zeros(int(rest.sum()), bool))
+
+
+def _near(dropped: Any, lengths: Any, tasks: list[ShardTask], starts: Any, files: list[Path],
+          cfg: DedupConfig) -> tuple[Dropped, dict[str, Any]]:
+    """`near_duplicates` over the exact survivors (records not `dropped`), from the shards' band
+    keys: the LSH buckets band by band (one band of every record in memory at a time); the records
+    in a bucket with another are ranked, shingled again from their shards' text, each candidate
+    pair verified by exact Jaccard, groups by connected components (the best-ranked record of each
+    survives)."""
     import numpy as np
 
     bands, rows = lsh_bands(cfg.threshold, cfg.num_perm)
-    counts = [np.load(f)["counts"] for f in files]
-    has = np.concatenate(counts) > 0
+    has = _gather(files, "counts", np.empty(len(dropped), np.int32)) > 0
     key_row = np.cumsum(has, dtype=np.int64) - 1  # a record's row among those with shingles
-    banded = survivors[has[survivors]]  # survivors that have shingles (a text without words has none)
+    banded = np.flatnonzero(~dropped & has)  # survivors that have shingles (a text without words has none)
     rows_of = key_row[banded]
-    del key_row, has
-    found = [pairs_in_band(np.concatenate([_band(_keys_path(f), b) for f in files])[rows_of], cfg.max_bucket)
-             for b in range(bands)]
-    del rows_of
+    del key_row
+    keys = np.empty(int(has.sum()), np.uint64)  # one band of every record's keys, refilled band by band
+    del has
+    found = []
+    for b in range(bands):
+        at = 0
+        for f in files:
+            at += _band(_keys_path(f), b, keys[at:])
+        found.append(pairs_in_band(keys[rows_of], cfg.max_bucket))
+    del rows_of, keys
     pairs = banded[unique_pairs(found, banded.size)]
-    del banded
+    del banded, found
     # The candidates in rank order: pairs and groups over rank positions, as near_duplicates has them.
     ranked = _rank(tasks, starts, lengths, np.unique(pairs))
     rank_of = np.argsort(ranked)  # the rank of each candidate, candidates in position order
     pairs = rank_of[np.searchsorted(np.sort(ranked), pairs)] if pairs.size else pairs
+    del rank_of
     pairs = unique_pairs([pairs], max(ranked.size, 1))
-    # The candidates' shingle sets, one shard at a time.
-    sets: dict[int, Any] = {}
+    # The candidates' shingle sets, one shard at a time, to a file beside the sketches, read back
+    # a set at a time as a pair needs it: all in memory at once they would outweigh the rest.
+    first = np.zeros(ranked.size, np.int64)  # a set's first hash in the file
+    size = np.zeros(ranked.size, np.int64)
     shard_of = np.searchsorted(starts, ranked, side="right") - 1
-    for s in np.unique(shard_of).tolist():
-        at = np.flatnonzero(shard_of == s)
-        records = read_shard(tasks[s].source).take((ranked[at] - starts[s]).tolist()).to_pylist()
-        shingles, sizes = shingle_texts(normalize_all([record_text(tasks[s].kind, r) for r in records]),
-                                        cfg.word_ngram, cfg.char_ngram, cfg.cjk_share)
-        for r, part in zip(at.tolist(), np.split(shingles, np.cumsum(sizes)[:-1])):
-            sets[r] = np.unique(part)
-    dropped, checked, confirmed = verify(pairs, sets.__getitem__, ranked.size, cfg.verify_threshold)
-    named = [(int(ranked[i]), int(ranked[root]), similarity) for i, root, similarity in dropped]
-    return named, {"bands": bands, "rows": rows, "lsh_flagged": int(ranked.size),
-                   "candidate_pairs": int(len(pairs)), "checked_pairs": checked, "confirmed_pairs": confirmed}
+    with tempfile.TemporaryFile(dir=files[0].parent) as spill:
+        written = 0
+        for s in np.unique(shard_of).tolist():
+            at = np.flatnonzero(shard_of == s)
+            records = read_shard(tasks[s].source).take((ranked[at] - starts[s]).tolist()).to_pylist()
+            shingles, sizes = shingle_texts(normalize_all([record_text(tasks[s].kind, r) for r in records]),
+                                            cfg.word_ngram, cfg.char_ngram, cfg.cjk_share)
+            del records
+            for r, part in zip(at.tolist(), np.split(shingles, np.cumsum(sizes)[:-1])):
+                unique = np.unique(part)
+                first[r], size[r] = written, unique.size
+                spill.write(unique.tobytes())
+                written += unique.size
+            del shingles
+        spill.flush()
+        del shard_of
+
+        def shingle_set(r: int) -> Any:
+            return np.frombuffer(os.pread(spill.fileno(), int(size[r]) * 8, int(first[r]) * 8), np.uint64)
+
+        found_near, checked, confirmed = verify(pairs, shingle_set, ranked.size, cfg.verify_threshold)
+    near = np.array([(i, root) for i, root, _ in found_near], np.int64).reshape(-1, 2)
+    dropped_near = Dropped(ranked[near[:, 0]], ranked[near[:, 1]],
+                           np.array([similarity for *_, similarity in found_near], np.float64),
+                           np.ones(len(found_near), bool))
+    return dropped_near, {"bands": bands, "rows": rows, "lsh_flagged": int(ranked.size),
+                          "candidate_pairs": int(len(pairs)), "checked_pairs": checked, "confirmed_pairs": confirmed}
 
 
 def one_shard(kind: str, task: ShardTask, cfg: DedupConfig) -> KindResult:
@@ -278,10 +369,12 @@ def one_shard(kind: str, task: ShardTask, cfg: DedupConfig) -> KindResult:
     records = read_shard(task.source).to_pylist()
     ids = [str(r["id"]) for r in records]
     result = dedup_texts([record_text(kind, r) for r in records], ids, cfg, near=cfg.near and kind == "corpus")
-    return KindResult(result.duplicates, result.tally, result.stats, [task], np.zeros(1, np.int64))
+    return KindResult(Dropped.of(result.duplicates), result.tally, result.stats, [task], np.zeros(1, np.int64))
 
 
 def run(cfg: DedupConfig, paths: Paths, data: DataConfig) -> dict[str, Any]:
+    import numpy as np
+
     started = time.perf_counter()
     report = paths.report_dir("dedup")
     report.mkdir(parents=True, exist_ok=True)
@@ -293,24 +386,26 @@ def run(cfg: DedupConfig, paths: Paths, data: DataConfig) -> dict[str, Any]:
     tallies: dict[str, Tally] = {}
     stats: dict[str, Any] = {}
     drop: dict[str, list[int]] = {}
-    chosen: list[tuple[str, Duplicate, KindResult]] = []
+    chosen: list[tuple[str, int, KindResult]] = []  # (kind, row of its duplicates, its result)
     for kind in stage.kinds:
         mine = [t for t in stage.tasks if t.kind == kind]
         result = one_shard(kind, mine[0], cfg) if len(mine) == 1 else dedup_kind(kind, mine, cfg)
-        for d in result.duplicates:
-            shard, pos = result.where(d.index)
-            drop.setdefault(f"{kind}/{shard}", []).append(pos)
+        dup = result.duplicates
+        shard = np.searchsorted(result.starts, dup.index, side="right") - 1
+        pos = dup.index - result.starts[shard]
+        _, first = np.unique(shard, return_index=True)
+        for s in shard[np.sort(first)].tolist():  # the shards in the order their first duplicate comes
+            drop[f"{kind}/{s}"] = pos[shard == s].tolist()
         tallies[kind], stats[kind] = result.tally, result.stats
-        named = zip((d.reason != NEAR for d in result.duplicates), result.ids([d.index for d in result.duplicates]),
-                    result.duplicates)
-        shown = [d for *_, d in sorted(named, key=lambda x: x[:2])][: cfg.samples - len(chosen)]
-        chosen += [(kind, d, result) for d in shown]
+        ids, near = result.ids(dup.index), dup.near.tolist()
+        shown = sorted(range(len(dup)), key=lambda k: (not near[k], ids[k]))[: cfg.samples - len(chosen)]
+        chosen += [(kind, k, result) for k in shown]
         log.info("dedup %s: %d in, %d out, dropped %s", kind, result.tally.docs_in, result.tally.docs_out,
                  dict(result.tally.dropped))
 
     show: dict[str, list[int]] = {}
-    for kind, d, result in chosen:
-        for i in (d.index, d.survivor):
+    for kind, k, result in chosen:
+        for i in (int(result.duplicates.index[k]), int(result.duplicates.survivor[k])):
             shard, pos = result.where(i)
             show.setdefault(f"{kind}/{shard}", []).append(pos)
     plan = Plan({k: sorted(v) for k, v in drop.items()}, {k: sorted(set(v)) for k, v in show.items()})
@@ -323,11 +418,14 @@ def run(cfg: DedupConfig, paths: Paths, data: DataConfig) -> dict[str, Any]:
         shard, pos = result.where(i)
         return texts[f"{kind}/{shard}"][str(pos)]
 
-    write_jsonl(report / "samples_dropped.jsonl", [
-        {"kind": kind, "id": result.ids([d.index])[0], "reason": d.reason,
-         "duplicate_of": result.ids([d.survivor])[0], "similarity": d.similarity,
-         "text": text(kind, result, d.index), "survivor_text": text(kind, result, d.survivor)}
-        for kind, d, result in chosen])
+    def sample(kind: str, k: int, result: KindResult) -> dict[str, Any]:
+        dup = result.duplicates
+        index, survivor = int(dup.index[k]), int(dup.survivor[k])
+        return {"kind": kind, "id": result.ids([index])[0], "reason": dup.reason(k),
+                "duplicate_of": result.ids([survivor])[0], "similarity": float(dup.similarity[k]),
+                "text": text(kind, result, index), "survivor_text": text(kind, result, survivor)}
+
+    write_jsonl(report / "samples_dropped.jsonl", [sample(*c) for c in chosen])
     metrics = stage.metrics(tallies, **stats)
     return {**metrics, "docs_per_second": round(metrics["docs_in"] / max(time.perf_counter() - started, 1e-9), 1),
             **cfg.model_dump(include={"near", "num_perm", "threshold", "verify_threshold", "word_ngram",

@@ -238,6 +238,7 @@ def near_duplicates(norms: list[str], cfg: Any) -> tuple[list[tuple[int, int, fl
             sigs[lo: lo + part.size] = np.array(matrix.to_rows(), dtype=np.uint32).reshape(part.size, perms)
         pairs = flagged[candidate_pairs(sigs, bands, rows, cfg.max_bucket)]
 
+    @functools.cache
     def shingle_set(i: int) -> Any:
         return np.unique(shingles[offsets[i]: offsets[i + 1]])
 
@@ -251,16 +252,14 @@ def verify(pairs: Any, shingle_set: Callable[[int], Any], n: int,
            threshold: float) -> tuple[list[tuple[int, int, float]], int, int]:
     """Near-duplicate groups from candidate `pairs` of rank positions (0 is the best; pairs sorted,
     i < j): a pair joins two groups when the exact Jaccard similarity of its shingle sets
-    (`shingle_set(i)`: sorted unique hashes) reaches `threshold`; a pair already inside one group
-    is not checked. Returns (duplicate, the survivor of its group, their similarity) for every
+    (`shingle_set(i)`: sorted unique hashes, asked again each time a pair needs it, so the caller
+    decides what stays in memory) reaches `threshold`; a pair already inside one group is not
+    checked. Returns (duplicate, the survivor of its group, their similarity) for every
     duplicate, and the counts of checked and confirmed pairs."""
     import numpy as np
 
-    sets: dict[int, Any] = {}
-
     def jaccard(a: int, b: int) -> float:
-        sa = sets[a] if a in sets else sets.setdefault(a, shingle_set(a))
-        sb = sets[b] if b in sets else sets.setdefault(b, shingle_set(b))
+        sa, sb = shingle_set(a), shingle_set(b)
         inter = np.intersect1d(sa, sb, assume_unique=True).size
         return inter / (sa.size + sb.size - inter)
 
