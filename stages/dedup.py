@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 
 from stages.common.config import Paths, StageConfig
 from stages.common.datastage import DataStage, checked
-from stages.common.duplicates import EXACT, NEAR, Duplicate, dedup_texts, digest, normalize_all
+from stages.common.duplicates import EXACT, NEAR, Duplicate, dedup_texts, digest, normalize_all, tally_of
 from stages.common.io import Tally, record_text, write_jsonl
 from stages.common.minhash import lsh_bands, pairs_in_band, shingle_texts, signatures, unique_pairs, verify
 from stages.common.runner import run_stage
@@ -272,12 +272,7 @@ def dedup_kind(kind: str, tasks: list[ShardTask], cfg: DedupConfig) -> KindResul
     if cfg.near and kind == "corpus" and n_docs - len(exact) > 1:
         near, stats = _near(dropped, lengths, tasks, starts, files, cfg)
     duplicates = Dropped.join(exact, near)
-    tally = Tally()
-    tally.docs_in = n_docs
-    tally.drop(EXACT, len(exact))
-    tally.drop(NEAR, len(near))
-    tally.docs_out = n_docs - len(duplicates)
-    return KindResult(duplicates, tally, stats, tasks, starts)
+    return KindResult(duplicates, tally_of(n_docs, {EXACT: len(exact), NEAR: len(near)}), stats, tasks, starts)
 
 
 def _exact(tasks: list[ShardTask], starts: Any, lengths: Any, members: Any, group: Any) -> Dropped:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,13 +113,16 @@ def result_of(n_docs: int, duplicates: list[Duplicate], stats: dict[str, Any]) -
     keep = [True] * n_docs
     for d in duplicates:
         keep[d.index] = False
-    return DedupResult(keep=keep, duplicates=duplicates, tally=tally_of(n_docs, duplicates), stats=stats)
+    return DedupResult(keep=keep, duplicates=duplicates, tally=tally_of(n_docs, Counter(d.reason for d in duplicates)),
+                       stats=stats)
 
 
-def tally_of(n_docs: int, duplicates: list[Duplicate]) -> Tally:
+def tally_of(n_docs: int, dropped: Mapping[str, int]) -> Tally:
+    """The tally of `n_docs` records of which `dropped` (reason -> count, reasons in the order they
+    first occur) were dropped."""
     tally = Tally()
     tally.docs_in = n_docs
-    for d in duplicates:
-        tally.drop(d.reason)
-    tally.docs_out = n_docs - len(duplicates)
+    for reason, n in dropped.items():
+        tally.drop(reason, n)
+    tally.docs_out = n_docs - sum(dropped.values())
     return tally
