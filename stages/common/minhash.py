@@ -26,7 +26,6 @@ TOKEN_RE = re.compile(f"[{CJK}]|[^\\W{CJK}]+")
 """A token of spaced text: a run of word characters, or one CJK character."""
 _WORD_CHAR_RE = re.compile(f"[^\\W{CJK}]")
 _CJK_CHAR_RE = re.compile(f"[{CJK}]")
-_CJK_ASTRAL = [(lo, hi) for lo, hi in CJK_RANGES if lo > 0xFFFF]
 
 
 @functools.cache
@@ -60,44 +59,72 @@ def fmix64(x: Any) -> Any:
 
 @functools.lru_cache(maxsize=1)
 def _char_classes() -> Any:
-    """uint8 per BMP code point: 2 a CJK character, 1 another word character, 0 anything else;
-    taken from the token regex itself, so both ways of tokenizing agree."""
+    """uint8 per code point: 2 a CJK character, 1 another word character, 0 anything else; in the
+    BMP taken from the token regex itself, so both ways of tokenizing agree, and beyond it only
+    the CJK extensions count (emoji are not words). A table over every code point lets a text's
+    classes be looked up in one pass."""
     import numpy as np
 
     bmp = "".join(map(chr, range(0x10000)))
-    table = np.zeros(0x10000, np.uint8)
+    table = np.zeros(0x110000, np.uint8)
     table[[m.start() for m in _WORD_CHAR_RE.finditer(bmp)]] = 1
     table[[m.start() for m in _CJK_CHAR_RE.finditer(bmp)]] = 2
+    for lo, hi in CJK_RANGES:
+        if lo > 0xFFFF:
+            table[lo: hi + 1] = 2
     return table
 
 
-def shingle_hashes(token_hashes: Any, lengths: Any, n: int) -> tuple[Any, Any]:
+def shingle_hashes(token_hashes: Any, lengths: Any, n: Any) -> tuple[Any, Any]:
     """Hashes of the n-token windows of each document, from its tokens' hashes laid end to end.
 
     `token_hashes` holds every document's token hashes one after another, `lengths` how many each
-    has. A document shorter than n tokens gives one shingle (all its tokens), an empty one none.
-    Returns (shingles laid end to end, shingles per document)."""
+    has, `n` the window (one for all documents, or one per document). A document shorter than its
+    n tokens gives one shingle (all its tokens), an empty one none. Returns (shingles laid end to
+    end, shingles per document)."""
     import numpy as np
 
     h = np.asarray(token_hashes, dtype=np.uint64)
     lengths = np.asarray(lengths, dtype=np.int64)
+    n = np.broadcast_to(np.asarray(n, np.int64), lengths.shape)
+    counts = np.where(lengths >= n, lengths - n + 1, np.minimum(lengths, 1))
     total = h.size
     if total == 0:
-        return np.zeros(0, np.uint64), np.zeros(lengths.size, np.int64)
+        return np.zeros(0, np.uint64), counts
     ends = np.cumsum(lengths)
-    starts = ends - lengths
-    pos = np.arange(total, dtype=np.int64)
-    end_of = np.repeat(ends, lengths)
-    acc = h.copy()
+    widest, same_n = int(n.max()), bool((n == n.max()).all())
+    n_of_token = None if same_n else np.repeat(n, lengths)
+    # A window's hash, Horner's rule over its n tokens, for every position at once: each step adds
+    # the tokens k places on. Windows that run past their document's end are dropped below, so
+    # they may read the next document's tokens (or the zeros past the last).
+    padded = np.concatenate([h, np.zeros(widest - 1, np.uint64)])
     prime = np.uint64(0x100000001B3)
-    for k in range(1, n):
-        nxt = np.where(pos + k < end_of, h[np.minimum(pos + k, total - 1)], np.uint64(0))
-        acc = acc * prime + nxt
-    start_of = np.repeat(starts, lengths)
-    short = np.repeat(lengths < n, lengths)
-    valid = (pos + n <= end_of) | (short & (pos == start_of))
-    counts = np.where(lengths >= n, lengths - n + 1, np.minimum(lengths, 1))
-    return fmix64(acc[valid] + np.uint64(n)), counts
+    acc = h.copy()
+    for k in range(1, widest):
+        step = acc * prime + padded[k: k + total]
+        acc = step if same_n else np.where(k < n_of_token, step, acc)
+    # A document shorter than its n keeps one window, at its first token, of its tokens then zeros.
+    short = np.flatnonzero((lengths > 0) & (lengths < n))
+    if short.size:
+        first, size, wide = ends[short] - lengths[short], lengths[short], n[short]
+        window = h[first]
+        for k in range(1, widest):
+            token = np.where(k < size, h[np.minimum(first + k, total - 1)], np.uint64(0))
+            window = np.where(k < wide, window * prime + token, window)
+        acc[first] = window
+    # The last min(n, length) - 1 positions of a document start no window of their own.
+    keep = np.ones(total, bool)
+    span = np.minimum(n, lengths)
+    for j in range(1, widest):
+        keep[ends[span > j] - j] = False
+    salt = np.uint64(widest) if same_n else np.repeat(n.astype(np.uint64), counts)
+    return fmix64(acc[keep] + salt), counts
+
+
+SHINGLE_CHUNK_CHARS = 1 << 18
+"""Characters `shingle_texts` takes at a time: every pass over them allocates arrays of their
+size, and small ones are reused chunk after chunk (warm in the cache, their pages already
+mapped) where a whole batch's would each take fresh memory."""
 
 
 def shingle_texts(norms: list[str], word_ngram: int, char_ngram: int, cjk_share: float) -> tuple[Any, Any]:
@@ -106,62 +133,64 @@ def shingle_texts(norms: list[str], word_ngram: int, char_ngram: int, cjk_share:
     A text whose tokens are at least `cjk_share` CJK characters is shingled by characters: every
     word character is a token and a shingle is `char_ngram` of them. Any other text is shingled
     by words: a token is a run of word characters or one CJK character (what `TOKEN_RE` finds),
-    and a shingle is `word_ngram` tokens. Punctuation and spacing never count. All of it runs on
-    the code points of the whole batch at once (a class lookup table, then a polynomial hash of
-    each token's characters), so no text becomes one Python string per token."""
+    and a shingle is `word_ngram` tokens. Punctuation and spacing never count. It runs on the
+    code points of many texts at once (`SHINGLE_CHUNK_CHARS` at a time), so no text becomes one
+    Python string per token."""
     import numpy as np
 
-    d = len(norms)
-    lengths = np.fromiter(map(len, norms), np.int64, d)
+    lengths = np.fromiter(map(len, norms), np.int64, len(norms))
+    ends = np.cumsum(lengths)
+    # A chunk ends with the text that reaches the next multiple of SHINGLE_CHUNK_CHARS.
+    cuts = np.searchsorted(ends, np.arange(SHINGLE_CHUNK_CHARS, int(ends[-1]) if ends.size else 0,
+                                           SHINGLE_CHUNK_CHARS)) + 1
+    bounds = np.unique(np.concatenate(([0], cuts, [len(norms)]))).tolist()
+    parts = [_shingle_chunk(norms[lo:hi], lengths[lo:hi], word_ngram, char_ngram, cjk_share)
+             for lo, hi in zip(bounds[:-1], bounds[1:])]
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _shingle_chunk(norms: list[str], lengths: Any, word_ngram: int, char_ngram: int,
+                   cjk_share: float) -> tuple[Any, Any]:
+    """`shingle_texts` of a few texts (`lengths`: their lengths), all their code points at once."""
+    import numpy as np
+
     cp = np.frombuffer("".join(norms).encode("utf-32-le", "surrogatepass"), np.uint32)
-    cls = _char_classes()[np.minimum(cp, 0xFFFF)]
-    astral = np.flatnonzero(cp > 0xFFFF)
-    if astral.size:  # beyond the BMP only the CJK extensions count (emoji are not words)
-        high = cp[astral]
-        cls[astral] = np.where(np.any([(high >= lo) & (high <= hi) for lo, hi in _CJK_ASTRAL], axis=0), 2, 0)
-    doc_of = np.repeat(np.arange(d, dtype=np.int32), lengths)
-    starts = np.cumsum(lengths) - lengths
-    nonempty = starts[lengths > 0]
-    word = cls == 1
+    cls = _char_classes()[cp]
+    starts = (np.cumsum(lengths) - lengths)[lengths > 0]
+
+    def per_text(mask: Any) -> Any:
+        """How many characters of each text `mask` marks."""
+        counts = np.zeros(lengths.size, np.int64)
+        if starts.size:
+            counts[lengths > 0] = np.add.reduceat(mask, starts, dtype=np.int64)
+        return counts
+
+    word, cjk_char = cls == 1, cls == 2
     run_start = word.copy()  # first character of a run of (non-CJK) word characters
     run_start[1:] &= ~word[:-1]
-    run_start[nonempty] = word[nonempty]
-    n_cjk = np.bincount(doc_of[cls == 2], minlength=d)
-    n_tokens = n_cjk + np.bincount(doc_of[run_start], minlength=d)
+    run_start[starts] = word[starts]
+    n_cjk = per_text(cjk_char)
+    n_tokens = n_cjk + per_text(run_start)
     cjk = (n_tokens > 0) & (n_cjk >= cjk_share * n_tokens)
 
     # Token starts: every word character in a CJK text; a word run's first character or a CJK
-    # character otherwise. Each token's hash: sum of code point * 31^k over its characters.
+    # character otherwise. Each token's hash: sum of code point * 31^min(k, 63) over its
+    # characters k, mixed.
     in_token = cls > 0
-    cjk_char = cjk[doc_of]
-    token_start = np.where(cjk_char, in_token, run_start | (cls == 2))
-    chars = np.flatnonzero(in_token)
-    first = token_start[chars]
-    tok_first = np.flatnonzero(first)  # index into `chars` of each token's first character
-    tok_of = np.cumsum(first) - 1
-    within = np.arange(chars.size) - tok_first[tok_of]
-    powers = np.uint64(31) ** np.arange(64, dtype=np.uint64)
-    weighted = cp[chars].astype(np.uint64) * powers[np.minimum(within, 63)]
-    token_hashes = fmix64(np.add.reduceat(weighted, tok_first) if tok_first.size else np.zeros(0, np.uint64))
-    tok_doc = doc_of[chars[tok_first]]
-    tok_cjk = cjk[tok_doc]
-
-    counts = np.zeros(d, np.int64)
-    parts = []
-    for mode, n in ((True, char_ngram), (False, word_ngram)):
-        where = np.flatnonzero((cjk == mode) & (n_tokens > 0))
-        if where.size:
-            sel = tok_cjk == mode
-            sh, cnt = shingle_hashes(token_hashes[sel], np.bincount(tok_doc[sel], minlength=d)[where], n)
-            counts[where] = cnt
-            parts.append((where, sh, cnt))
-    offsets = np.zeros(d + 1, np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    out = np.empty(int(offsets[-1]), np.uint64)
-    for where, sh, cnt in parts:  # back into input order
-        src = np.cumsum(cnt) - cnt
-        out[np.repeat(offsets[where] - src, cnt) + np.arange(sh.size)] = sh
-    return out, counts
+    token_start = np.where(np.repeat(cjk, lengths), in_token, run_start | cjk_char)
+    chars = cp[in_token]
+    tok_first = np.flatnonzero(token_start[in_token])  # each token's first character in `chars`
+    within = np.arange(chars.size)
+    within -= np.repeat(tok_first, np.diff(tok_first, append=chars.size))
+    np.minimum(within, 63, out=within)
+    weighted = (np.uint64(31) ** np.arange(64, dtype=np.uint64))[within]
+    weighted *= chars
+    token_hashes = fmix64(np.add.reduceat(weighted, tok_first)) if tok_first.size else np.zeros(0, np.uint64)
+    return shingle_hashes(token_hashes, per_text(token_start), np.where(cjk, char_ngram, word_ngram))
 
 
 class _UnionFind:

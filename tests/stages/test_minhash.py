@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from stages.common import minhash
 from stages.common.minhash import candidate_pairs, lsh_bands, shingle_hashes, shingle_texts
 
 
@@ -25,6 +27,21 @@ def test_shingles_ignore_punctuation_and_count_cjk_by_characters() -> None:
     assert counts.tolist() == [4, 4, 3, 0]
     first, second = hashes[:4], hashes[4:8]
     assert first.tolist() == second.tolist()
+
+
+def test_shingles_do_not_depend_on_how_the_texts_are_chunked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Texts are shingled a chunk of characters at a time; a chunk boundary anywhere (inside a
+    word run, between empty texts, past a CJK text shorter than its shingle) changes nothing."""
+    texts = ["", "the cat sat on the mat", "", "中文", "a 中 b 文 c", "x" * 70 + " y z", "😀 𠀀𠀁 w", "",
+             "the cat, sat on the mat!"] * 3
+    for n in ((3, 2), (2, 2), (1, 4)):
+        whole = shingle_texts(texts, *n, 0.3)
+        for chunk in (1, 5, 40):
+            monkeypatch.setattr(minhash, "SHINGLE_CHUNK_CHARS", chunk)
+            hashes, counts = shingle_texts(texts, *n, 0.3)
+            assert counts.tolist() == whole[1].tolist() and hashes.tolist() == whole[0].tolist()
+        monkeypatch.undo()
+    assert shingle_texts(texts, 3, 2, 0.3)[1].tolist()[:5] == [0, 4, 0, 1, 4]
 
 
 def test_candidate_pairs_share_a_band() -> None:

@@ -47,9 +47,9 @@ def test_one_cjk_definition_for_clean_and_dedup() -> None:
     assert Doc("한국어 문장", "ko", 1.0).tokens == ["한", "국", "어", "문", "장"]
     assert TOKEN_RE.findall("한국어 text") == ["한", "국", "어", "text"]
     table = _char_classes()
-    bmp_cjk = [cp for lo, hi in CJK_RANGES if hi <= 0xFFFF for cp in range(lo, hi + 1)]
-    assert (table[bmp_cjk] == 2).all() and int((table == 2).sum()) == len(bmp_cjk)
-    assert table[ord("a")] == 1 and table[ord(",")] == 0
+    cjk = [cp for lo, hi in CJK_RANGES for cp in range(lo, hi + 1)]
+    assert (table[cjk] == 2).all() and int((table == 2).sum()) == len(cjk)
+    assert table[ord("a")] == 1 and table[ord(",")] == 0 and table[ord("😀")] == 0
     assert np.uint8(table[ord("7")]) == 1
 
 
