@@ -381,7 +381,7 @@ def run(cfg: DedupConfig, paths: Paths, data: DataConfig) -> dict[str, Any]:
     tallies: dict[str, Tally] = {}
     stats: dict[str, Any] = {}
     drop: dict[str, list[int]] = {}
-    chosen: list[tuple[str, int, KindResult]] = []  # (kind, row of its duplicates, its result)
+    chosen: list[tuple[str, int, KindResult, str, str]] = []  # (kind, row of its duplicates, result, ids)
     for kind in stage.kinds:
         mine = [t for t in stage.tasks if t.kind == kind]
         result = one_shard(kind, mine[0], cfg) if len(mine) == 1 else dedup_kind(kind, mine, cfg)
@@ -394,12 +394,12 @@ def run(cfg: DedupConfig, paths: Paths, data: DataConfig) -> dict[str, Any]:
         tallies[kind], stats[kind] = result.tally, result.stats
         ids, near = result.ids(dup.index), dup.near.tolist()
         shown = sorted(range(len(dup)), key=lambda k: (not near[k], ids[k]))[: cfg.samples - len(chosen)]
-        chosen += [(kind, k, result) for k in shown]
+        chosen += [(kind, k, result, ids[k], s) for k, s in zip(shown, result.ids(dup.survivor[shown]))]
         log.info("dedup %s: %d in, %d out, dropped %s", kind, result.tally.docs_in, result.tally.docs_out,
                  dict(result.tally.dropped))
 
     show: dict[str, list[int]] = {}
-    for kind, k, result in chosen:
+    for kind, k, result, *_ in chosen:
         for i in (int(result.duplicates.index[k]), int(result.duplicates.survivor[k])):
             shard, pos = result.where(i)
             show.setdefault(f"{kind}/{shard}", []).append(pos)
@@ -413,11 +413,11 @@ def run(cfg: DedupConfig, paths: Paths, data: DataConfig) -> dict[str, Any]:
         shard, pos = result.where(i)
         return texts[f"{kind}/{shard}"][str(pos)]
 
-    def sample(kind: str, k: int, result: KindResult) -> dict[str, Any]:
+    def sample(kind: str, k: int, result: KindResult, id_: str, survivor_id: str) -> dict[str, Any]:
         dup = result.duplicates
         index, survivor = int(dup.index[k]), int(dup.survivor[k])
-        return {"kind": kind, "id": result.ids([index])[0], "reason": dup.reason(k),
-                "duplicate_of": result.ids([survivor])[0], "similarity": float(dup.similarity[k]),
+        return {"kind": kind, "id": id_, "reason": dup.reason(k),
+                "duplicate_of": survivor_id, "similarity": float(dup.similarity[k]),
                 "text": text(kind, result, index), "survivor_text": text(kind, result, survivor)}
 
     write_jsonl(report / "samples_dropped.jsonl", [sample(*c) for c in chosen])
