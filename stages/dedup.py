@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 from stages.common.config import Paths, StageConfig
 from stages.common.datastage import DataStage, checked
 from stages.common.duplicates import EXACT, NEAR, Duplicate, dedup_texts, digest, normalize_all, tally_of
-from stages.common.io import Tally, record_text, write_jsonl
+from stages.common.io import TEXT_FIELDS, Tally, record_text, write_jsonl
 from stages.common.minhash import lsh_bands, pairs_in_band, shingle_texts, signatures, unique_pairs, verify
 from stages.common.runner import run_stage
 from stages.common.shards import DataConfig, ShardTask, read_shard, write_array, write_arrays, write_table
@@ -77,7 +77,7 @@ def sketch_shard(task: ShardTask, cfg: DedupConfig) -> dict[str, Any]:
     step 2 shingles again the few records whose band keys collide."""
     import numpy as np
 
-    records = read_shard(task.source).to_pylist()
+    records = read_shard(task.source, columns=TEXT_FIELDS[task.kind]).to_pylist()  # the text alone
     norms = normalize_all([record_text(task.kind, r) for r in records])
     arrays = {"digests": np.frombuffer(b"".join(digest(t) for t in norms), np.uint8).reshape(-1, 16),
               "lengths": np.fromiter(map(len, norms), np.int32, len(norms))}
@@ -331,8 +331,9 @@ def _near(dropped: Any, lengths: Any, tasks: list[ShardTask], starts: Any, files
         written = 0
         for s in np.unique(shard_of).tolist():
             at = np.flatnonzero(shard_of == s)
-            records = read_shard(tasks[s].source).take((ranked[at] - starts[s]).tolist()).to_pylist()
-            shingles, sizes = shingle_texts(normalize_all([record_text(tasks[s].kind, r) for r in records]),
+            kind, wanted = tasks[s].kind, (ranked[at] - starts[s]).tolist()
+            records = read_shard(tasks[s].source, columns=TEXT_FIELDS[kind]).take(wanted).to_pylist()
+            shingles, sizes = shingle_texts(normalize_all([record_text(kind, r) for r in records]),
                                             cfg.word_ngram, cfg.char_ngram, cfg.cjk_share)
             del records
             for r, part in zip(at.tolist(), np.split(shingles, np.cumsum(sizes)[:-1])):
@@ -361,7 +362,7 @@ def one_shard(kind: str, task: ShardTask, cfg: DedupConfig) -> KindResult:
     and read back; rensa's LSH index flags the documents whose signatures are read back)."""
     import numpy as np
 
-    records = read_shard(task.source).to_pylist()
+    records = read_shard(task.source, columns=["id", *TEXT_FIELDS[kind]]).to_pylist()
     ids = [str(r["id"]) for r in records]
     result = dedup_texts([record_text(kind, r) for r in records], ids, cfg, near=cfg.near and kind == "corpus")
     return KindResult(Dropped.of(result.duplicates), result.tally, result.stats, [task], np.zeros(1, np.int64))
