@@ -26,7 +26,7 @@ from stages.common.config import Paths, StageConfig
 from stages.common.datastage import DataStage, checked
 from stages.common.duplicates import EXACT, NEAR, Duplicate, dedup_texts, digest, normalize_all, tally_of
 from stages.common.io import TEXT_FIELDS, Tally, record_text, write_jsonl
-from stages.common.minhash import lsh_bands, pairs_in_band, shingle_texts, signatures, unique_pairs, verify
+from stages.common.minhash import distinct, lsh_bands, pairs_in_band, shingle_texts, signatures, unique_pairs, verify
 from stages.common.runner import run_stage
 from stages.common.shards import DataConfig, ShardTask, read_shard, write_array, write_arrays, write_table
 
@@ -337,7 +337,7 @@ def _near(dropped: Any, lengths: Any, tasks: list[ShardTask], starts: Any, files
                                             cfg.word_ngram, cfg.char_ngram, cfg.cjk_share)
             del records
             for r, part in zip(at.tolist(), np.split(shingles, np.cumsum(sizes)[:-1])):
-                unique = np.unique(part)
+                unique = distinct(part)
                 first[r], size[r] = written, unique.size
                 spill.write(unique.tobytes())
                 written += unique.size
