@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stages.common.io import Tally
-from stages.common.minhash import near_duplicates
+from stages.common.minhash import char_chunks, near_duplicates
 
 EXACT = "exact_duplicate"
 NEAR = "near_duplicate"
@@ -35,15 +35,16 @@ def normalize_all(texts: list[str]) -> list[str]:
 
     out = list(texts)
     wide = [i for i, t in enumerate(texts) if not t.isascii()]  # ASCII is NFKC already
-    if wide:
-        lengths = [len(texts[i]) for i in wide]
-        cp = np.frombuffer("".join(texts[i] for i in wide).encode("utf-32-le", "surrogatepass"), np.uint32).copy()
+    lengths = np.fromiter((len(texts[i]) for i in wide), np.int64, len(wide))
+    for lo, hi in char_chunks(lengths):  # a chunk's code points at a time (why: CHUNK_CHARS)
+        part = wide[lo:hi]
+        cp = np.frombuffer("".join(texts[i] for i in part).encode("utf-32-le", "surrogatepass"), np.uint32).copy()
         full = (cp >= 0xFF01) & (cp <= 0xFF5E)
         cp[full] -= np.uint32(0xFEE0)
         cp[cp == 0x3000] = 0x20
         mapped = cp.tobytes().decode("utf-32-le", "surrogatepass")
         at = 0
-        for i, n in zip(wide, lengths):
+        for i, n in zip(part, lengths[lo:hi].tolist()):
             t = mapped[at: at + n]
             at += n
             out[i] = t if unicodedata.is_normalized("NFKC", t) else unicodedata.normalize("NFKC", t)

@@ -121,10 +121,22 @@ def shingle_hashes(token_hashes: Any, lengths: Any, n: Any) -> tuple[Any, Any]:
     return fmix64(acc[keep] + salt), counts
 
 
-SHINGLE_CHUNK_CHARS = 1 << 18
-"""Characters `shingle_texts` takes at a time: every pass over them allocates arrays of their
-size, and small ones are reused chunk after chunk (warm in the cache, their pages already
-mapped) where a whole batch's would each take fresh memory."""
+CHUNK_CHARS = 1 << 18
+"""Characters taken at a time where the code points of many texts go through numpy (shingles,
+normalization): every pass over them allocates arrays of their size, and small ones are reused
+chunk after chunk (warm in the cache, their pages already mapped) where a whole batch's would
+each take fresh memory."""
+
+
+def char_chunks(lengths: Any) -> list[tuple[int, int]]:
+    """(first, end) of runs of consecutive texts (`lengths`: their lengths) of about CHUNK_CHARS
+    characters each: a run ends with the text that reaches the next multiple of CHUNK_CHARS."""
+    import numpy as np
+
+    ends = np.cumsum(lengths)
+    cuts = np.searchsorted(ends, np.arange(CHUNK_CHARS, int(ends[-1]) if ends.size else 0, CHUNK_CHARS)) + 1
+    bounds = np.unique(np.concatenate(([0], cuts, [len(lengths)]))).tolist()
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def shingle_texts(norms: list[str], word_ngram: int, char_ngram: int, cjk_share: float) -> tuple[Any, Any]:
@@ -134,18 +146,13 @@ def shingle_texts(norms: list[str], word_ngram: int, char_ngram: int, cjk_share:
     word character is a token and a shingle is `char_ngram` of them. Any other text is shingled
     by words: a token is a run of word characters or one CJK character (what `TOKEN_RE` finds),
     and a shingle is `word_ngram` tokens. Punctuation and spacing never count. It runs on the
-    code points of many texts at once (`SHINGLE_CHUNK_CHARS` at a time), so no text becomes one
-    Python string per token."""
+    code points of many texts at once (`char_chunks`), so no text becomes one Python string per
+    token."""
     import numpy as np
 
     lengths = np.fromiter(map(len, norms), np.int64, len(norms))
-    ends = np.cumsum(lengths)
-    # A chunk ends with the text that reaches the next multiple of SHINGLE_CHUNK_CHARS.
-    cuts = np.searchsorted(ends, np.arange(SHINGLE_CHUNK_CHARS, int(ends[-1]) if ends.size else 0,
-                                           SHINGLE_CHUNK_CHARS)) + 1
-    bounds = np.unique(np.concatenate(([0], cuts, [len(norms)]))).tolist()
     parts = [_shingle_chunk(norms[lo:hi], lengths[lo:hi], word_ngram, char_ngram, cjk_share)
-             for lo, hi in zip(bounds[:-1], bounds[1:])]
+             for lo, hi in char_chunks(lengths)]
     if len(parts) == 1:
         return parts[0]
     if not parts:

@@ -37,7 +37,7 @@ def test_shingles_do_not_depend_on_how_the_texts_are_chunked(monkeypatch: pytest
     for n in ((3, 2), (2, 2), (1, 4)):
         whole = shingle_texts(texts, *n, 0.3)
         for chunk in (1, 5, 40):
-            monkeypatch.setattr(minhash, "SHINGLE_CHUNK_CHARS", chunk)
+            monkeypatch.setattr(minhash, "CHUNK_CHARS", chunk)
             hashes, counts = shingle_texts(texts, *n, 0.3)
             assert counts.tolist() == whole[1].tolist() and hashes.tolist() == whole[0].tolist()
         monkeypatch.undo()
