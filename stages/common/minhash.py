@@ -251,8 +251,9 @@ def near_duplicates(norms: list[str], cfg: Any) -> tuple[list[tuple[int, int, fl
         if n > cfg.batch_size:
             rate = done / max(time.perf_counter() - started, 1e-9)
             log.info("dedup: sketched %d/%d documents (%.0f docs/s, ETA %.0fs)", done, n, rate, (n - done) / rate)
-    counts = np.concatenate(count_parts)
-    shingles = np.concatenate(shingle_parts)
+    one = len(shingle_parts) == 1  # no copy of the one batch's arrays
+    counts, shingles = (count_parts[0], shingle_parts[0]) if one else (np.concatenate(count_parts),
+                                                                      np.concatenate(shingle_parts))
     offsets = np.zeros(n + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
     has = np.flatnonzero(counts > 0)  # a text without word characters cannot be a near duplicate
