@@ -16,9 +16,9 @@ tokenizer (words, and each CJK character alone: as fast as tokenizing gets, and 
 Chinese); and its xxhash call is given UTF-8 bytes, which xxhash 4 requires.
 
 Goals: the stage removes >= 97% of planted duplicates, loses <= 0.05% of unique documents, and
-runs >= 5x datatrove's throughput.
+runs >= 6x datatrove's throughput, its input in one shard or in --shards of them.
 
-    python -m bench.dedup_bench [--docs 10000] [--out bench/out] [--seed 0]
+    python -m bench.dedup_bench [--docs 10000] [--shards 1] [--out bench/out] [--seed 0]
 """
 
 from __future__ import annotations
@@ -356,10 +356,13 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_ours(corpus: list[Doc], out: Path, cfg: DedupConfig,
-             data: DataConfig) -> tuple[set[str], float, float, dict[str, Any]]:
+def run_ours(corpus: list[Doc], out: Path, cfg: DedupConfig, data: DataConfig,
+             shards: int) -> tuple[set[str], float, float, dict[str, Any]]:
     paths = Paths(**{name: out / name for name in Paths.model_fields})
-    write_records(paths.decontam, "corpus", [{"id": d.id, "source": "bench", "text": d.text} for d in corpus])
+    records = [{"id": d.id, "source": "bench", "text": d.text} for d in corpus]
+    size = -(-len(records) // shards)
+    for k in range(shards):  # one shard: the kind's only one (the stage skips its sketch step)
+        write_records(paths.decontam, "corpus", records[k * size: (k + 1) * size], index=k if shards > 1 else None)
     _char_classes.cache_clear()  # every run pays for the stage's lookup tables, as a fresh process does
     lsh_bands.cache_clear()
     gc.collect()
@@ -481,6 +484,7 @@ def prepare_datatrove() -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.dedup_bench", description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, default=10_000, help="documents in the planted corpus")
+    ap.add_argument("--shards", type=int, default=1, help="shards of the stage's input (datatrove reads one file)")
     ap.add_argument("--out", type=Path, default=Path("bench/out"), help="scratch folder")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3, help="runs of each method; the fastest counts")
@@ -509,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{info['near_copy_jaccard_median']}", flush=True)
 
     # Every method once per round, rounds repeated: load from elsewhere hits all methods alike.
-    methods: list[tuple[str, Any]] = [("llm-forge dedup stage", lambda o: run_ours(corpus, o, cfg, data))]
+    ours_name = "llm-forge dedup stage" + (f", {args.shards} shards" if args.shards > 1 else "")
+    methods: list[tuple[str, Any]] = [(ours_name, lambda o: run_ours(corpus, o, cfg, data, args.shards))]
     if not args.no_datatrove:
         from datatrove.pipeline.dedup.minhash import MinhashConfig  # a dev dependency
 
@@ -529,7 +534,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {r + 1}: {name}: {wall:.2f}s wall, {cpu:.2f}s CPU", flush=True)
             b = best.setdefault(name, {"wall": wall, "cpu": cpu, "eval": evaluate(corpus, kept), "metrics": metrics})
             b["wall"], b["cpu"] = min(b["wall"], wall), min(b["cpu"], cpu)
-    ours_name = methods[0][0]
     m = best[ours_name]["metrics"]["kinds"]["corpus"]
     print(f"ours: bands x rows {m.get('bands')}x{m.get('rows')}, LSH flagged {m.get('lsh_flagged')}, candidate "
           f"pairs {m.get('candidate_pairs')}, checked {m.get('checked_pairs')}, confirmed {m.get('confirmed_pairs')}")
@@ -560,10 +564,14 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     ev = ours["eval"]
     fastest_dt = min((b["wall"] for name, b in best.items() if name != ours_name), default=None)
+    # a 2-worker run's CPU time is in processes this one cannot see
+    fastest_cpu = min((b["cpu"] for name, b in best.items() if name != ours_name and "2 workers" not in name),
+                      default=None)
     goals = {
         "dups removed >= 97%": ev["dups_removed_pct"] >= 97.0,
         "unique lost <= 0.05%": ev["unique_lost_pct"] <= 0.05,
-        ">= 5x datatrove": fastest_dt is not None and fastest_dt >= 5 * ours["wall"],
+        ">= 6x datatrove (wall)": fastest_dt is not None and fastest_dt >= 6 * ours["wall"],
+        ">= 6x datatrove (CPU)": fastest_cpu is not None and fastest_cpu >= 6 * ours["cpu"],
     }
     print("goals: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in goals.items()))
     (out / "results.md").write_text(table + "\n", encoding="utf-8")
