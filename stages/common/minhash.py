@@ -185,8 +185,8 @@ def _shingle_chunk(norms: list[str], lengths: Any, word_ngram: int, char_ngram: 
     cjk = (n_tokens > 0) & (n_cjk >= cjk_share * n_tokens)
 
     # Token starts: every word character in a CJK text; a word run's first character or a CJK
-    # character otherwise. Each token's hash: sum of code point * 31^min(k, 63) over its
-    # characters k, mixed.
+    # character otherwise. Each token's hash: sum of code point * 31^k over its characters k (k
+    # capped at the last power in the table below), mixed.
     in_token = cls > 0
     token_start = np.where(np.repeat(cjk, lengths), in_token, run_start | cjk_char)
     chars = cp[in_token]
