@@ -331,9 +331,8 @@ def _near(dropped: Any, lengths: Any, tasks: list[ShardTask], starts: Any, files
         written = 0
         for s in np.unique(shard_of).tolist():
             at = np.flatnonzero(shard_of == s)
-            kind, wanted = tasks[s].kind, (ranked[at] - starts[s]).tolist()
-            records = read_shard(tasks[s].source, columns=TEXT_FIELDS[kind]).take(wanted).to_pylist()
-            shingles, sizes = shingle_texts(normalize_all([record_text(kind, r) for r in records]),
+            records = read_shard(tasks[s].source).take((ranked[at] - starts[s]).tolist()).to_pylist()
+            shingles, sizes = shingle_texts(normalize_all([record_text(tasks[s].kind, r) for r in records]),
                                             cfg.word_ngram, cfg.char_ngram, cfg.cjk_share)
             del records
             for r, part in zip(at.tolist(), np.split(shingles, np.cumsum(sizes)[:-1])):
