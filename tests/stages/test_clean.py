@@ -13,7 +13,7 @@ import yaml
 
 from stages import clean
 from stages.clean import Cleaner
-from stages.common import markup, quality
+from stages.common import markup, pii, quality
 from stages.common.config import Paths
 from stages.common.io import Drop, read_records, write_records
 from stages.common.quality import Doc
@@ -136,6 +136,35 @@ def test_no_pii_false_positive_on_numbers_and_dates() -> None:
     text = ("On 12 March 2003 the firm earned 1,234,567 dollars (up 4.5%). Version 3.2.1 shipped in "
             "1998 2001 2003; call ext. 42, room 101. 中国运动员共获得１１２３个世界冠军。")
     assert Cleaner(CFG).text(text) == (text, {})
+
+
+# Matches of every pattern in other spellings: case, separators, several in one text.
+PII_MORE = [
+    "BEARER abcdefghijklmnopqrstuvwxyz0123 and bEaReR " + "x1" * 12,
+    "mail a.b@c.de, x_y+z@mail.example.org",
+    "call 020 7946 0958, 555.123.4567, 555-123-4567, +1 (555) 123 4567 or (020) 555-0199",
+    "ip 10.0.0.1 and fe80:0:0:0:0:0:0:1 and DEAD:BEEF:0:0:0:0:0:1",
+    "github_pat_" + "A1_b" * 16 + " ghs_" + "x" * 36,
+    "rk-" + "x" * 24 + " pk-" + "y_" * 12 + " xoxp-1234567890-abc ASIA" + "Q" * 16,
+    "-----BEGIN PRIVATE KEY-----\nabc\n-----END PRIVATE KEY-----",
+]
+
+
+def test_pii_gates_pass_every_match() -> None:
+    """`redact` skips a pattern where its gate finds nothing, so each gate must pass every match of
+    its pattern, and redaction must equal running all ten patterns."""
+    texts = [*PII.values(), *PII_MORE, "On 12 March 2003: 1,234,567 dollars (up 4.5%), version 3.2.1."]
+    matched = set()
+    for text in texts:
+        expected, counts = text, {}
+        for name, pattern in pii.PATTERNS.items():
+            for found in pattern.finditer(expected):
+                matched.add(name)
+                assert pii.GATES[name](found.group()), f"{name} gate misses {found.group()!r}"
+            expected, n = pattern.subn(pii.PLACEHOLDERS[name], expected)
+            counts.update({name: n} if n else {})
+        assert pii.redact(text) == (expected, counts)
+    assert matched == set(pii.PATTERNS)
 
 
 # --- corpus rules -----------------------------------------------------------------------------
