@@ -84,18 +84,20 @@ class LanguageId:
         # (first seen first), which sets the order their scores are summed in and so their last bits.
         # One plain sort of (feature, position) keys groups the visits by feature and, within a
         # feature, by text (texts lie one after the other); a group's first key is its first visit.
+        # Each group's count, written at its first visit, then reads back in text order.
         features = self.output[states]
         at = np.flatnonzero(features >= 0)
         shift = max(int(data.size).bit_length(), 1)
         keys = np.sort((features[at].astype(np.int64) << shift) | at)
         feature, position = keys >> shift, keys & ((1 << shift) - 1)
-        text_of = np.searchsorted(starts, position, side="right") - 1
+        text_of = np.repeat(np.arange(len(texts), dtype=np.int32), size)[position]
         new = np.flatnonzero((feature[1:] != feature[:-1]) | (text_of[1:] != text_of[:-1])) + 1
         first = np.concatenate(([0], new)) if keys.size else new
-        counts = np.diff(first, append=keys.size).astype(np.float32)  # py3langid scores float32 counts
-        seen = np.argsort(position[first])  # first visits are distinct positions: by text, first seen first
-        ids, counts, text_of = feature[first][seen].astype(np.intp), counts[seen], text_of[first][seen]
-        bounds = np.searchsorted(text_of, np.arange(len(texts) + 1), side="left").tolist()
+        count_at = np.zeros(data.size, np.float32)  # py3langid scores float32 counts
+        count_at[position[first]] = np.diff(first, append=keys.size)
+        visited = np.flatnonzero(count_at)  # each text's features, first seen first
+        ids, counts = features[visited].astype(np.intp), count_at[visited]
+        bounds = np.searchsorted(visited, np.append(starts, data.size), side="left").tolist()
         out: list[tuple[str, float]] = [("", 0.0)] * len(texts)
         for j, i in enumerate(order.tolist()):
             model.visits = (ids[bounds[j]: bounds[j + 1]], counts[bounds[j]: bounds[j + 1]])
