@@ -188,12 +188,15 @@ class Words:
         self._keys = (n, key)
         return key
 
-    def ngram_chars(self, n: int) -> Any:
-        """The word characters of each run of n words."""
+    @cached_property
+    def _ends(self) -> Any:
         import numpy as np
 
-        ends = np.cumsum(self.length)
-        return ends[n - 1:] - np.concatenate(([0], ends[:-n]))
+        return np.concatenate(([0], np.cumsum(self.length)))
+
+    def ngram_chars(self, n: int) -> Any:
+        """The word characters of each run of n words."""
+        return self._ends[n:] - self._ends[:-n]
 
     def strings(self, text: str, lo: int, hi: int) -> list[str]:
         """Words lo..hi-1 as strings."""
@@ -460,15 +463,18 @@ def top_ngrams(doc: Doc, max_fractions: dict[int, float], cjk_scale: int = 1) ->
     import numpy as np
 
     view = doc.view
+    ceiling: int | None = None  # the top count of a shorter size: no longer n-gram occurs more often
     for n, max_frac, total in _ngram_sizes(doc, max_fractions, cjk_scale):
+        spans = view.ngram_chars(n)
+        if ceiling is not None and int(spans.max()) * ceiling / total <= max_frac:
+            continue  # not even the longest n-gram at the ceiling's count would cover too much
         keys = view.ngram_keys(n)
         ordered = np.sort(keys)
         bounds = np.concatenate(([0], np.flatnonzero(ordered[1:] != ordered[:-1]) + 1, [ordered.size]))
         counts = bounds[1:] - bounds[:-1]
-        count = int(counts.max())
+        count = ceiling = int(counts.max())
         if count < 2:
             return None  # no n-gram repeats, so no longer one does either
-        spans = view.ngram_chars(n)
         if int(spans.max()) * count / total <= max_frac:
             continue  # not even the longest n-gram would cover too much that often
         top = ordered[bounds[:-1][counts == count]]
@@ -488,13 +494,17 @@ def dup_ngrams(doc: Doc, max_fractions: dict[int, float], cjk_scale: int = 1) ->
     for n, max_frac, total in _ngram_sizes(doc, max_fractions, cjk_scale):
         keys = view.ngram_keys(n)
         ordered = np.sort(keys)
-        if not (ordered[1:] == ordered[:-1]).any():
+        repeats = int(np.count_nonzero(ordered[1:] == ordered[:-1]))  # occurrences after an n-gram's first
+        if not repeats:
             return None  # no n-gram repeats, so no longer one does either
+        spans_array = view.ngram_chars(n)
+        if repeats * int(spans_array.max()) / total <= max_frac:
+            continue  # the scan counts some of those occurrences, none longer than the longest n-gram
         # Every n-gram before the first repeat is new; from there the scan skips a repeated
         # n-gram whole, so it runs in order.
         order = np.argsort(keys, kind="stable")
         i = int(order[1:][keys[order[1:]] == keys[order[:-1]]].min())  # the first occurrence that is not a first
-        spans = view.ngram_chars(n).tolist()
+        spans = spans_array.tolist()
         key_list = keys.tolist()
         seen = set(key_list[:i])
         repeated = 0

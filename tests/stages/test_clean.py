@@ -4,6 +4,8 @@ on a small raw folder (nothing lost: every record is kept or quarantined with it
 from __future__ import annotations
 
 import json
+import random
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -434,6 +436,60 @@ def test_rules_on_arrays_see_the_words_the_token_pattern_finds() -> None:
         equal = {(a, b) for a in range(len(words)) for b in range(len(words)) if words[a] == words[b]}
         hashes = d.view.hashes.tolist()
         assert {(a, b) for a in range(len(words)) for b in range(len(words)) if hashes[a] == hashes[b]} == equal
+
+
+def _gopher_top_ngrams(words: list[str], max_fractions: dict[int, float]) -> Drop | None:
+    """Gopher's top n-gram rule on lists of words, as written before the array version."""
+    total = sum(map(len, words))
+    for n, max_frac in sorted(max_fractions.items()):
+        if len(words) >= n and total:
+            (top, count), = Counter(tuple(words[i: i + n]) for i in range(len(words) - n + 1)).most_common(1)
+            if count < 2:
+                return None
+            if (frac := sum(map(len, top)) * count / total) > max_frac:
+                return Drop("top_ngram", f"top {n}-gram {' '.join(top)!r} x{count} covers {frac:.2f} > {max_frac:.2f}")
+    return None
+
+
+def _gopher_dup_ngrams(words: list[str], max_fractions: dict[int, float]) -> Drop | None:
+    """Gopher's repeated n-gram rule on lists of words (non-overlapping, in order)."""
+    total = sum(map(len, words))
+    for n, max_frac in sorted(max_fractions.items()):
+        if len(words) >= n and total:
+            grams = [tuple(words[i: i + n]) for i in range(len(words) - n + 1)]
+            if len(set(grams)) == len(grams):
+                return None
+            seen: set[tuple[str, ...]] = set()
+            repeated = i = 0
+            while i < len(grams):
+                if grams[i] in seen:
+                    repeated, i = repeated + sum(map(len, grams[i])), i + n
+                else:
+                    seen.add(grams[i])
+                    i += 1
+            if (frac := repeated / total) > max_frac:
+                return Drop("dup_ngrams", f"chars in repeated {n}-grams {frac:.2f} > {max_frac:.2f}")
+    return None
+
+
+def test_ngram_rules_on_arrays_decide_as_gopher_on_lists() -> None:
+    """The array versions skip sizes whose counts cannot exceed the share (a longer n-gram never
+    occurs more often than the top shorter one; the scan counts only repeated occurrences): on
+    texts from small vocabularies, repeated a little or a lot, they decide as the list versions."""
+    rng = random.Random(7)
+    vocab = ["a", "of", "the", "river", "councillors", "approved", "it", "budget", "extraordinarily", "x"]
+    thresholds = [{2: 0.2, 3: 0.18, 4: 0.16}, {2: 0.05, 3: 0.3, 4: 0.02}, {5: 0.15, 6: 0.14, 8: 0.12, 10: 0.1},
+                  {5: 0.02, 7: 0.5, 9: 0.01}]
+    decided = Counter()
+    for _ in range(300):
+        words = [rng.choice(vocab[: rng.randint(3, len(vocab))]) for _ in range(rng.randint(1, 20))]
+        text = " ".join(words * rng.randint(1, 3) + [rng.choice(vocab) + str(i) for i in range(rng.randint(0, 300))])
+        d = doc(text)
+        for fractions in thresholds:
+            for rule, gopher in ((quality.top_ngrams, _gopher_top_ngrams), (quality.dup_ngrams, _gopher_dup_ngrams)):
+                assert rule(d, fractions) == gopher(d.words, fractions), (rule.__name__, fractions, text)
+                decided[reason(rule(d, fractions))] += 1
+    assert min(decided[None], decided["top_ngram"], decided["dup_ngrams"]) > 50  # both ways, often
 
 
 def test_top_ngram_names_the_first_of_the_most_frequent() -> None:
