@@ -226,10 +226,11 @@ def letterless_line(line: str) -> str | None:
     return None if any(c.isalpha() for c in line) else "no_letters"
 
 
-def phrase_line(line: str, reason: str, phrases: list[str]) -> str | None:
-    """C4: a line that mentions one of `phrases` (case-insensitive: javascript, cookie notices) goes."""
+def phrase_line(line: str, phrases: dict[str, list[str]]) -> str | None:
+    """C4: a line that mentions one of a reason's lowercase `phrases` (case-insensitive: javascript,
+    cookie notices) goes, under the first such reason; one rule for all reasons lowers a line once."""
     low = line.lower()
-    return reason if any(p in low for p in phrases) else None
+    return next((reason for reason, found in phrases.items() if any(p in low for p in found)), None)
 
 
 @dataclass
@@ -240,6 +241,8 @@ class LineCut:
     lines: Counter[str]
     chars: Counter[str]
     examples: dict[str, str]
+    removed: list[str]
+    """The removed lines (stripped)."""
 
     @cached_property
     def words(self) -> Words:
@@ -254,6 +257,7 @@ def remove_lines(text: str, rules: list[LineRule]) -> LineCut:
     lines: Counter[str] = Counter()
     chars: Counter[str] = Counter()
     examples: dict[str, str] = {}
+    removed: list[str] = []
     for line in text.split("\n"):
         stripped = line.strip()
         reason = next((r for rule in rules if (r := rule(stripped))), None) if stripped else None
@@ -263,16 +267,22 @@ def remove_lines(text: str, rules: list[LineRule]) -> LineCut:
         lines[reason] += 1
         chars[reason] += len(stripped)
         examples.setdefault(reason, stripped[:200])
-    return LineCut(re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip(), lines, chars, examples)
+        removed.append(stripped)
+    left = "\n".join(kept)
+    if "\n\n\n" in left:  # the regex only where it has something to do (a plain scan costs far less)
+        left = re.sub(r"\n{3,}", "\n\n", left)
+    return LineCut(left.strip(), lines, chars, examples, removed)
 
 
-def too_little_left(cut: LineCut, original: str, min_kept_fraction: float, min_words: int | None) -> Drop | None:
+def too_little_left(cut: LineCut, min_kept_fraction: float, min_words: int | None) -> Drop | None:
     """The document goes when the line rules removed more than a share of its words (CJK
     characters counted one each, so scripts compare), or left fewer than `min_words` of a text
     that had them; the reason names the rule that removed the most characters."""
     if not cut.lines:
         return None
-    before, after = Words.of(original).n_words, cut.words.n_words
+    # No word spans a line break, so the text's words are those left plus those of the removed lines.
+    after = cut.words.n_words
+    before = after + Words.of("\n".join(cut.removed)).n_words
     share = after / max(before, 1)
     if share >= min_kept_fraction and (min_words is None or after >= min_words or before < min_words):
         return None
@@ -287,8 +297,9 @@ def line_rules(cfg: Any) -> list[LineRule]:
     rules: list[LineRule] = []
     if cfg.remove_letterless_lines:
         rules.append(letterless_line)
-    rules += [partial(phrase_line, reason=reason, phrases=[p.lower() for p in phrases])
-              for reason, phrases in cfg.line_drop_phrases.items()]
+    if cfg.line_drop_phrases:
+        rules.append(partial(phrase_line, phrases={reason: [p.lower() for p in phrases]
+                                                   for reason, phrases in cfg.line_drop_phrases.items()}))
     if cfg.remove_unpunctuated_lines:
         rules.append(partial(unpunctuated_line, prose_min_words=cfg.prose_line_min_words))
     return rules

@@ -223,19 +223,21 @@ def test_line_rules_remove_lines() -> None:
     assert unpunctuated(" ".join(["word"] * 40)) == "no_terminal_punct"  # long, but no sentence in it
     assert quality.letterless_line("---- 12 | 34 ----") == "no_letters"
     assert quality.letterless_line("第二") is None
-    assert quality.phrase_line("Please enable JavaScript.", "javascript", ["javascript"]) == "javascript"
+    phrases = {"cookie_policy": ["cookies"], "javascript": ["javascript"]}
+    assert quality.phrase_line("Please enable JavaScript.", phrases) == "javascript"
     rules = quality.line_rules(CFG)
     cut = quality.remove_lines("Home\nNews\n\n" + ENGLISH + "\n\nThis site uses cookies.\n###", rules)
     assert cut.text == ENGLISH
     assert cut.lines == {"no_terminal_punct": 2, "cookie_policy": 1, "no_letters": 1}
-    assert quality.too_little_left(cut, ENGLISH, 0.5, 50) is None
+    assert quality.too_little_left(cut, 0.5, 50) is None
     menu = "\n".join(["Home", "About us", "Contact", "Shop", "Login"] + ["A short line here."])
     cut = quality.remove_lines(menu, rules)
-    assert reason(quality.too_little_left(cut, menu, 0.5, None)) == "no_terminal_punct_lines"
+    assert reason(quality.too_little_left(cut, 0.5, None)) == "no_terminal_punct_lines"
     # below min_words after removal, though most of the words stay
     short = "Navigation menu entry\n" + " ".join(["Words that stay."] * 16)  # 51 words, 48 left
-    dropped = quality.too_little_left(quality.remove_lines(short, rules), short, 0.5, 50)
+    dropped = quality.too_little_left(quality.remove_lines(short, rules), 0.5, 50)
     assert reason(dropped) == "no_terminal_punct_lines"
+    assert dropped.detail.startswith("line rules left 48 of 51 words")  # the text's words: those left + removed
     assert quality.drop_phrases(doc("Lorem ipsum dolor sit amet."), ["lorem ipsum"]).reason == "drop_phrase"
 
 
