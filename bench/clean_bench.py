@@ -152,7 +152,7 @@ def evaluate(cleaner: Any, texts: list[str]) -> dict[str, Any]:
                 alone[f"line:{reason}"] += 1  # touched the document (removed a line)
             words[0] += len(Doc(text, "", 1.0).words)
             words[1] += len(Doc(cut.text, "", 1.0).words)
-            if dropped := too_little_left(cut, text, cleaner.cfg.min_kept_fraction, cleaner.cfg.min_words):
+            if dropped := too_little_left(cut, cleaner.cfg.min_kept_fraction, cleaner.cfg.min_words):
                 alone[f"doc:{dropped.reason}"] += 1
             left = cut.text
         lang, conf = cleaner.langid(left) if left.strip() else ("", 0.0)

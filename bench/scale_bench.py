@@ -15,7 +15,8 @@ runs it), with the `data` section set per run:
 - the same on 1x with one worker, for the speed-up of the workers;
 - with `--demo`: only the demo's own corpus (the sources of params.yaml), local against ray: the
   Ray executor's overhead where the data is small;
-- with `--one`: only the first run, on a corpus of `--mb` (`--mb 2000`: the 2 GB corpus);
+- with `--one`: only the first run, on a corpus of `--mb` (`--mb 2000`: the 2 GB corpus); with
+  `--profile-clean` then a cProfile of `clean_shard` on its first corpus shard, in this process;
 - with `--dedup-step COPIES`: only dedup's step over all shards (`stages.dedup.dedup_kind`), on
   real sketches made many: `--mb` of corpus collected and sketched once, then its shards (and their
   sketches: digests and band keys XORed with a constant per copy, so copies never collide, and ids
@@ -41,6 +42,7 @@ per core and 4x datatrove's filters per core; collect -> clean -> dedup at least
 
     python -m bench.scale_bench [--mb 50] [--scale 4] [--workers 2] [--ray] [--out bench/out/scale]
     python -m bench.scale_bench --dedup-step 200 --mb 10    # the step at 660k records
+    python -m bench.scale_bench --one --mb 50 --profile-clean    # then clean's profile on one shard
 """
 
 from __future__ import annotations
@@ -319,6 +321,28 @@ def dedup_step(mb: float, copies: int, seed: int, pools: dict[str, list[str]], o
             "docs_in_24_gb": int((24e9 - big["before"]) / max(per_doc, whole))}
 
 
+def profile_clean(work: Path) -> None:
+    """cProfile of `stages.clean.clean_shard` on the run's first corpus shard, in this process (a
+    second shard first, so that imports and the language model's loading are not counted): the
+    functions of stages/ with the most cumulative time."""
+    import cProfile
+    import pstats
+
+    from stages.clean import CleanConfig, clean_shard
+    from stages.common.config import load_section, read_yaml
+    from stages.common.shards import ShardTask, shard_paths
+
+    cfg = load_section(CleanConfig, "clean", read_yaml(work / "params.yaml"))
+    shards = shard_paths(work / "data" / "raw", "corpus")
+    scratch = work / "profile"
+    clean_shard(ShardTask("corpus", 1, shards[1], scratch), cfg)
+    profile = cProfile.Profile()
+    profile.runcall(clean_shard, ShardTask("corpus", 0, shards[0], scratch), cfg)
+    shutil.rmtree(scratch)
+    print(f"cProfile of clean_shard on {shards[0]}:", flush=True)
+    pstats.Stats(profile).sort_stats("cumulative").print_stats("stages/", 30)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, default=50)
@@ -332,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dedup-step", type=int, default=0, metavar="COPIES",
                     help="only dedup's step over all shards, on COPIES copies of a sketched corpus of --mb")
     ap.add_argument("--no-datatrove", action="store_true", help="leave out datatrove's quality filters")
+    ap.add_argument("--profile-clean", action="store_true",
+                    help="with --one: then a cProfile of clean_shard on the run's first corpus shard")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/scale")
     args = ap.parse_args(argv)
@@ -358,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         run = measure(f"{args.mb:g}mb-local", corpus, local, args.out)
         if not args.no_datatrove:
             run["clean_vs_datatrove"] = versus(run, datatrove_filters(corpus, args.out, args.workers))
+        if args.profile_clean:
+            profile_clean(args.out / f"{args.mb:g}mb-local")
         corpus.unlink()
         (args.out / f"scale-{args.mb:g}mb.json").write_text(json.dumps(
             {key: v for key, v in run.items() if key != "files"}, indent=2) + "\n")

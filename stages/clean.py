@@ -205,7 +205,7 @@ class Cleaner:
         if not text.strip():
             return Drop("empty", f"no text left after {markup} cleaning")
         cut = remove_lines(text, self.line_rules)
-        if dropped := too_little_left(cut, text, self.cfg.min_kept_fraction, self.cfg.min_words):
+        if dropped := too_little_left(cut, self.cfg.min_kept_fraction, self.cfg.min_words):
             return dropped
         return cut, counts
 

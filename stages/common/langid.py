@@ -36,8 +36,9 @@ class LanguageId:
                 return text if isinstance(text, bytes) else LanguageIdentifier._encode(text)
 
             def _raw_score(self, text: bytes) -> Any:
-                if self.visits:
-                    return self._sparse_score(self.visits, self.table)
+                ids, counts = self.visits
+                if ids.size:  # py3langid's `_sparse_score` on these arrays: the same product
+                    return np.log1p(counts) @ self.table[ids] + self.nb_pc
                 return super()._raw_score(b"")  # no feature: py3langid's own answer for that
 
         self.model = Scored.from_model_file(MODEL_FILE, norm_probs=True)
@@ -81,19 +82,25 @@ class LanguageId:
                 states[starts[j] + step: starts[j] + size[j]] = walked
         # The features each text visits and how often, in the order py3langid's Counter holds them
         # (first seen first), which sets the order their scores are summed in and so their last bits.
+        # One plain sort of (feature, position) keys groups the visits by feature and, within a
+        # feature, by text (texts lie one after the other); a group's first key is its first visit.
+        # Each group's count, written at its first visit, then reads back in text order.
         features = self.output[states]
         at = np.flatnonzero(features >= 0)
-        text_of = np.searchsorted(starts, at, side="right") - 1
-        pairs, first, counts = np.unique(text_of * np.int64(self.output.size) + features[at], return_index=True,
-                                         return_counts=True)
-        seen = np.argsort(first, kind="stable")  # grouped by text (texts lie in order), first seen first
-        pairs, counts = pairs[seen], counts[seen]
-        text_of = pairs // self.output.size
-        bounds = np.searchsorted(text_of, np.arange(len(texts) + 1), side="left").tolist()
-        ids, counts = (pairs % self.output.size).tolist(), counts.tolist()
+        shift = max(int(data.size).bit_length(), 1)
+        keys = np.sort((features[at].astype(np.int64) << shift) | at)
+        feature, position = keys >> shift, keys & ((1 << shift) - 1)
+        text_of = np.repeat(np.arange(len(texts), dtype=np.int32), size)[position]
+        new = np.flatnonzero((feature[1:] != feature[:-1]) | (text_of[1:] != text_of[:-1])) + 1
+        first = np.concatenate(([0], new)) if keys.size else new
+        count_at = np.zeros(data.size, np.float32)  # py3langid scores float32 counts
+        count_at[position[first]] = np.diff(first, append=keys.size)
+        visited = np.flatnonzero(count_at)  # each text's features, first seen first
+        ids, counts = features[visited].astype(np.intp), count_at[visited]
+        bounds = np.searchsorted(visited, np.append(starts, data.size), side="left").tolist()
         out: list[tuple[str, float]] = [("", 0.0)] * len(texts)
         for j, i in enumerate(order.tolist()):
-            model.visits = dict(zip(ids[bounds[j]: bounds[j + 1]], counts[bounds[j]: bounds[j + 1]]))
+            model.visits = (ids[bounds[j]: bounds[j + 1]], counts[bounds[j]: bounds[j + 1]])
             lang, prob = model.classify(encoded[i])
             out[i] = (lang, float(prob))
         return out

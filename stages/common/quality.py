@@ -188,12 +188,15 @@ class Words:
         self._keys = (n, key)
         return key
 
-    def ngram_chars(self, n: int) -> Any:
-        """The word characters of each run of n words."""
+    @cached_property
+    def _ends(self) -> Any:
         import numpy as np
 
-        ends = np.cumsum(self.length)
-        return ends[n - 1:] - np.concatenate(([0], ends[:-n]))
+        return np.concatenate(([0], np.cumsum(self.length)))
+
+    def ngram_chars(self, n: int) -> Any:
+        """The word characters of each run of n words."""
+        return self._ends[n:] - self._ends[:-n]
 
     def strings(self, text: str, lo: int, hi: int) -> list[str]:
         """Words lo..hi-1 as strings."""
@@ -223,10 +226,11 @@ def letterless_line(line: str) -> str | None:
     return None if any(c.isalpha() for c in line) else "no_letters"
 
 
-def phrase_line(line: str, reason: str, phrases: list[str]) -> str | None:
-    """C4: a line that mentions one of `phrases` (case-insensitive: javascript, cookie notices) goes."""
+def phrase_line(line: str, phrases: dict[str, list[str]]) -> str | None:
+    """C4: a line that mentions one of a reason's lowercase `phrases` (case-insensitive: javascript,
+    cookie notices) goes, under the first such reason; one rule for all reasons lowers a line once."""
     low = line.lower()
-    return reason if any(p in low for p in phrases) else None
+    return next((reason for reason, found in phrases.items() if any(p in low for p in found)), None)
 
 
 @dataclass
@@ -237,6 +241,8 @@ class LineCut:
     lines: Counter[str]
     chars: Counter[str]
     examples: dict[str, str]
+    removed: list[str]
+    """The removed lines (stripped)."""
 
     @cached_property
     def words(self) -> Words:
@@ -251,6 +257,7 @@ def remove_lines(text: str, rules: list[LineRule]) -> LineCut:
     lines: Counter[str] = Counter()
     chars: Counter[str] = Counter()
     examples: dict[str, str] = {}
+    removed: list[str] = []
     for line in text.split("\n"):
         stripped = line.strip()
         reason = next((r for rule in rules if (r := rule(stripped))), None) if stripped else None
@@ -260,16 +267,22 @@ def remove_lines(text: str, rules: list[LineRule]) -> LineCut:
         lines[reason] += 1
         chars[reason] += len(stripped)
         examples.setdefault(reason, stripped[:200])
-    return LineCut(re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip(), lines, chars, examples)
+        removed.append(stripped)
+    left = "\n".join(kept)
+    if "\n\n\n" in left:  # the regex only where it has something to do (a plain scan costs far less)
+        left = re.sub(r"\n{3,}", "\n\n", left)
+    return LineCut(left.strip(), lines, chars, examples, removed)
 
 
-def too_little_left(cut: LineCut, original: str, min_kept_fraction: float, min_words: int | None) -> Drop | None:
+def too_little_left(cut: LineCut, min_kept_fraction: float, min_words: int | None) -> Drop | None:
     """The document goes when the line rules removed more than a share of its words (CJK
     characters counted one each, so scripts compare), or left fewer than `min_words` of a text
     that had them; the reason names the rule that removed the most characters."""
     if not cut.lines:
         return None
-    before, after = Words.of(original).n_words, cut.words.n_words
+    # No word spans a line break, so the text's words are those left plus those of the removed lines.
+    after = cut.words.n_words
+    before = after + Words.of("\n".join(cut.removed)).n_words
     share = after / max(before, 1)
     if share >= min_kept_fraction and (min_words is None or after >= min_words or before < min_words):
         return None
@@ -284,8 +297,9 @@ def line_rules(cfg: Any) -> list[LineRule]:
     rules: list[LineRule] = []
     if cfg.remove_letterless_lines:
         rules.append(letterless_line)
-    rules += [partial(phrase_line, reason=reason, phrases=[p.lower() for p in phrases])
-              for reason, phrases in cfg.line_drop_phrases.items()]
+    if cfg.line_drop_phrases:
+        rules.append(partial(phrase_line, phrases={reason: [p.lower() for p in phrases]
+                                                   for reason, phrases in cfg.line_drop_phrases.items()}))
     if cfg.remove_unpunctuated_lines:
         rules.append(partial(unpunctuated_line, prose_min_words=cfg.prose_line_min_words))
     return rules
@@ -460,15 +474,18 @@ def top_ngrams(doc: Doc, max_fractions: dict[int, float], cjk_scale: int = 1) ->
     import numpy as np
 
     view = doc.view
+    ceiling: int | None = None  # the top count of a shorter size: no longer n-gram occurs more often
     for n, max_frac, total in _ngram_sizes(doc, max_fractions, cjk_scale):
+        spans = view.ngram_chars(n)
+        if ceiling is not None and int(spans.max()) * ceiling / total <= max_frac:
+            continue  # not even the longest n-gram at the ceiling's count would cover too much
         keys = view.ngram_keys(n)
         ordered = np.sort(keys)
         bounds = np.concatenate(([0], np.flatnonzero(ordered[1:] != ordered[:-1]) + 1, [ordered.size]))
         counts = bounds[1:] - bounds[:-1]
-        count = int(counts.max())
+        count = ceiling = int(counts.max())
         if count < 2:
             return None  # no n-gram repeats, so no longer one does either
-        spans = view.ngram_chars(n)
         if int(spans.max()) * count / total <= max_frac:
             continue  # not even the longest n-gram would cover too much that often
         top = ordered[bounds[:-1][counts == count]]
@@ -488,13 +505,17 @@ def dup_ngrams(doc: Doc, max_fractions: dict[int, float], cjk_scale: int = 1) ->
     for n, max_frac, total in _ngram_sizes(doc, max_fractions, cjk_scale):
         keys = view.ngram_keys(n)
         ordered = np.sort(keys)
-        if not (ordered[1:] == ordered[:-1]).any():
+        repeats = int(np.count_nonzero(ordered[1:] == ordered[:-1]))  # occurrences after an n-gram's first
+        if not repeats:
             return None  # no n-gram repeats, so no longer one does either
+        spans_array = view.ngram_chars(n)
+        if repeats * int(spans_array.max()) / total <= max_frac:
+            continue  # the scan counts some of those occurrences, none longer than the longest n-gram
         # Every n-gram before the first repeat is new; from there the scan skips a repeated
         # n-gram whole, so it runs in order.
         order = np.argsort(keys, kind="stable")
         i = int(order[1:][keys[order[1:]] == keys[order[:-1]]].min())  # the first occurrence that is not a first
-        spans = view.ngram_chars(n).tolist()
+        spans = spans_array.tolist()
         key_list = keys.tolist()
         seen = set(key_list[:i])
         repeated = 0

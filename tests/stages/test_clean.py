@@ -4,6 +4,8 @@ on a small raw folder (nothing lost: every record is kept or quarantined with it
 from __future__ import annotations
 
 import json
+import random
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import yaml
 
 from stages import clean
 from stages.clean import Cleaner
-from stages.common import markup, quality
+from stages.common import markup, pii, quality
 from stages.common.config import Paths
 from stages.common.io import Drop, read_records, write_records
 from stages.common.quality import Doc
@@ -138,6 +140,35 @@ def test_no_pii_false_positive_on_numbers_and_dates() -> None:
     assert Cleaner(CFG).text(text) == (text, {})
 
 
+# Matches of every pattern in other spellings: case, separators, several in one text.
+PII_MORE = [
+    "BEARER abcdefghijklmnopqrstuvwxyz0123 and bEaReR " + "x1" * 12,
+    "mail a.b@c.de, x_y+z@mail.example.org",
+    "call 020 7946 0958, 555.123.4567, 555-123-4567, +1 (555) 123 4567 or (020) 555-0199",
+    "ip 10.0.0.1 and fe80:0:0:0:0:0:0:1 and DEAD:BEEF:0:0:0:0:0:1",
+    "github_pat_" + "A1_b" * 16 + " ghs_" + "x" * 36,
+    "rk-" + "x" * 24 + " pk-" + "y_" * 12 + " xoxp-1234567890-abc ASIA" + "Q" * 16,
+    "-----BEGIN PRIVATE KEY-----\nabc\n-----END PRIVATE KEY-----",
+]
+
+
+def test_pii_gates_pass_every_match() -> None:
+    """`redact` skips a pattern where its gate finds nothing, so each gate must pass every match of
+    its pattern, and redaction must equal running all ten patterns."""
+    texts = [*PII.values(), *PII_MORE, "On 12 March 2003: 1,234,567 dollars (up 4.5%), version 3.2.1."]
+    matched = set()
+    for text in texts:
+        expected, counts = text, {}
+        for name, pattern in pii.PATTERNS.items():
+            for found in pattern.finditer(expected):
+                matched.add(name)
+                assert pii.GATES[name](found.group()), f"{name} gate misses {found.group()!r}"
+            expected, n = pattern.subn(pii.PLACEHOLDERS[name], expected)
+            counts.update({name: n} if n else {})
+        assert pii.redact(text) == (expected, counts)
+    assert matched == set(pii.PATTERNS)
+
+
 # --- corpus rules -----------------------------------------------------------------------------
 
 
@@ -192,19 +223,21 @@ def test_line_rules_remove_lines() -> None:
     assert unpunctuated(" ".join(["word"] * 40)) == "no_terminal_punct"  # long, but no sentence in it
     assert quality.letterless_line("---- 12 | 34 ----") == "no_letters"
     assert quality.letterless_line("第二") is None
-    assert quality.phrase_line("Please enable JavaScript.", "javascript", ["javascript"]) == "javascript"
+    phrases = {"cookie_policy": ["cookies"], "javascript": ["javascript"]}
+    assert quality.phrase_line("Please enable JavaScript.", phrases) == "javascript"
     rules = quality.line_rules(CFG)
     cut = quality.remove_lines("Home\nNews\n\n" + ENGLISH + "\n\nThis site uses cookies.\n###", rules)
     assert cut.text == ENGLISH
     assert cut.lines == {"no_terminal_punct": 2, "cookie_policy": 1, "no_letters": 1}
-    assert quality.too_little_left(cut, ENGLISH, 0.5, 50) is None
+    assert quality.too_little_left(cut, 0.5, 50) is None
     menu = "\n".join(["Home", "About us", "Contact", "Shop", "Login"] + ["A short line here."])
     cut = quality.remove_lines(menu, rules)
-    assert reason(quality.too_little_left(cut, menu, 0.5, None)) == "no_terminal_punct_lines"
+    assert reason(quality.too_little_left(cut, 0.5, None)) == "no_terminal_punct_lines"
     # below min_words after removal, though most of the words stay
     short = "Navigation menu entry\n" + " ".join(["Words that stay."] * 16)  # 51 words, 48 left
-    dropped = quality.too_little_left(quality.remove_lines(short, rules), short, 0.5, 50)
+    dropped = quality.too_little_left(quality.remove_lines(short, rules), 0.5, 50)
     assert reason(dropped) == "no_terminal_punct_lines"
+    assert dropped.detail.startswith("line rules left 48 of 51 words")  # the text's words: those left + removed
     assert quality.drop_phrases(doc("Lorem ipsum dolor sit amet."), ["lorem ipsum"]).reason == "drop_phrase"
 
 
@@ -405,6 +438,60 @@ def test_rules_on_arrays_see_the_words_the_token_pattern_finds() -> None:
         equal = {(a, b) for a in range(len(words)) for b in range(len(words)) if words[a] == words[b]}
         hashes = d.view.hashes.tolist()
         assert {(a, b) for a in range(len(words)) for b in range(len(words)) if hashes[a] == hashes[b]} == equal
+
+
+def _gopher_top_ngrams(words: list[str], max_fractions: dict[int, float]) -> Drop | None:
+    """Gopher's top n-gram rule on lists of words, as written before the array version."""
+    total = sum(map(len, words))
+    for n, max_frac in sorted(max_fractions.items()):
+        if len(words) >= n and total:
+            (top, count), = Counter(tuple(words[i: i + n]) for i in range(len(words) - n + 1)).most_common(1)
+            if count < 2:
+                return None
+            if (frac := sum(map(len, top)) * count / total) > max_frac:
+                return Drop("top_ngram", f"top {n}-gram {' '.join(top)!r} x{count} covers {frac:.2f} > {max_frac:.2f}")
+    return None
+
+
+def _gopher_dup_ngrams(words: list[str], max_fractions: dict[int, float]) -> Drop | None:
+    """Gopher's repeated n-gram rule on lists of words (non-overlapping, in order)."""
+    total = sum(map(len, words))
+    for n, max_frac in sorted(max_fractions.items()):
+        if len(words) >= n and total:
+            grams = [tuple(words[i: i + n]) for i in range(len(words) - n + 1)]
+            if len(set(grams)) == len(grams):
+                return None
+            seen: set[tuple[str, ...]] = set()
+            repeated = i = 0
+            while i < len(grams):
+                if grams[i] in seen:
+                    repeated, i = repeated + sum(map(len, grams[i])), i + n
+                else:
+                    seen.add(grams[i])
+                    i += 1
+            if (frac := repeated / total) > max_frac:
+                return Drop("dup_ngrams", f"chars in repeated {n}-grams {frac:.2f} > {max_frac:.2f}")
+    return None
+
+
+def test_ngram_rules_on_arrays_decide_as_gopher_on_lists() -> None:
+    """The array versions skip sizes whose counts cannot exceed the share (a longer n-gram never
+    occurs more often than the top shorter one; the scan counts only repeated occurrences): on
+    texts from small vocabularies, repeated a little or a lot, they decide as the list versions."""
+    rng = random.Random(7)
+    vocab = ["a", "of", "the", "river", "councillors", "approved", "it", "budget", "extraordinarily", "x"]
+    thresholds = [{2: 0.2, 3: 0.18, 4: 0.16}, {2: 0.05, 3: 0.3, 4: 0.02}, {5: 0.15, 6: 0.14, 8: 0.12, 10: 0.1},
+                  {5: 0.02, 7: 0.5, 9: 0.01}]
+    decided = Counter()
+    for _ in range(300):
+        words = [rng.choice(vocab[: rng.randint(3, len(vocab))]) for _ in range(rng.randint(1, 20))]
+        text = " ".join(words * rng.randint(1, 3) + [rng.choice(vocab) + str(i) for i in range(rng.randint(0, 300))])
+        d = doc(text)
+        for fractions in thresholds:
+            for rule, gopher in ((quality.top_ngrams, _gopher_top_ngrams), (quality.dup_ngrams, _gopher_dup_ngrams)):
+                assert rule(d, fractions) == gopher(d.words, fractions), (rule.__name__, fractions, text)
+                decided[reason(rule(d, fractions))] += 1
+    assert min(decided[None], decided["top_ngram"], decided["dup_ngrams"]) > 50  # both ways, often
 
 
 def test_top_ngram_names_the_first_of_the_most_frequent() -> None:
