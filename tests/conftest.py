@@ -11,6 +11,12 @@ from pathlib import Path
 
 import pytest
 
+# `make test` runs two pytest-xdist workers on a 2-core machine: torch's default of a thread per
+# core puts four OpenMP threads, spinning while they wait, on two cores, and the tiny models gain
+# nothing from a second thread (BENCHMARKS.md: "One thread per test process"). Set before torch
+# is imported here, so this process and every stage, flow and server a test starts run one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from stages.common.config import Paths, config_class, load_section, overlay, read_yaml
 from stages.common.profile import apply
 from stages.common.runner import run_in_process

@@ -4,7 +4,6 @@ a killed run resumes from its checkpoint to the same result, and bad inputs fail
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -22,18 +21,6 @@ from tests.conftest import tiny_config, tiny_params
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMING = {"tokens_per_second", "seconds", "mfu"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's matrices are too small to gain from a second thread, and on a busy CPU
-    the threads' hand-offs cost more than the work (a 3-step run: 0.75 s vs 2-10 s)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def train_cfg(tmp_path: Path, **kw) -> TrainConfig:
@@ -104,8 +91,7 @@ def test_killed_run_resumes_from_its_checkpoint_to_the_same_result(tiny_workdir:
         "train": {**tiny_params()["train"], "checkpoints": str(ckpts)},
     }))
     cmd = [sys.executable, "-m", "stages.pretrain", "--params", str(params), "--no-mlflow"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as in this process (see one_thread)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
         while not list((ckpts / "pretrain").glob("checkpoint-*/COMPLETE")):
