@@ -239,6 +239,7 @@ def train_ppo(job: Setup) -> tuple[Any, dict[str, Any]]:
         response_length=cfg.response_length, stop_token="eos", num_sample_generations=0,
         local_rollout_forward_batch_size=cfg.batch_size, logging_steps=1, save_strategy="no",
         bf16=job.precision == "bf16", fp16=job.precision == "fp16", gradient_checkpointing=cfg.gradient_checkpointing,
+        use_cpu=job.state.device.type == "cpu",
     )
 
     def on_update(step: int) -> None:
@@ -301,6 +302,7 @@ def train_group(job: Setup) -> tuple[Any, dict[str, Any]]:
         epsilon=cfg.cliprange, temperature=cfg.temperature, max_completion_length=cfg.response_length,
         logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1,
         bf16=job.precision == "bf16", fp16=job.precision == "fp16", gradient_checkpointing=cfg.gradient_checkpointing,
+        use_cpu=job.state.device.type == "cpu",
         model_init_kwargs={"dtype": str(rl.frozen_dtype(job.precision)).removeprefix("torch.")},  # the reference
     )
     trainer = trainer_cls(

@@ -112,6 +112,15 @@ def test_qlora_trains_on_cpu_and_ships_full_precision(sft_paths: Paths) -> None:
     generates(sft_paths.sft)
 
 
+def test_bf16_on_a_cpu_trains_under_autocast_and_ships_fp32(sft_paths: Paths) -> None:
+    """`train.precision: bf16` on a machine without CUDA: transformers' trainer refuses bf16 there
+    unless told the CPU is the device (`use_cpu`); with it, the step runs under CPU autocast."""
+    cfg = config(method="lora", learning_rate=5e-3, max_steps=6)
+    m = sft.run(cfg, sft_paths, checkpoints(sft_paths, precision="bf16"))
+    assert m["precision"] == "bf16" and m["val_loss_after"] < m["val_loss_before"]
+    generates(sft_paths.sft)  # a plain fp32 model, as in fp32
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
 def test_qlora_on_gpu_in_bf16(sft_paths: Paths) -> None:
