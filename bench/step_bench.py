@@ -67,7 +67,7 @@ def child(model_dir: str, mode: str, batch: int, seq: int, repeats: int) -> dict
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return model(input_ids=ids, labels=ids).loss.item()
 
-    out = {}
+    steps = {}
     for kind, fn in (("train_step", train), ("forward", forward)):
         for precision in PRECISIONS:
             fn(precision == "bf16")  # warm-up
@@ -78,7 +78,7 @@ def child(model_dir: str, mode: str, batch: int, seq: int, repeats: int) -> dict
                 losses.append(round(fn(precision == "bf16"), 6))
                 seconds.append(time.perf_counter() - t)
             after = resource.getrusage(resource.RUSAGE_SELF)
-            out[f"{kind}/{precision}"] = {
+            steps[f"{kind}/{precision}"] = {
                 "median_s": round(statistics.median(seconds), 2),
                 "user_s": round(after.ru_utime - before.ru_utime, 1),
                 "system_s": round(after.ru_stime - before.ru_stime, 1),
@@ -86,8 +86,7 @@ def child(model_dir: str, mode: str, batch: int, seq: int, repeats: int) -> dict
                 "wall_s": round(time.perf_counter() - started, 1),
                 "losses": losses,
             }
-    out["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-    return out
+    return {"steps": steps, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,16 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}, {args.batch} x {args.seq} tokens, {args.repeats} timed runs each, "
           f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), torch threads: default")
     print(f"{'what':<20} {'allocator':<9} {'median s':>9} {'user s':>7} {'sys s':>6} {'page faults':>12}  losses")
-    for key in results["default"]:
-        if key == "peak_mib":
-            continue
+    for key in results["default"]["steps"]:
         for mode in MODES:
-            r = results[mode][key]
+            r = results[mode]["steps"][key]
             print(f"{key:<20} {mode:<9} {r['median_s']:>9} {r['user_s']:>7} {r['system_s']:>6} "
                   f"{r['page_faults']:>12}  {r['losses']}")
     print("peak MiB: " + ", ".join(f"{m} {results[m]['peak_mib']}" for m in MODES))
-    same = all(results["default"][k]["losses"] == results["kept"][k]["losses"] for k in results["default"]
-               if k != "peak_mib")
+    same = all(results["default"]["steps"][k]["losses"] == results["kept"]["steps"][k]["losses"]
+               for k in results["default"]["steps"])
     print(f"same losses with either allocator: {same}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "batch": args.batch, "seq": args.seq,

@@ -167,8 +167,7 @@ def trainer_arguments(args_cls: type, cfg: TrainerKnobs, output_dir: Path, preci
         data_seed=cfg.seed,
         report_to="none",
         dataloader_pin_memory=torch.cuda.is_available(),
-        # the device `device()` places the model on; transformers refuses bf16 on a CPU unless told
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=device() == "cpu",  # transformers refuses bf16 on a CPU unless told it is the device
     )
     if isinstance(cfg, TrainerStageConfig):
         args.update(max_length=cfg.max_length,

@@ -112,6 +112,7 @@ def test_qlora_trains_on_cpu_and_ships_full_precision(sft_paths: Paths) -> None:
     generates(sft_paths.sft)
 
 
+@pytest.mark.skipif(_cuda(), reason="the path of a machine without CUDA")
 def test_bf16_on_a_cpu_trains_under_autocast_and_ships_fp32(sft_paths: Paths) -> None:
     """`train.precision: bf16` on a machine without CUDA: transformers' trainer refuses bf16 there
     unless told the CPU is the device (`use_cpu`); with it, the step runs under CPU autocast."""
