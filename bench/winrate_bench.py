@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     from stages.common.cells import scored
     from stages.common.config import Paths, load_section, read_yaml
     from stages.common.held_out import held_out
-    from stages.common.lm import greedy, load_causal_lm, load_tokenizer
+    from stages.common.lm import greedy, load_causal_lm, load_tokenizer, resolve_dtype
     from stages.common.scores import SCORERS
     from stages.evaluate import EvaluateConfig
 
@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [m for _, m in held.prompts]
     scores: dict[str, dict[Path, dict[str, float]]] = {row: {} for row in held.scorers}
     for folder in args.folders:
-        answers = greedy(load_causal_lm(folder, dtype=cfg.dtype), load_tokenizer(folder), prompts,
+        dtype = resolve_dtype(cfg.dtype)  # as evaluate loads an unquantized row
+        answers = greedy(load_causal_lm(folder, **({"dtype": dtype} if dtype else {})), load_tokenizer(folder), prompts,
                          cfg.preferences.answer_tokens, batch_size=cfg.batch_size)
         for row, scorer in held.scorers.items():
             scores[row][folder] = {pid: s for (pid, _), s in zip(held.prompts, scored(scorer, prompts, answers))}

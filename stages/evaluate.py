@@ -60,9 +60,10 @@ class EvaluateConfig(EvaluationSets, Bootstrapping, StageConfig):
     model it started from); a pair of which a row is not in the table is left out."""
     batch_size: int = Field(ge=1)
     """Items per forward pass (lm-eval requests, blocks, instructions, answers)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"]
-    """Dtype every unquantized row runs in, so rows compare like with like (auto: as stored);
-    quantized rows run as their quantization config says."""
+    dtype: Literal["hardware", "auto", "float32", "bfloat16", "float16"]
+    """Dtype every unquantized row runs in, so rows compare like with like (hardware: bfloat16 where
+    this machine computes it natively, else float32; auto: as each folder stores it); quantized rows
+    run as their quantization config says. The dtype used is in the metrics (`dtype`)."""
     code_sandbox: sandbox.Sandbox
     """Where model-written programs (HumanEval's) run: `bwrap`, in bubblewrap's sandbox (where it
     cannot start, their cells are skipped with the reason); `unsafe_no_sandbox`, as this user with
@@ -193,10 +194,19 @@ def lm_eval_cells(name: str, model: Any, tokenizer: Any, cfg: EvaluateConfig, ma
 def evaluate_model(name: str, folder: Path, cfg: EvaluateConfig, paths: Paths, manager: Any, built: dict[str, Any],
                    held: Held, report: Path) -> tuple[dict[str, Cell], dict[str, str], dict[str, str]]:
     """(cells, metric names, skipped reasons) of one row; raises StageError if it does not load."""
-    from stages.common.lm import answer_losses, block_losses, greedy, load_causal_lm, load_tokenizer, read_config
+    from stages.common.lm import (
+        answer_losses,
+        block_losses,
+        greedy,
+        load_causal_lm,
+        load_tokenizer,
+        read_config,
+        resolve_dtype,
+    )
 
     quantized = "quantization_config" in read_config(folder)
-    model = load_causal_lm(folder, **({} if quantized or cfg.dtype == "auto" else {"dtype": cfg.dtype}))
+    dtype = resolve_dtype(cfg.dtype)
+    model = load_causal_lm(folder, **({} if quantized or dtype is None else {"dtype": dtype}))
     tokenizer = load_tokenizer(folder, fallback=Path(paths.tokenized) / "tokenizer")
     cells: dict[str, Cell] = {}
     skipped: dict[str, str] = {}
@@ -272,7 +282,7 @@ def score(results: dict[str, Any], task: str) -> tuple[str, float] | None:
 
 
 def run(cfg: EvaluateConfig, paths: Paths) -> dict[str, Any]:
-    from stages.common.lm import free
+    from stages.common.lm import free, resolve_dtype
     from stages.common.tables import comparison_chart, markdown
 
     report = paths.report_dir("evaluate")
@@ -286,6 +296,8 @@ def run(cfg: EvaluateConfig, paths: Paths) -> dict[str, Any]:
     held = held_out(paths, cfg.perplexity_blocks, cfg.instruction_items, cfg.preferences, cfg.batch_size)
     skipped.update(held.skipped)
     overlaps = contamination(built, cfg, training_ngrams(paths, cfg.contamination_ngram))
+    log.info("unquantized rows run in %s (evaluate.dtype: %s)", resolve_dtype(cfg.dtype) or "their stored dtype",
+             cfg.dtype)
     table: dict[str, dict[str, Cell]] = {}
     metric_names = dict(METRIC_NAMES)
     for name, folder in rows.items():
@@ -321,6 +333,7 @@ def run(cfg: EvaluateConfig, paths: Paths) -> dict[str, Any]:
     # every model row has each column but the scorers' rows', which have that one alone
     expected = len(rows) * len([c for c in columns if c != PAIRWISE]) + (len(SCORERS) if held.pairs else 0)
     return {
+        "dtype": resolve_dtype(cfg.dtype) or "auto",
         "models": values,
         "stderr": errors,
         "comparisons": comparisons,

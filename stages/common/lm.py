@@ -97,6 +97,26 @@ def load_hqq(model_dir: Path, dtype: Any = None, device_map: Any = None) -> Any:
     return model
 
 
+def native_bf16() -> bool:
+    """Whether this machine computes bfloat16 in hardware: a CUDA GPU with bf16, or (without CUDA)
+    a CPU with AVX512-BF16 or AMX. Elsewhere torch runs bf16 matmuls through fp32 conversions,
+    several times slower than fp32 itself (`python -m bench.dtype_bench` measures it)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return any(getattr(torch.cpu, check, lambda: False)()
+               for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def resolve_dtype(dtype: str) -> str | None:
+    """The dtype a model is loaded in for `dtype`: `hardware` is bfloat16 where this machine computes
+    it natively and float32 elsewhere; `auto` is None (as the folder stores it); any other, itself."""
+    if dtype == "hardware":
+        return "bfloat16" if native_bf16() else "float32"
+    return None if dtype == "auto" else dtype
+
+
 def load_causal_lm(model_dir: Path, **kwargs: Any) -> Any:
     """`AutoModelForCausalLM.from_pretrained(model_dir)` in eval mode (an HQQ folder through hqq;
     a GPTQ folder on a CPU with GPTQModel's torch kernel); a folder that does not load is a

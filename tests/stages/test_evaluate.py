@@ -108,6 +108,23 @@ def test_contamination_finds_an_evaluation_item_in_the_training_data(tiny_workdi
     assert seen["hhh_alignment"]["seen"] >= 1
 
 
+@pytest.mark.parametrize(("cuda", "avx512_bf16", "amx", "expected"), [
+    (False, False, False, "float32"),  # a CPU that converts bf16 to fp32 for every matmul
+    (False, True, False, "bfloat16"), (False, False, True, "bfloat16"), (True, False, False, "bfloat16")])
+def test_hardware_dtype_is_bf16_only_where_the_machine_computes_it(
+        monkeypatch: pytest.MonkeyPatch, cuda: bool, avx512_bf16: bool, amx: bool, expected: str) -> None:
+    import torch
+
+    from stages.common.lm import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_dtype("hardware") == expected
+    assert resolve_dtype("auto") is None and resolve_dtype("float16") == "float16"
+
+
 def test_a_row_that_is_not_a_paths_key_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"evaluate\.models: .*\['policy'\] are not `paths` keys"):
         config(models=["base", "policy"])
@@ -184,6 +201,7 @@ def test_the_judge_and_the_proxy_score_every_row_and_an_aligned_row_is_set_again
     comparisons all see it: the proxy is up, the judge is down."""
     from transformers import AutoTokenizer
 
+    from stages.common.lm import resolve_dtype
     from tests.stages.test_ppo import build_token_reward
 
     picking_model(tiny_workdir, tiny_workdir.sft, GOLD)
@@ -210,6 +228,7 @@ def test_the_judge_and_the_proxy_score_every_row_and_an_aligned_row_is_set_again
                                  "pick": "acc", "bigbench_arithmetic": "exact_match",
                                  "pairwise_accuracy": "pairwise acc"}
     assert metrics["skipped"] == {} and metrics["cells"] == 20 and metrics["cells_skipped"] == 0
+    assert cfg.dtype == "hardware" and metrics["dtype"] == resolve_dtype("hardware")  # the rows' dtype is recorded
     assert metrics["items"]["judge_score"] == 6 and metrics["items"]["pairwise_accuracy"] == 6  # the test part only
     # every cell has its error; a share of 6 items that are all 1 has none
     assert set(metrics["stderr"]["base"]) == set(models["base"]) and metrics["stderr"]["sft"]["pick"] == 0.0
