@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"neither the judge nor the proxy: {held.skipped}")
     prompts = [m for _, m in held.prompts]
     scores: dict[str, dict[Path, dict[str, float]]] = {row: {} for row in held.scorers}
+    dtype = resolve_dtype(cfg.dtype)  # as evaluate loads an unquantized row
     for folder in args.folders:
-        dtype = resolve_dtype(cfg.dtype)  # as evaluate loads an unquantized row
-        answers = greedy(load_causal_lm(folder, **({"dtype": dtype} if dtype else {})), load_tokenizer(folder), prompts,
+        answers = greedy(load_causal_lm(folder, dtype=dtype), load_tokenizer(folder), prompts,
                          cfg.preferences.answer_tokens, batch_size=cfg.batch_size)
         for row, scorer in held.scorers.items():
             scores[row][folder] = {pid: s for (pid, _), s in zip(held.prompts, scored(scorer, prompts, answers))}

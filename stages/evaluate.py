@@ -191,9 +191,11 @@ def lm_eval_cells(name: str, model: Any, tokenizer: Any, cfg: EvaluateConfig, ma
     return cells, names, skipped
 
 
-def evaluate_model(name: str, folder: Path, cfg: EvaluateConfig, paths: Paths, manager: Any, built: dict[str, Any],
-                   held: Held, report: Path) -> tuple[dict[str, Cell], dict[str, str], dict[str, str]]:
-    """(cells, metric names, skipped reasons) of one row; raises StageError if it does not load."""
+def evaluate_model(name: str, folder: Path, dtype: str | None, cfg: EvaluateConfig, paths: Paths, manager: Any,
+                   built: dict[str, Any], held: Held, report: Path
+                   ) -> tuple[dict[str, Cell], dict[str, str], dict[str, str]]:
+    """(cells, metric names, skipped reasons) of one row, unquantized in `dtype` (None: as stored);
+    raises StageError if it does not load."""
     from stages.common.lm import (
         answer_losses,
         block_losses,
@@ -201,12 +203,10 @@ def evaluate_model(name: str, folder: Path, cfg: EvaluateConfig, paths: Paths, m
         load_causal_lm,
         load_tokenizer,
         read_config,
-        resolve_dtype,
     )
 
-    quantized = "quantization_config" in read_config(folder)
-    dtype = resolve_dtype(cfg.dtype)
-    model = load_causal_lm(folder, **({} if quantized or dtype is None else {"dtype": dtype}))
+    quantized = "quantization_config" in read_config(folder)  # computes as its quantization config says
+    model = load_causal_lm(folder, dtype=None if quantized else dtype)
     tokenizer = load_tokenizer(folder, fallback=Path(paths.tokenized) / "tokenizer")
     cells: dict[str, Cell] = {}
     skipped: dict[str, str] = {}
@@ -296,14 +296,14 @@ def run(cfg: EvaluateConfig, paths: Paths) -> dict[str, Any]:
     held = held_out(paths, cfg.perplexity_blocks, cfg.instruction_items, cfg.preferences, cfg.batch_size)
     skipped.update(held.skipped)
     overlaps = contamination(built, cfg, training_ngrams(paths, cfg.contamination_ngram))
-    log.info("unquantized rows run in %s (evaluate.dtype: %s)", resolve_dtype(cfg.dtype) or "their stored dtype",
-             cfg.dtype)
+    dtype = resolve_dtype(cfg.dtype)
+    log.info("unquantized rows run in %s (evaluate.dtype: %s)", dtype or "their stored dtype", cfg.dtype)
     table: dict[str, dict[str, Cell]] = {}
     metric_names = dict(METRIC_NAMES)
     for name, folder in rows.items():
         started = time.perf_counter()
         try:
-            cells, names, cell_skips = evaluate_model(name, folder, cfg, paths, manager, built, held, report)
+            cells, names, cell_skips = evaluate_model(name, folder, dtype, cfg, paths, manager, built, held, report)
         except StageError as err:
             skipped[name] = str(err)
             log.warning("row %s skipped: %s", name, err)
@@ -333,7 +333,7 @@ def run(cfg: EvaluateConfig, paths: Paths) -> dict[str, Any]:
     # every model row has each column but the scorers' rows', which have that one alone
     expected = len(rows) * len([c for c in columns if c != PAIRWISE]) + (len(SCORERS) if held.pairs else 0)
     return {
-        "dtype": resolve_dtype(cfg.dtype) or "auto",
+        "dtype": dtype or "auto",
         "models": values,
         "stderr": errors,
         "comparisons": comparisons,

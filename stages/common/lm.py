@@ -117,9 +117,10 @@ def resolve_dtype(dtype: str) -> str | None:
     return None if dtype == "auto" else dtype
 
 
-def load_causal_lm(model_dir: Path, **kwargs: Any) -> Any:
-    """`AutoModelForCausalLM.from_pretrained(model_dir)` in eval mode (an HQQ folder through hqq;
-    a GPTQ folder on a CPU with GPTQModel's torch kernel); a folder that does not load is a
+def load_causal_lm(model_dir: Path, dtype: Any = None, **kwargs: Any) -> Any:
+    """`AutoModelForCausalLM.from_pretrained(model_dir)` in eval mode, in `dtype` (None: as the
+    folder stores it; `resolve_dtype` gives it for a config's value), an HQQ folder through hqq,
+    a GPTQ folder on a CPU with GPTQModel's torch kernel; a folder that does not load is a
     StageError naming it (the caller records a skip, not a crash)."""
     from transformers import AutoModelForCausalLM
 
@@ -133,7 +134,7 @@ def load_causal_lm(model_dir: Path, **kwargs: Any) -> Any:
     method = quant_method(model_dir)
     try:
         if method == "hqq":
-            return load_hqq(model_dir, kwargs.get("dtype"), kwargs.get("device_map")).eval()
+            return load_hqq(model_dir, dtype, kwargs.get("device_map")).eval()
         if method == "gptq":
             gptqmodel_env()
         if method == "gptq" and "quantization_config" not in kwargs:
@@ -144,6 +145,8 @@ def load_causal_lm(model_dir: Path, **kwargs: Any) -> Any:
             backend = "auto" if torch.cuda.is_available() else "torch"
             kwargs["quantization_config"] = GPTQConfig(bits=read_config(model_dir)["quantization_config"]["bits"],
                                                        backend=backend)
+        if dtype is not None:
+            kwargs["dtype"] = dtype
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     except Exception as err:  # any loader failure is "this folder does not load"
         raise StageError(f"{model_dir} does not load: {type(err).__name__}: {str(err)[:300]}") from err
