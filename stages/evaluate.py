@@ -63,7 +63,10 @@ class EvaluateConfig(EvaluationSets, Bootstrapping, StageConfig):
     dtype: Literal["hardware", "auto", "float32", "bfloat16", "float16"]
     """Dtype every unquantized row runs in, so rows compare like with like (hardware: bfloat16 where
     this machine computes it natively, else float32; auto: as each folder stores it); quantized rows
-    run as their quantization config says. The dtype used is in the metrics (`dtype`)."""
+    run as their quantization config says, but for one thing: where the rows run in float32, what a
+    folder stores in bfloat16 beside its quantized weights (torchao's embedding and norms) loads in
+    float32 too, as a machine without bf16 would otherwise emulate it (bitsandbytes' loader keeps its
+    stored dtype). The dtype used is in the metrics (`dtype`)."""
     code_sandbox: sandbox.Sandbox
     """Where model-written programs (HumanEval's) run: `bwrap`, in bubblewrap's sandbox (where it
     cannot start, their cells are skipped with the reason); `unsafe_no_sandbox`, as this user with
@@ -205,8 +208,10 @@ def evaluate_model(name: str, folder: Path, dtype: str | None, cfg: EvaluateConf
         read_config,
     )
 
-    quantized = "quantization_config" in read_config(folder)  # computes as its quantization config says
-    model = load_causal_lm(folder, dtype=None if quantized else dtype)
+    config = read_config(folder)
+    if "quantization_config" in config:  # computes as its quantization config says, in fp32 where the rows do
+        dtype = dtype if dtype == "float32" and config.get("dtype") == "bfloat16" else None
+    model = load_causal_lm(folder, dtype=dtype)
     tokenizer = load_tokenizer(folder, fallback=Path(paths.tokenized) / "tokenizer")
     cells: dict[str, Cell] = {}
     skipped: dict[str, str] = {}

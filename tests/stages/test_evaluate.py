@@ -273,6 +273,34 @@ def test_quantized_folders_become_one_row_each(tiny_workdir: Paths, monkeypatch:
     assert metrics["folders"]["quantized/nf4"] == str(tiny_workdir.quantized / "nf4")
 
 
+def test_where_the_rows_run_in_float32_a_quantized_folders_bf16_parts_load_in_float32(
+        tiny_workdir: Paths, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchao int8 keeps the embedding and the norms in the dtype the model was loaded in (quantize
+    saves them in bf16). Rows that run in float32 (`hardware` on a machine without bf16) load those
+    parts in float32 too; rows in bfloat16 leave the folder as it is."""
+    import torch
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    from stages.common.cells import perplexity_cell
+    from stages.common.lm import block_losses, load_causal_lm, val_blocks
+
+    src = tiny_model(tiny_workdir, tiny_workdir.ppo)
+    folder = tiny_workdir.quantized / "torchao_int8"
+    AutoModelForCausalLM.from_pretrained(src, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()),
+                                         dtype=torch.bfloat16).save_pretrained(folder)
+    monkeypatch.chdir(ROOT)
+    cfg = config(models=["quantized"], tasks={}, perplexity_blocks=2, preferences=None)
+    blocks = val_blocks(tiny_workdir.tokenized, 2)
+    expected = {dtype: round(perplexity_cell(block_losses(load_causal_lm(folder, dtype=dtype), blocks,
+                                                          cfg.batch_size)).value, 6)
+                for dtype in ("float32", None)}
+    assert expected["float32"] != expected[None]  # the dtype shows in the score
+    for dtype, stored_as in (("float32", "float32"), ("bfloat16", None)):
+        metrics = evaluate(cfg.model_copy(update={"dtype": dtype}), tiny_workdir, held_out=False)
+        assert metrics["models"]["quantized/torchao_int8"]["perplexity"] == expected[stored_as], dtype
+
+
 def test_bad_task_files_and_a_broken_model_are_recorded_skips(tiny_workdir: Paths, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     for stage in ("sft", "ppo", "pretrain"):
