@@ -206,11 +206,12 @@ def evaluate_model(name: str, folder: Path, dtype: str | None, cfg: EvaluateConf
         load_causal_lm,
         load_tokenizer,
         read_config,
+        stored_dtype,
     )
 
     config = read_config(folder)
     if "quantization_config" in config:  # computes as its quantization config says, in fp32 where the rows do
-        dtype = dtype if dtype == "float32" and config.get("dtype") == "bfloat16" else None
+        dtype = dtype if dtype == "float32" and stored_dtype(config) == "bfloat16" else None
     model = load_causal_lm(folder, dtype=dtype)
     tokenizer = load_tokenizer(folder, fallback=Path(paths.tokenized) / "tokenizer")
     cells: dict[str, Cell] = {}

@@ -234,8 +234,7 @@ def measure_reference(cfg: QuantizeConfig, src: Path, tokenizer: Any, blocks: An
 
     model = lm.load_causal_lm(src, dtype=torch.float32, **_device_map())
     n_params = sum(p.numel() for p in model.parameters())
-    config = lm.read_config(src)
-    stored = config.get("dtype") or config.get("torch_dtype") or "float32"
+    stored = lm.stored_dtype(lm.read_config(src))
     figures, sample = measure(model, tokenizer, blocks, cfg)
     del model
     lm.free()

@@ -36,6 +36,12 @@ def read_config(model_dir: Path) -> dict[str, Any]:
         return {}
 
 
+def stored_dtype(config: dict[str, Any]) -> str:
+    """The dtype a folder's weights are stored in, as its config.json (`config`) names it
+    (transformers 5 writes `dtype`, earlier versions `torch_dtype`; float32 where it names none)."""
+    return config.get("dtype") or config.get("torch_dtype") or "float32"
+
+
 def load_tokenizer(model_dir: Path, fallback: Path | None = None) -> Any:
     """The tokenizer saved beside the model, else `fallback` (a from-scratch base has none:
     `tokenize` trained the one every later model uses, in `data/tokenized/tokenizer`)."""
