@@ -188,15 +188,18 @@ def test_the_registered_versions_page_reads_its_lineage_in_a_few_lines(ui: str, 
         rows = b.find_elements(By.XPATH, "//table/tbody/tr")
         return [r.text.strip() for r in rows if r.text.strip()]
 
+    def source_run(b) -> str:
+        """The page's "Source Run" field: blank until the UI has fetched the run, after the tags."""
+        return b.find_element(By.TAG_NAME, "body").text.partition("Source Run")[2].partition("Source Model")[0]
+
     try:
         WebDriverWait(browser, STAGES_WAIT_S).until(lambda b: f"Version {version}" in b.find_element(
-            By.TAG_NAME, "body").text and tags(b))
+            By.TAG_NAME, "body").text and tags(b) and "register" in source_run(b))
     except TimeoutException:
-        pytest.fail(f"the version page did not show within {STAGES_WAIT_S} s")
+        pytest.fail(f"the version page did not show its tags and its source run within {STAGES_WAIT_S} s")
     finally:
         screenshot(browser, "mlflow-model-version")
-    body = browser.find_element(By.TAG_NAME, "body").text
-    assert "Source Run" in body and "register" in body  # the run that made it, one click away
+    # the run that made it, one click away: the wait above fails the test when it never shows
     shown = tags(browser)
     # the record a person reads (issue 22): commit, clean tree, the three digests, the verdict and
     # the folder with its hash, not one row per dvc.lock hash upstream
