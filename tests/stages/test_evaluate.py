@@ -278,17 +278,16 @@ def test_where_the_rows_run_in_float32_a_quantized_folders_bf16_parts_load_in_fl
     """torchao int8 keeps the embedding and the norms in the dtype the model was loaded in (quantize
     saves them in bf16). Rows that run in float32 (`hardware` on a machine without bf16) load those
     parts in float32 too; rows in bfloat16 leave the folder as it is."""
-    import torch
     from torchao.quantization import Int8WeightOnlyConfig
-    from transformers import AutoModelForCausalLM, TorchAoConfig
+    from transformers import TorchAoConfig
 
     from stages.common.cells import perplexity_cell
     from stages.common.lm import block_losses, load_causal_lm, val_blocks
+    from stages.quantize import load_quantized
 
     src = tiny_model(tiny_workdir, tiny_workdir.ppo)
     folder = tiny_workdir.quantized / "torchao_int8"
-    AutoModelForCausalLM.from_pretrained(src, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()),
-                                         dtype=torch.bfloat16).save_pretrained(folder)
+    load_quantized(src, TorchAoConfig(Int8WeightOnlyConfig())).save_pretrained(folder)  # as quantize saves it
     monkeypatch.chdir(ROOT)
     cfg = config(models=["quantized"], tasks={}, perplexity_blocks=2, preferences=None)
     blocks = val_blocks(tiny_workdir.tokenized, 2)
