@@ -75,13 +75,7 @@ class Unavailable(Exception):
 
 
 # --- the methods: each returns the quantized model, loaded from the unquantized folder ----------
-#
-# bitsandbytes and torchao quantize only the linear layers of the decoder blocks; the embedding
-# (shared with a tied lm_head: a large share of a small model) and the norms stay in the dtype the
-# model is loaded in. bf16 has fp32's exponent range, so nothing overflows, it is the dtype such
-# models are released in, and it halves what stays unquantized; so those parts are stored in bf16
-# (`python -m bench.quantize_bench` measures bf16 against fp32 there).
-KEEP_DTYPE = "bfloat16"
+
 # NF4 dequantizes to this dtype for its matmuls: bf16, the usual choice on GPUs and on CPUs with
 # AVX-512 bf16 (the bench compares it with fp32).
 NF4_COMPUTE_DTYPE = "bfloat16"
@@ -101,7 +95,7 @@ def _device_map() -> dict[str, Any]:
     return {"device_map": "cuda"} if torch.cuda.is_available() else {}
 
 
-def load_quantized(src: Path, q: Any, keep_dtype: str = KEEP_DTYPE) -> Any:
+def load_quantized(src: Path, q: Any, keep_dtype: str = quantizers.KEEP_DTYPE) -> Any:
     """`src` loaded through the quantization config `q`; what `q` leaves unquantized in `keep_dtype`."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -111,8 +105,8 @@ def load_quantized(src: Path, q: Any, keep_dtype: str = KEEP_DTYPE) -> Any:
 
 
 def quantize_nf4(cfg: QuantizeConfig, src: Path, paths: Paths, tokenizer: Any, *, quant_type: str = "nf4",
-                 double_quant: bool = False, compute_dtype: str = NF4_COMPUTE_DTYPE, keep_dtype: str = KEEP_DTYPE,
-                 keep: tuple[str, ...] = ()) -> Any:
+                 double_quant: bool = False, compute_dtype: str = NF4_COMPUTE_DTYPE,
+                 keep_dtype: str = quantizers.KEEP_DTYPE, keep: tuple[str, ...] = ()) -> Any:
     """bitsandbytes 4-bit NormalFloat, blockwise absmax scales (QLoRA's format). The keyword
     arguments are the variants `bench/quantize_bench.py` compares (`keep`: module name patterns
     left unquantized)."""
