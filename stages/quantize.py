@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -297,16 +298,21 @@ def run(cfg: QuantizeConfig, paths: Paths) -> dict[str, Any]:
     final = Path(cfg.final(paths))
     tokenizer = lm.load_tokenizer(final, Path(paths.tokenized) / "tokenizer")
     blocks = lm.val_blocks(paths.tokenized, cfg.perplexity_blocks)
+    started = time.perf_counter()
     reference, sample = measure_reference(cfg, final, tokenizer, blocks)
+    reference["seconds"] = round(time.perf_counter() - started, 1)
     samples = {"prompt": tokenizer.decode(speed_prompt(blocks, cfg)), "reference": sample}
 
     results: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     with atomic_dir(paths.quantized) as out:
         for method in cfg.methods:
+            started = time.perf_counter()
             try:
                 results[method], samples[method] = quantize_one(QUANTIZERS[method], cfg, paths, tokenizer, blocks,
                                                                 reference, out / method)
+                # what the method cost here, quantizing, saving, reloading and measuring (the report's only)
+                results[method]["seconds"] = round(time.perf_counter() - started, 1)
                 log.info("%s: %s", method, results[method])
             except Unavailable as err:
                 skipped[method] = str(err)
