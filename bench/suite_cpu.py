@@ -5,9 +5,11 @@ Runs `python -m pytest -q -n 2 --dist loadgroup --durations=N` (as `make test` d
 `sitecustomize` on `PYTHONPATH` that, when each Python process exits normally, appends its own
 CPU seconds (user + system: `resource.getrusage(RUSAGE_SELF)`), its wall seconds, its command line
 and the test that was running (`PYTEST_CURRENT_TEST`, which the tests' subprocesses inherit) to a
-JSON-lines file. Processes that end by a signal (servers stopped by the tests, a killed stage,
-Ray's workers) and processes that are not Python (Chromium, git, Ray's raylet) are not in it: the
-total beside the whole run's CPU (`RUSAGE_CHILDREN` of pytest) says how much that is.
+JSON-lines file. Not in it: processes that end by a signal (servers stopped by the tests, a
+killed stage, Ray's workers), Python processes started with an environment of their own, without
+that `PYTHONPATH` (DVC's daemons, some tests' tracking scripts), and processes that are not Python
+(Chromium, git, Ray's raylet); the whole run's CPU beside it (`RUSAGE_CHILDREN`: pytest and the
+descendants that were waited for) gives about how much that is.
 
     python -m bench.suite_cpu [--out bench/out/suite_cpu] [--durations 150] [-- PYTEST_ARGS...]
 
