@@ -120,6 +120,7 @@ def test_cpu_methods_stay_close_to_the_reference_and_load_back_quantized(q_paths
     vocab = json.loads((q_paths.ppo / "config.json").read_text())["vocab_size"]
     assert ref["perplexity"] < vocab / 2  # trained: a bound on the change means something
     assert ref["stored_dtype"] == "float32" and ref["fp32_mb"] == round(ref["parameters"] * 4 / 1e6, 2)
+    assert ref["seconds"] > 0  # what each row cost here, in the report only
     assert ref["parameters"] == sum(p.numel() for p in lm.load_causal_lm(q_paths.ppo).parameters())
     assert list(m["methods"]) == CPU_METHODS and m["skipped"] == {} and m["methods_run"] == 3
     assert sorted(p.name for p in q_paths.quantized.iterdir()) == sorted(CPU_METHODS)  # no leftovers
@@ -130,7 +131,7 @@ def test_cpu_methods_stay_close_to_the_reference_and_load_back_quantized(q_paths
         assert yaml.safe_load((folder / "llm_forge.yaml").read_text()) == {"quantize": c.model_dump(mode="json")}
         # the folder keeps what the model is (size, perplexity); the run's timings stay in the report
         assert json.loads((folder / "metrics.json").read_text()) == model_metrics(m["methods"][method])
-        assert "tokens_per_second" in m["methods"][method] and "speedup" in m["methods"][method]
+        assert {"tokens_per_second", "speedup", "seconds"} <= set(m["methods"][method])
 
     # every model continues the same held-out text: the first tokens of the first val block
     samples = json.loads((q_paths.report_dir("quantize") / "samples.json").read_text())
